@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from django.core.management.base import BaseCommand, CommandError
+
+from ...models import DatasetVersion
+from ...services.versions import export_lines
+
+
+class Command(BaseCommand):
+    help = "Write a frozen dataset version as OpenAI chat JSONL, in import order."
+
+    def add_arguments(self, parser):
+        parser.add_argument("version_id", type=int)
+        parser.add_argument("--out", required=True)
+
+    def handle(self, *args, **opts):
+        version = DatasetVersion.objects.filter(pk=opts["version_id"]).first()
+        if version is None:
+            raise CommandError(f"dataset version {opts['version_id']} does not exist")
+        out = Path(opts["out"])
+        tmp = out.with_name(out.name + ".part")
+        n = 0
+        with open(tmp, "wb") as fh:
+            for line in export_lines(version):
+                fh.write(line)
+                n += 1
+        os.replace(tmp, out)
+        self.stderr.write(f"wrote {n} examples of {version} (sha256 {version.sha256})")
+        self.stdout.write(str(out))

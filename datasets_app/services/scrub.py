@@ -1,0 +1,333 @@
+"""PII scanning and scrubbing of a dataset's examples.
+
+Scanning creates `PiiFinding` rows (spans into an example's segments; no copy of the text). A
+finding the curator accepts is applied at once: the span is replaced in the example by a consistent
+pseudonym (or a mask/hash/redaction, per the dataset's policy), so the database holds only scrubbed
+text from then on. Rejecting a finding keeps the text. Remaining findings of the same segment have
+their offsets shifted so they keep pointing at the same words.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Count
+from django.utils import timezone
+
+from studio import audit
+
+from ..dedup import content_hash
+from ..models import Dataset, Example, PiiFinding
+from ..pii import ENTITY_TYPES, PiiPolicy, PiiScanner, Pseudonymizer
+from . import progress
+from .imports import search_text
+
+log = logging.getLogger(__name__)
+Decision = PiiFinding.Decision
+
+
+class ScrubError(Exception):
+    pass
+
+
+def pseudonym_secret() -> bytes:
+    """HMAC key for pseudonym digests, derived from SECRET_KEY (never stored in the database)."""
+    return hmac.new(settings.SECRET_KEY.encode(), b"studio-pseudonyms-v1", hashlib.sha256).digest()
+
+
+def policy_for(dataset: Dataset) -> PiiPolicy:
+    return PiiPolicy.from_dict(dataset.pii_policy or {})
+
+
+def entity_types(policy: PiiPolicy) -> list[str]:
+    """Every type a curator may mark: the built-in ones and the dataset's custom recognizers'."""
+    custom = [c.entity_type for c in policy.custom_recognizers]
+    return list(dict.fromkeys([*ENTITY_TYPES, *custom]))
+
+
+# --- scanning ----------------------------------------------------------------------------------------
+
+
+def scan_examples(
+    dataset: Dataset,
+    example_ids: Iterable[int] | None = None,
+    *,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Scan examples (all active ones by default); replaces their unapplied findings. Returns the
+    number of findings created. Decisions to keep a value are remembered across re-scans."""
+    scanner = PiiScanner(policy_for(dataset))
+    qs = Example.objects.filter(dataset=dataset, dropped=False)
+    if example_ids is not None:
+        qs = qs.filter(pk__in=list(example_ids))
+    ids = list(qs.order_by("position").values_list("pk", flat=True))
+    batch = settings.STUDIO_PII_BATCH
+    created = 0
+    for offset in range(0, len(ids), batch):
+        chunk = ids[offset : offset + batch]
+        created += _scan_chunk(dataset, scanner, chunk)
+        if on_progress:
+            on_progress(min(offset + batch, len(ids)), len(ids))
+    log.info("dataset %s scanned examples=%s findings=%s", dataset.pk, len(ids), created)
+    return created
+
+
+def _scan_chunk(dataset: Dataset, scanner: PiiScanner, ids: list[int]) -> int:
+    examples = list(Example.objects.filter(pk__in=ids).order_by("position"))
+    texts, owners = [], []
+    for ex in examples:
+        for seg, text in enumerate(ex.segments()):
+            texts.append(text)
+            owners.append((ex, seg))
+    results = scanner.scan(texts)
+    new: list[PiiFinding] = []
+    with_findings: set[int] = set()
+    for (ex, seg), findings in zip(owners, results, strict=True):
+        for f in findings:
+            if ex.kept_digests and value_digest(f.entity_type, f.text) in ex.kept_digests:
+                continue
+            new.append(
+                PiiFinding(
+                    example=ex,
+                    dataset=dataset,
+                    segment=seg,
+                    start=f.start,
+                    end=f.end,
+                    entity_type=f.entity_type,
+                    score=round(f.score, 3),
+                    source=f.source[:60],
+                )
+            )
+            with_findings.add(ex.pk)
+    with transaction.atomic():
+        PiiFinding.objects.filter(example_id__in=ids, decision=Decision.PENDING).delete()
+        PiiFinding.objects.bulk_create(new)
+        for ex in examples:
+            status = _status(ex.pk, has_new=ex.pk in with_findings)
+            Example.objects.filter(pk=ex.pk).update(pii_status=status)
+    return len(new)
+
+
+def value_digest(entity_type: str, value: str) -> str:
+    return hmac.new(pseudonym_secret(), f"{entity_type}\x00{value}".encode(), hashlib.sha256).hexdigest()
+
+
+def _status(example_id: int, has_new: bool = False) -> str:
+    decisions = dict(
+        PiiFinding.objects.filter(example_id=example_id)
+        .values_list("decision")
+        .annotate(n=Count("id"))
+        .values_list("decision", "n")
+    )
+    if has_new or decisions.get(Decision.PENDING):
+        return Example.Pii.PENDING
+    if decisions:
+        return Example.Pii.REVIEWED
+    return Example.Pii.CLEAN
+
+
+# --- applying -----------------------------------------------------------------------------------------
+
+
+def _apply_to_example(example: Example, to_redact: list[PiiFinding], pseudo: Pseudonymizer, policy: PiiPolicy, user):
+    """Replace the spans of `to_redact` in the example and shift the other findings' offsets."""
+    segments = example.segments()
+    others = list(
+        PiiFinding.objects.filter(example=example).exclude(pk__in=[f.pk for f in to_redact])
+    )
+    by_segment: dict[int, list[PiiFinding]] = defaultdict(list)
+    for f in to_redact:
+        by_segment[f.segment].append(f)
+    now = timezone.now()
+    for seg, findings in by_segment.items():
+        text = segments[seg]
+        findings.sort(key=lambda f: f.start)
+        out, cursor, shifts = [], 0, []  # shifts: (original_end, delta so far)
+        delta = 0
+        for f in findings:
+            if f.start < cursor:  # overlaps an earlier redaction: already covered
+                f.replacement = ""
+                f.decision, f.decided_by, f.decided_at = Decision.REDACT, user, now
+                continue
+            value = text[f.start : f.end]
+            operator = policy.operators.get(f.entity_type, "pseudonym")
+            replacement = pseudo.replacement(f.entity_type, value, operator)
+            out.append(text[cursor : f.start])
+            out.append(replacement)
+            cursor = f.end
+            delta += len(replacement) - (f.end - f.start)
+            shifts.append((f.start, f.end, delta))
+            new_start = f.start + (delta - (len(replacement) - (f.end - f.start)))
+            f.start, f.end = new_start, new_start + len(replacement)
+            f.replacement = replacement[:100]
+            f.decision, f.decided_by, f.decided_at = Decision.REDACT, user, now
+        out.append(text[cursor:])
+        segments[seg] = "".join(out)
+        for other in others:
+            if other.segment != seg:
+                continue
+            applied = [d for (s, e, d) in shifts if e <= other.start]
+            if any(s < other.end and other.start < e for (s, e, _) in shifts):
+                # the span was inside a redacted one: nothing left to decide
+                other.delete()
+                continue
+            move = applied[-1] if applied else 0
+            if move:
+                other.start += move
+                other.end += move
+                other.save(update_fields=["start", "end"])
+    example.set_segments(segments)
+    example.search_text = search_text(example.messages, example.chosen, example.rejected)
+    example.content_hash = content_hash(example.messages, example.chosen, example.rejected)
+    example.minhash = None
+    example.save()
+    for f in to_redact:
+        f.save()
+    Example.objects.filter(pk=example.pk).update(pii_status=_status(example.pk))
+
+
+def redact(dataset: Dataset, findings: Iterable[PiiFinding], user) -> int:
+    """Accept findings: scrub their spans now. Returns how many were applied."""
+    findings = [f for f in findings if f.decision == Decision.PENDING]
+    if not findings:
+        return 0
+    by_example: dict[int, list[PiiFinding]] = defaultdict(list)
+    for f in findings:
+        by_example[f.example_id].append(f)
+    policy = policy_for(dataset)
+    with transaction.atomic():
+        locked = Dataset.objects.select_for_update().get(pk=dataset.pk)
+        pseudo = Pseudonymizer(pseudonym_secret(), dict(locked.pseudonym_map or {}))
+        for ex in Example.objects.filter(pk__in=list(by_example)).order_by("position"):
+            _apply_to_example(ex, by_example[ex.pk], pseudo, policy, user)
+        Dataset.objects.filter(pk=locked.pk).update(pseudonym_map=pseudo.mapping)
+    return len(findings)
+
+
+def keep(findings: Iterable[PiiFinding], user) -> int:
+    ids = [f.pk for f in findings if f.decision == Decision.PENDING]
+    if not ids:
+        return 0
+    with transaction.atomic():
+        rows = PiiFinding.objects.filter(pk__in=ids).select_related("example")
+        by_example: dict[int, list[PiiFinding]] = defaultdict(list)
+        for f in rows:
+            by_example[f.example_id].append(f)
+        PiiFinding.objects.filter(pk__in=ids).update(
+            decision=Decision.KEEP, decided_by=user, decided_at=timezone.now()
+        )
+        for findings in by_example.values():
+            ex = findings[0].example
+            segments = ex.segments()
+            digests = set(ex.kept_digests or [])
+            digests.update(value_digest(f.entity_type, segments[f.segment][f.start : f.end]) for f in findings)
+            Example.objects.filter(pk=ex.pk).update(kept_digests=sorted(digests), pii_status=_status(ex.pk))
+    return len(ids)
+
+
+def decide(dataset: Dataset, finding_ids: list[int], accept: bool, user, *, note: str = "") -> int:
+    findings = list(PiiFinding.objects.filter(dataset=dataset, pk__in=finding_ids))
+    n = redact(dataset, findings, user) if accept else keep(findings, user)
+    if n:
+        verb = "pii.accept" if accept else "pii.reject"
+        types = sorted({f.entity_type for f in findings})
+        audit.record(user, verb, dataset, findings=n, types=types, note=note)
+    return n
+
+
+def decide_type(dataset: Dataset, entity_type: str, accept: bool, user) -> int:
+    """Bulk accept or reject every pending finding of one type, in chunks."""
+    total = 0
+    while True:
+        ids = list(
+            PiiFinding.objects.filter(dataset=dataset, entity_type=entity_type, decision=Decision.PENDING)
+            .order_by("example_id")
+            .values_list("pk", flat=True)[:2000]
+        )
+        if not ids:
+            break
+        findings = list(PiiFinding.objects.filter(pk__in=ids))
+        total += redact(dataset, findings, user) if accept else keep(findings, user)
+    if total:
+        audit.record(user, "pii.accept_type" if accept else "pii.reject_type", dataset, type=entity_type, findings=total)
+    return total
+
+
+def apply_all(dataset: Dataset, user) -> int:
+    """`--scrub`: accept every pending finding of the dataset without review."""
+    total = 0
+    for entity_type in pending_types(dataset):
+        total += decide_type(dataset, entity_type, True, user)
+    return total
+
+
+def pending_types(dataset: Dataset) -> list[str]:
+    return sorted(
+        set(
+            PiiFinding.objects.filter(dataset=dataset, decision=Decision.PENDING).values_list(
+                "entity_type", flat=True
+            )
+        )
+    )
+
+
+def mark_span(example: Example, segment: int, start: int, end: int, entity_type: str, user) -> PiiFinding:
+    """A curator marks a span the scanner missed; it is scrubbed at once."""
+    segments = example.segments()
+    if not 0 <= segment < len(segments):
+        raise ScrubError("That message no longer exists; reload the page.")
+    text = segments[segment]
+    if not (0 <= start < end <= len(text)) or not text[start:end].strip():
+        raise ScrubError("Select the words to scrub inside one message, then choose their type.")
+    if entity_type not in entity_types(policy_for(example.dataset)):
+        raise ScrubError(f"Unknown entity type {entity_type!r}.")
+    overlapping = PiiFinding.objects.filter(
+        example=example, segment=segment, start__lt=end, end__gt=start, decision=Decision.REDACT
+    )
+    if overlapping.exists():
+        raise ScrubError("Part of that selection has already been scrubbed; select only the missed words.")
+    with transaction.atomic():
+        # pending findings inside the selection are superseded by the curator's span
+        PiiFinding.objects.filter(
+            example=example, segment=segment, start__lt=end, end__gt=start, decision=Decision.PENDING
+        ).delete()
+        finding = PiiFinding.objects.create(
+            example=example,
+            dataset=example.dataset,
+            segment=segment,
+            start=start,
+            end=end,
+            entity_type=entity_type,
+            score=1.0,
+            source="curator",
+        )
+        redact(example.dataset, [finding], user)
+        audit.record(user, "pii.mark", example, type=entity_type, segment=segment)
+    finding.refresh_from_db()
+    return finding
+
+
+def finding_context(finding: PiiFinding, example: Example, width: int = 60) -> dict:
+    """The finding's words with some text either side, for the review list."""
+    text = example.segments()[finding.segment] if finding.segment < len(example.segments()) else ""
+    before = text[max(0, finding.start - width) : finding.start]
+    after = text[finding.end : finding.end + width]
+    return {
+        "before": ("…" if finding.start > width else "") + before,
+        "value": text[finding.start : finding.end],
+        "after": after + ("…" if finding.end + width < len(text) else ""),
+        "role": example.segment_label(finding.segment),
+    }
+
+
+def scan_progress_callback(dataset_id: int):
+    def cb(done: int, total: int) -> None:
+        progress.set_progress("scan", dataset_id, "Scanning for personal data", done, total)
+
+    return cb

@@ -1,0 +1,211 @@
+"""Splits, freezing immutable versions, diffs and export."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from django.db import transaction
+from django.db.models import Max
+
+from studio import audit
+
+from ..models import Dataset, DatasetVersion, Example, PiiFinding, Upload, VersionExample
+from ..tokens import token_stats
+
+
+class FreezeRefused(Exception):
+    """Why a dataset can't be frozen yet, in plain words."""
+
+
+# --- splits -------------------------------------------------------------------------------------------
+
+
+def split_by_ratio(dataset: Dataset, train: float, eval_: float, golden: float, seed: int, user) -> dict:
+    total = train + eval_ + golden
+    if total <= 0 or min(train, eval_, golden) < 0:
+        raise ValueError("Ratios must be zero or more and add up to more than zero.")
+    ids = list(Example.objects.filter(dataset=dataset, dropped=False).order_by("position").values_list("pk", flat=True))
+    random.Random(seed).shuffle(ids)
+    n = len(ids)
+    n_eval = round(n * eval_ / total)
+    n_golden = round(n * golden / total)
+    parts = {
+        Example.Split.EVAL: ids[:n_eval],
+        Example.Split.GOLDEN: ids[n_eval : n_eval + n_golden],
+        Example.Split.TRAIN: ids[n_eval + n_golden :],
+    }
+    with transaction.atomic():
+        for split, members in parts.items():
+            for i in range(0, len(members), 5000):
+                Example.objects.filter(pk__in=members[i : i + 5000]).update(split=split)
+        counts = {k: len(v) for k, v in parts.items()}
+        audit.record(user, "dataset.split", dataset, seed=seed, ratios=[train, eval_, golden], **counts)
+    return counts
+
+
+# --- freezing -----------------------------------------------------------------------------------------
+
+
+def canonical_record(messages, chosen, rejected, tags, split) -> dict:
+    body = {"messages": messages, "tags": tags, "split": split}
+    if chosen is not None:
+        body["chosen"] = chosen
+        body["rejected"] = rejected
+    return body
+
+
+def record_digest(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
+
+
+def blockers(dataset: Dataset) -> list[str]:
+    problems = []
+    active = Example.objects.filter(dataset=dataset, dropped=False)
+    if Upload.objects.filter(dataset=dataset, status__in=[Upload.Status.QUEUED, Upload.Status.PROCESSING]).exists():
+        problems.append("An upload is still being imported; wait for it to finish.")
+    if not active.exists():
+        problems.append("The dataset has no examples; upload a file first.")
+    unscanned = active.filter(pii_status=Example.Pii.UNSCANNED).count()
+    if unscanned:
+        problems.append(f"{unscanned} examples have not been scanned for personal data yet; wait for the scan.")
+    pending = PiiFinding.objects.filter(dataset=dataset, decision=PiiFinding.Decision.PENDING, example__dropped=False).count()
+    if pending:
+        problems.append(f"{pending} personal-data findings are still to review: accept or reject them first.")
+    return problems
+
+
+def freeze(dataset: Dataset, user, changelog: str = "") -> DatasetVersion:
+    with transaction.atomic():
+        locked = Dataset.objects.select_for_update().get(pk=dataset.pk)
+        problems = blockers(locked)
+        if problems:
+            raise FreezeRefused(" ".join(problems))
+        previous = locked.versions.order_by("-number").first()
+        number = (locked.versions.aggregate(m=Max("number"))["m"] or 0) + 1
+        version = DatasetVersion(
+            dataset=locked,
+            number=number,
+            kind=locked.kind,
+            sha256="",
+            base_model=locked.base_model,
+            changelog=changelog.strip(),
+            created_by=user,
+        )
+        version.save()
+        digest = hashlib.sha256()
+        splits: Counter[str] = Counter()
+        tags: Counter[str] = Counter()
+        lengths: list[int] = []
+        rows: list[VersionExample] = []
+        examples = Example.objects.filter(dataset=locked, dropped=False).order_by("position")
+        for position, ex in enumerate(examples.iterator(chunk_size=2000)):
+            body = canonical_record(ex.messages, ex.chosen, ex.rejected, ex.tags, ex.split)
+            line = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+            digest.update(line.encode() + b"\n")
+            rows.append(
+                VersionExample(
+                    version=version,
+                    example_id=ex.pk,
+                    position=position,
+                    messages=ex.messages,
+                    chosen=ex.chosen,
+                    rejected=ex.rejected,
+                    tags=ex.tags,
+                    split=ex.split,
+                    token_count=ex.token_count,
+                    digest=hashlib.sha256(line.encode()).hexdigest(),
+                )
+            )
+            splits[ex.split] += 1
+            tags.update(ex.tags)
+            lengths.append(ex.token_count)
+            if len(rows) >= 2000:
+                VersionExample.objects.bulk_create(rows)
+                rows.clear()
+        VersionExample.objects.bulk_create(rows)
+        stats = token_stats(lengths)
+        version.sha256 = digest.hexdigest()
+        version.counts = {
+            "examples": len(lengths),
+            "train": splits.get("train", 0),
+            "eval": splits.get("eval", 0),
+            "golden": splits.get("golden", 0),
+            "tags": dict(tags.most_common(50)),
+        }
+        version.token_stats = stats_to_dict(stats)
+        version.diff_summary = diff(previous, version).summary() if previous else {}
+        version.save(_allow_update=True)
+        audit.record(
+            user,
+            "dataset.freeze",
+            version,
+            dataset=locked.pk,
+            number=number,
+            sha256=version.sha256,
+            examples=len(lengths),
+        )
+    return version
+
+
+def stats_to_dict(stats) -> dict:
+    return {
+        "count": stats.count,
+        "total": stats.total,
+        "mean": stats.mean,
+        "median": stats.median,
+        "p95": stats.p95,
+        "max": stats.max,
+        "min": stats.min,
+        "histogram": [list(b) for b in stats.histogram],
+    }
+
+
+# --- diff ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VersionDiff:
+    added: list[int] = field(default_factory=list)  # VersionExample ids in the newer version
+    removed: list[int] = field(default_factory=list)  # VersionExample ids in the older version
+    changed: list[tuple[int, int]] = field(default_factory=list)  # (old id, new id)
+
+    def summary(self) -> dict:
+        return {"added": len(self.added), "removed": len(self.removed), "changed": len(self.changed)}
+
+
+def diff(old: DatasetVersion, new: DatasetVersion) -> VersionDiff:
+    """Examples are matched across versions by their source example id."""
+    a = {eid: (pk, d) for pk, eid, d in old.examples.values_list("pk", "example_id", "digest")}
+    b = {eid: (pk, d) for pk, eid, d in new.examples.values_list("pk", "example_id", "digest")}
+    result = VersionDiff()
+    for eid, (pk, d) in b.items():
+        if eid not in a:
+            result.added.append(pk)
+        elif a[eid][1] != d:
+            result.changed.append((a[eid][0], pk))
+    result.removed = [pk for eid, (pk, _) in a.items() if eid not in b]
+    result.added.sort()
+    result.removed.sort()
+    result.changed.sort()
+    return result
+
+
+# --- export -------------------------------------------------------------------------------------------
+
+
+def export_lines(version: DatasetVersion) -> Iterator[bytes]:
+    """OpenAI chat JSONL in import order (messages, plus tags and split; chosen/rejected for preference)."""
+    for ex in version.examples.order_by("position").iterator(chunk_size=2000):
+        body: dict = {"messages": ex.messages}
+        if ex.chosen is not None:
+            body["chosen"] = ex.chosen
+            body["rejected"] = ex.rejected
+        if ex.tags:
+            body["tags"] = ex.tags
+        body["split"] = ex.split
+        yield (json.dumps(body, ensure_ascii=False) + "\n").encode()

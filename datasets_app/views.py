@@ -1,0 +1,523 @@
+"""Dataset pages. Thin: parse, authorise, call a service, render."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from django.contrib import messages
+from django.core.paginator import Paginator
+from django.db import transaction
+from django.db.models import Count, Q
+from django.http import Http404, HttpResponse, StreamingHttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_POST
+
+from studio import audit
+from studio.roles import CURATOR, ENGINEER, role_required
+
+from . import forms
+from .models import Dataset, DatasetVersion, DuplicateGroup, Example, PiiFinding, Upload
+from .services import datasets, duplicates, imports, progress, scrub, storage, versions
+from .tokens import training_estimate
+
+READERS = (CURATOR, ENGINEER)
+
+
+def _partial(request, full: str, partial: str, context: dict):
+    return render(request, partial if request.htmx else full, context)
+
+
+# --- datasets ---------------------------------------------------------------------------------------
+
+
+@role_required(*READERS)
+def dataset_list(request):
+    rows = Dataset.objects.annotate(
+        n_examples=Count("examples", filter=Q(examples__dropped=False), distinct=True),
+        n_versions=Count("versions", distinct=True),
+    ).select_related("base_model", "owner")
+    return render(request, "datasets/list.html", {"datasets": rows})
+
+
+@role_required(CURATOR)
+def dataset_create(request):
+    form = forms.DatasetForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            dataset = datasets.create_dataset(
+                form.cleaned_data["name"],
+                form.cleaned_data["kind"],
+                request.user,
+                description=form.cleaned_data["description"],
+                base_model=form.cleaned_data["base_model"],
+                policy=forms.default_policy(),
+            )
+        except datasets.EditRefused as exc:
+            form.add_error(None, str(exc))
+        else:
+            messages.success(request, f"Dataset “{dataset.name}” created. Upload a file to fill it.")
+            return redirect("datasets:upload_new", dataset.pk)
+    return render(request, "datasets/create.html", {"form": form})
+
+
+def _overview(dataset: Dataset) -> dict:
+    active = dataset.examples.filter(dropped=False)
+    splits = dict(active.values_list("split").annotate(n=Count("id")).values_list("split", "n"))
+    pii = dict(active.values_list("pii_status").annotate(n=Count("id")).values_list("pii_status", "n"))
+    pending = PiiFinding.objects.filter(dataset=dataset, decision=PiiFinding.Decision.PENDING).count()
+    lengths = list(active.values_list("token_count", flat=True))
+    from .tokens import token_stats
+
+    stats = versions.stats_to_dict(token_stats(lengths)) if lengths else None
+    return {
+        "total": sum(splits.values()),
+        "dropped": dataset.examples.filter(dropped=True).count(),
+        "splits": splits,
+        "pii": pii,
+        "pending_findings": pending,
+        "dup_groups": dataset.duplicate_groups.filter(decision=DuplicateGroup.Decision.PENDING).count(),
+        "stats": stats,
+        "blockers": versions.blockers(dataset),
+    }
+
+
+@role_required(*READERS)
+def dataset_detail(request, pk: int):
+    dataset = get_object_or_404(Dataset.objects.select_related("base_model"), pk=pk)
+    context = {
+        "dataset": dataset,
+        "overview": _overview(dataset),
+        "uploads": dataset.uploads.all()[:10],
+        "versions": dataset.versions.select_related("created_by")[:20],
+        "scan": progress.get_progress("scan", dataset.pk),
+        "split_form": forms.SplitForm(),
+        "freeze_form": forms.FreezeForm(),
+    }
+    return render(request, "datasets/detail.html", context)
+
+
+@role_required(*READERS)
+def scan_status(request, pk: int):
+    dataset = get_object_or_404(Dataset, pk=pk)
+    return render(request, "datasets/partials/scan_status.html", {"dataset": dataset, "scan": progress.get_progress("scan", pk)})
+
+
+@role_required(CURATOR)
+def dataset_settings(request, pk: int):
+    dataset = get_object_or_404(Dataset, pk=pk)
+    policy = scrub.policy_for(dataset)
+    form = forms.PolicyForm(request.POST or None, policy=policy)
+    if request.method == "POST" and form.is_valid():
+        try:
+            datasets.update_policy(dataset, form.to_policy(policy), request.user)
+        except datasets.EditRefused as exc:
+            form.add_error(None, str(exc))
+        else:
+            messages.success(request, "PII settings saved. Re-scan the dataset to apply them to existing examples.")
+            return redirect("datasets:pii", dataset.pk)
+    return render(request, "datasets/settings.html", {"dataset": dataset, "form": form})
+
+
+# --- uploads ----------------------------------------------------------------------------------------
+
+
+@role_required(CURATOR)
+def upload_new(request, pk: int):
+    dataset = get_object_or_404(Dataset, pk=pk)
+    form = forms.UploadForm(request.POST or None, request.FILES or None)
+    if request.method == "POST" and form.is_valid():
+        f = form.cleaned_data["file"]
+        try:
+            upload = imports.receive_upload(dataset, request.user, f.name, f.chunks(storage.CHUNK),
+                                            fmt=form.cleaned_data["format"])
+        except imports.ImportRefused as exc:
+            form.add_error("file", str(exc))
+        else:
+            with transaction.atomic():
+                if imports.needs_csv_mapping(upload):
+                    Upload.objects.filter(pk=upload.pk).update(status=Upload.Status.NEEDS_MAPPING)
+                    return redirect("datasets:upload_mapping", upload.pk)
+                imports.enqueue(upload)
+            return redirect(upload)
+    limit_mb = request_limit_mb()
+    return render(request, "datasets/upload_new.html", {"dataset": dataset, "form": form, "limit_mb": limit_mb})
+
+
+def request_limit_mb() -> int:
+    from django.conf import settings
+
+    return settings.STUDIO_UPLOAD_MAX_BYTES // (1024 * 1024)
+
+
+@role_required(CURATOR)
+def upload_mapping(request, pk: int):
+    upload = get_object_or_404(Upload.objects.select_related("dataset"), pk=pk, status=Upload.Status.NEEDS_MAPPING)
+    try:
+        columns = imports.csv_columns(upload)
+    except Exception as exc:  # noqa: BLE001 - parsing.FileError and friends: shown in plain words
+        messages.error(request, getattr(exc, "reason", "The CSV header could not be read."))
+        return redirect(upload.dataset)
+    form = forms.CsvMappingForm(columns, request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        from .parsing import CsvMapping
+
+        d = form.cleaned_data
+        with transaction.atomic():
+            imports.set_csv_mapping(upload, CsvMapping(prompt=d["prompt"], response=d["response"],
+                                                       system=d["system"] or None, tags=d["tags"] or None))
+            imports.enqueue(upload)
+        return redirect(upload)
+    return render(request, "datasets/upload_mapping.html", {"upload": upload, "form": form, "columns": columns})
+
+
+@role_required(CURATOR)
+def upload_detail(request, pk: int):
+    upload = get_object_or_404(Upload.objects.select_related("dataset"), pk=pk)
+    context = {"upload": upload, "progress": progress.get_progress("upload", upload.pk), "reason_labels": _labels()}
+    return _partial(request, "datasets/upload_detail.html", "datasets/partials/upload_status.html", context)
+
+
+def _labels() -> dict:
+    from .parsing import REJECTION_CODES
+
+    return REJECTION_CODES
+
+
+@role_required(CURATOR)
+def upload_rejects(request, pk: int):
+    upload = get_object_or_404(Upload, pk=pk)
+    if not upload.rejects_path:
+        raise Http404("This upload has no rejected lines.")
+    audit.record(request.user, "upload.download_rejects", upload, lines=upload.rejected_count)
+    response = StreamingHttpResponse(storage.decrypt_chunks(storage.Path(upload.rejects_path)),
+                                     content_type="application/octet-stream")
+    response["Content-Disposition"] = f'attachment; filename="upload-{upload.pk}-rejected-lines.txt"'
+    return response
+
+
+# --- PII review ---------------------------------------------------------------------------------------
+
+
+@role_required(CURATOR)
+def pii_review(request, pk: int):
+    dataset = get_object_or_404(Dataset, pk=pk)
+    decision = request.GET.get("decision", "pending")
+    entity_type = request.GET.get("type", "")
+    qs = PiiFinding.objects.filter(dataset=dataset, example__dropped=False).select_related("example")
+    by_type = Counter(dict(qs.filter(decision=PiiFinding.Decision.PENDING).values_list("entity_type")
+                           .annotate(n=Count("id")).values_list("entity_type", "n")))
+    decided = dict(qs.exclude(decision=PiiFinding.Decision.PENDING).values_list("decision")
+                   .annotate(n=Count("id")).values_list("decision", "n"))
+    if decision in PiiFinding.Decision.values:
+        qs = qs.filter(decision=decision)
+    if entity_type:
+        qs = qs.filter(entity_type=entity_type)
+    page = Paginator(qs.order_by("entity_type", "example__position", "segment", "start"), 50).get_page(
+        request.GET.get("page")
+    )
+    rows = [{"f": f, **scrub.finding_context(f, f.example)} for f in page]
+    context = {
+        "dataset": dataset,
+        "page": page,
+        "rows": rows,
+        "by_type": sorted(by_type.items()),
+        "decided": decided,
+        "decision": decision,
+        "entity_type": entity_type,
+        "scan": progress.get_progress("scan", dataset.pk),
+        "types": scrub.entity_types(scrub.policy_for(dataset)),
+    }
+    return _partial(request, "datasets/pii_review.html", "datasets/partials/pii_table.html", context)
+
+
+@role_required(CURATOR)
+@require_POST
+def pii_decide(request, pk: int):
+    dataset = get_object_or_404(Dataset, pk=pk)
+    ids = [int(i) for i in request.POST.getlist("finding") if i.isdigit()]
+    accept = request.POST.get("action") == "accept"
+    n = scrub.decide(dataset, ids, accept, request.user)
+    if request.htmx and len(ids) == 1:
+        f = PiiFinding.objects.filter(pk=ids[0]).select_related("example").first()
+        if f is None:  # superseded by an overlapping redaction
+            return HttpResponse("")
+        return render(request, "datasets/partials/pii_row.html", {"row": {"f": f, **scrub.finding_context(f, f.example)}})
+    messages.success(request, f"{n} findings {'scrubbed' if accept else 'kept as not personal data'}.")
+    return redirect(request.POST.get("next") or reverse("datasets:pii", args=[dataset.pk]))
+
+
+@role_required(CURATOR)
+@require_POST
+def pii_decide_type(request, pk: int):
+    dataset = get_object_or_404(Dataset, pk=pk)
+    entity_type = request.POST.get("type", "")
+    accept = request.POST.get("action") == "accept"
+    n = scrub.decide_type(dataset, entity_type, accept, request.user)
+    messages.success(request, f"{n} {entity_type} findings {'scrubbed' if accept else 'kept'}.")
+    return redirect(reverse("datasets:pii", args=[dataset.pk]))
+
+
+@role_required(CURATOR)
+@require_POST
+def pii_rescan(request, pk: int):
+    dataset = get_object_or_404(Dataset, pk=pk)
+    from .tasks import scan_examples
+
+    progress.set_progress("scan", dataset.pk, "Queued for scanning", 0, 1)
+    transaction.on_commit(lambda: scan_examples.delay(dataset.pk, None))
+    audit.record(request.user, "pii.rescan", dataset)
+    messages.info(request, "Re-scan queued; pending findings will be replaced as it runs.")
+    return redirect(reverse("datasets:pii", args=[dataset.pk]))
+
+
+# --- examples -------------------------------------------------------------------------------------------
+
+
+@role_required(CURATOR)
+def example_list(request, pk: int):
+    dataset = get_object_or_404(Dataset, pk=pk)
+    qs = dataset.examples.all()
+    q = request.GET.get("q", "").strip()
+    tag = request.GET.get("tag", "").strip()
+    split = request.GET.get("split", "")
+    state = request.GET.get("state", "active")
+    if q:
+        qs = qs.filter(search_text__contains=q.lower())
+    if tag:
+        qs = qs.filter(tags_text__contains=f"|{tag}|")
+    if split in Example.Split.values:
+        qs = qs.filter(split=split)
+    if state == "active":
+        qs = qs.filter(dropped=False)
+    elif state == "dropped":
+        qs = qs.filter(dropped=True)
+    elif state == "findings":
+        qs = qs.filter(dropped=False, pii_status=Example.Pii.PENDING)
+    elif state == "duplicate":
+        qs = qs.filter(duplicate_group__isnull=False)
+    page = Paginator(qs.order_by("position"), 25).get_page(request.GET.get("page"))
+    tags = Counter()
+    for t in dataset.examples.filter(dropped=False).values_list("tags", flat=True)[:20000]:
+        tags.update(t)
+    context = {"dataset": dataset, "page": page, "q": q, "tag": tag, "split": split, "state": state,
+               "all_tags": [t for t, _ in tags.most_common(40)], "splits": Example.Split.choices}
+    return _partial(request, "datasets/examples.html", "datasets/partials/example_rows.html", context)
+
+
+def _example_messages_from_post(example: Example, post) -> list[dict]:
+    out = []
+    for i, m in enumerate(example.messages):
+        content = post.get(f"content_{i}")
+        out.append({"role": m["role"], "content": m["content"] if content is None else content.replace("\r\n", "\n")})
+    return out
+
+
+@role_required(CURATOR)
+def example_detail(request, pk: int):
+    example = get_object_or_404(Example.objects.select_related("dataset", "duplicate_group"), pk=pk)
+    error = ""
+    if request.method == "POST":
+        messages_ = _example_messages_from_post(example, request.POST)
+        split = request.POST.get("split") if request.POST.get("split") in Example.Split.values else None
+        try:
+            datasets.edit_example(
+                example,
+                messages=messages_,
+                chosen=request.POST.get("chosen", example.chosen),
+                rejected=request.POST.get("rejected", example.rejected),
+                tags=datasets.parse_tags(request.POST.get("tags", "")),
+                split=split,
+                user=request.user,
+            )
+        except datasets.EditRefused as exc:
+            error = str(exc)
+        else:
+            messages.success(request, "Example saved; it is being re-scanned for personal data.")
+            return redirect(example)
+    findings = list(example.findings.all())
+    segments = []
+    for i, text in enumerate(example.segments()):
+        segments.append({"index": i, "label": example.segment_label(i), "text": text,
+                         "pieces": _highlight(text, [f for f in findings if f.segment == i])})
+    context = {
+        "example": example,
+        "dataset": example.dataset,
+        "segments": segments,
+        "findings": findings,
+        "error": error,
+        "types": scrub.entity_types(scrub.policy_for(example.dataset)),
+        "splits": Example.Split.choices,
+        "neighbours": _neighbours(example),
+    }
+    return render(request, "datasets/example.html", context)
+
+
+def _highlight(text: str, findings: list[PiiFinding]) -> list[dict]:
+    """Split a text into plain and highlighted pieces (rendered with autoescape, never |safe)."""
+    pieces, cursor = [], 0
+    for f in sorted(findings, key=lambda f: f.start):
+        if f.start < cursor or f.end > len(text):
+            continue
+        if f.start > cursor:
+            pieces.append({"text": text[cursor:f.start]})
+        pieces.append({"text": text[f.start:f.end], "finding": f})
+        cursor = f.end
+    if cursor < len(text):
+        pieces.append({"text": text[cursor:]})
+    return pieces
+
+
+def _neighbours(example: Example) -> dict:
+    qs = Example.objects.filter(dataset_id=example.dataset_id, dropped=False)
+    prev = qs.filter(position__lt=example.position).order_by("-position").values_list("pk", flat=True).first()
+    nxt = qs.filter(position__gt=example.position).order_by("position").values_list("pk", flat=True).first()
+    return {"prev": prev, "next": nxt}
+
+
+@role_required(CURATOR)
+@require_POST
+def example_mark(request, pk: int):
+    example = get_object_or_404(Example.objects.select_related("dataset"), pk=pk)
+    try:
+        scrub.mark_span(
+            example,
+            int(request.POST.get("segment", -1)),
+            int(request.POST.get("start", -1)),
+            int(request.POST.get("end", -1)),
+            request.POST.get("entity_type", ""),
+            request.user,
+        )
+    except (ValueError, scrub.ScrubError) as exc:
+        messages.error(request, str(exc) if isinstance(exc, scrub.ScrubError) else "Select the words to scrub first.")
+    else:
+        messages.success(request, "Marked and scrubbed.")
+    return redirect(example)
+
+
+@role_required(CURATOR)
+@require_POST
+def example_drop(request, pk: int):
+    example = get_object_or_404(Example, pk=pk)
+    drop = request.POST.get("drop") == "1"
+    with transaction.atomic():
+        Example.objects.filter(pk=pk).update(dropped=drop)
+        audit.record(request.user, "example.drop" if drop else "example.restore", example)
+    return redirect(example)
+
+
+# --- duplicates ---------------------------------------------------------------------------------------
+
+
+@role_required(CURATOR)
+def duplicate_list(request, pk: int):
+    dataset = get_object_or_404(Dataset, pk=pk)
+    show = request.GET.get("show", "pending")
+    qs = dataset.duplicate_groups.prefetch_related("members")
+    if show == "pending":
+        qs = qs.filter(decision=DuplicateGroup.Decision.PENDING)
+    page = Paginator(qs.order_by("kind", "id"), 20).get_page(request.GET.get("page"))
+    return render(request, "datasets/duplicates.html", {"dataset": dataset, "page": page, "show": show})
+
+
+@role_required(CURATOR)
+@require_POST
+def duplicate_decide(request, pk: int):
+    group = get_object_or_404(DuplicateGroup.objects.select_related("dataset"), pk=pk)
+    decision = request.POST.get("decision", "")
+    if decision not in (DuplicateGroup.Decision.KEEP_ALL, DuplicateGroup.Decision.KEEP_ONE):
+        messages.error(request, "Choose keep all or keep one.")
+    else:
+        duplicates.decide(group, decision, request.user)
+    return redirect(reverse("datasets:duplicates", args=[group.dataset_id]))
+
+
+@role_required(CURATOR)
+@require_POST
+def duplicate_decide_all(request, pk: int):
+    dataset = get_object_or_404(Dataset, pk=pk)
+    decision = request.POST.get("decision", "")
+    if decision not in (DuplicateGroup.Decision.KEEP_ALL, DuplicateGroup.Decision.KEEP_ONE):
+        messages.error(request, "Choose keep all or keep one.")
+    else:
+        n = duplicates.decide_all(dataset, decision, request.user)
+        messages.success(request, f"{n} groups decided.")
+    return redirect(reverse("datasets:duplicates", args=[dataset.pk]))
+
+
+# --- split, freeze, versions ------------------------------------------------------------------------------
+
+
+@role_required(CURATOR)
+@require_POST
+def dataset_split(request, pk: int):
+    dataset = get_object_or_404(Dataset, pk=pk)
+    form = forms.SplitForm(request.POST)
+    if form.is_valid():
+        d = form.cleaned_data
+        counts = versions.split_by_ratio(dataset, d["train"], d["eval"], d["golden"], d["seed"], request.user)
+        messages.success(request, "Split: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    else:
+        messages.error(request, " ".join(e for errs in form.errors.values() for e in errs))
+    return redirect(dataset)
+
+
+@role_required(CURATOR)
+@require_POST
+def dataset_freeze(request, pk: int):
+    dataset = get_object_or_404(Dataset, pk=pk)
+    form = forms.FreezeForm(request.POST)
+    form.is_valid()
+    try:
+        version = versions.freeze(dataset, request.user, form.cleaned_data.get("changelog", ""))
+    except versions.FreezeRefused as exc:
+        messages.error(request, f"Not frozen: {exc}")
+        return redirect(dataset)
+    messages.success(request, f"Version {version.number} frozen.")
+    return redirect(version)
+
+
+@role_required(*READERS)
+def version_detail(request, pk: int):
+    version = get_object_or_404(DatasetVersion.objects.select_related("dataset", "created_by", "base_model"), pk=pk)
+    form = forms.EstimateForm(request.GET or None)
+    estimate = None
+    if form.is_valid():
+        lengths = list(version.examples.filter(split="train").values_list("token_count", flat=True))
+        d = form.cleaned_data
+        estimate = training_estimate(lengths, epochs=d["epochs"], batch_size=d["batch_size"],
+                                     grad_accum=d["grad_accum"], max_length=d["max_length"])
+    others = version.dataset.versions.exclude(pk=version.pk).order_by("-number")
+    sample = version.examples.order_by("position")[:5]
+    return render(request, "datasets/version.html", {"version": version, "form": form, "estimate": estimate,
+                                                     "others": others, "sample": sample})
+
+
+@role_required(*READERS)
+def version_export(request, pk: int):
+    version = get_object_or_404(DatasetVersion.objects.select_related("dataset"), pk=pk)
+    audit.record(request.user, "dataset.export", version, sha256=version.sha256)
+    response = StreamingHttpResponse(versions.export_lines(version), content_type="application/jsonl")
+    response["Content-Disposition"] = f'attachment; filename="dataset-{version.dataset_id}-v{version.number}.jsonl"'
+    return response
+
+
+@role_required(*READERS)
+def version_diff(request, pk: int, other: int):
+    new = get_object_or_404(DatasetVersion, pk=pk)
+    old = get_object_or_404(DatasetVersion, pk=other, dataset_id=new.dataset_id)
+    if old.number > new.number:
+        old, new = new, old
+    d = versions.diff(old, new)
+    from .models import VersionExample
+
+    limit = 50
+    added = VersionExample.objects.filter(pk__in=d.added[:limit])
+    removed = VersionExample.objects.filter(pk__in=d.removed[:limit])
+    pairs = d.changed[:limit]
+    rows = {v.pk: v for v in VersionExample.objects.filter(pk__in=[p for pair in pairs for p in pair])}
+    changed = [(rows[a], rows[b]) for a, b in pairs]
+    return render(request, "datasets/diff.html", {"old": old, "new": new, "summary": d.summary(),
+                                                  "added": added, "removed": removed, "changed": changed,
+                                                  "limit": limit})
+

@@ -1,0 +1,101 @@
+"""Sidebar navigation built from the signed-in user's roles.
+
+Each entry is reversed with NoReverseMatch guarded, so an app whose URLs are not wired yet simply
+does not appear instead of breaking every page.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from django.db import DatabaseError
+from django.urls import NoReverseMatch, reverse
+
+from .roles import ADMIN, CURATOR, ENGINEER, REVIEWER, user_roles
+
+STUDIO_NAME = "Fine-Tuning Studio"
+
+
+@dataclass(frozen=True)
+class NavItem:
+    label: str
+    url_name: str
+    icon: str  # a key of the inline icon set in templates/studio/partials/icon.html
+    roles: tuple[str, ...]
+    exact: bool = False  # active only on the exact URL (the dashboard), not on every page below it
+
+
+@dataclass
+class NavLink:
+    label: str
+    url: str
+    icon: str
+    active: bool
+
+
+@dataclass
+class NavSection:
+    title: str
+    links: list[NavLink] = field(default_factory=list)
+
+
+# (section title, items). Admins pass every role check, so they see every section.
+NAVIGATION: tuple[tuple[str, tuple[NavItem, ...]], ...] = (
+    ("", (NavItem("Dashboard", "home", "home", (CURATOR, REVIEWER, ENGINEER, ADMIN), exact=True),)),
+    (
+        "Workflow",
+        (
+            NavItem("Datasets", "datasets:list", "database", (CURATOR, ENGINEER)),
+            NavItem("Training", "training:jobs", "cpu", (ENGINEER,)),
+            NavItem("Models", "eval:models", "box", (ENGINEER,)),
+            NavItem("Reviews", "eval:reviews", "scale", (REVIEWER,)),
+            NavItem("Promotions", "eval:promotions", "rocket", (ADMIN,)),
+        ),
+    ),
+    (
+        "Admin",
+        (
+            NavItem("Users", "users", "users", (ADMIN,)),
+            NavItem("Audit log", "audit", "shield", (ADMIN,)),
+        ),
+    ),
+)
+
+
+def _reverse(name: str) -> str | None:
+    try:
+        return reverse(name)
+    except NoReverseMatch:
+        return None
+
+
+def build_navigation(path: str, roles: list[str]) -> list[NavSection]:
+    sections = []
+    for title, items in NAVIGATION:
+        section = NavSection(title)
+        for item in items:
+            if not set(item.roles) & set(roles):
+                continue
+            url = _reverse(item.url_name)
+            if url is None:
+                continue
+            active = path == url if item.exact else path.startswith(url)
+            section.links.append(NavLink(item.label, url, item.icon, active))
+        if section.links:
+            sections.append(section)
+    return sections
+
+
+def navigation(request) -> dict:
+    context = {"studio_name": STUDIO_NAME, "nav_sections": [], "current_roles": []}
+    user = getattr(request, "user", None)
+    try:
+        if user is None or not user.is_authenticated:
+            return context
+        roles = user_roles(user)
+    except DatabaseError:
+        # The 403/404 pages still render (without navigation) when the database is unreachable.
+        return context
+    context["current_roles"] = roles
+    context["nav_sections"] = build_navigation(request.path, roles)
+    return context

@@ -1,0 +1,69 @@
+"""Turn "a backing service is down" into a calm 503 page instead of a 500 with a traceback."""
+
+from __future__ import annotations
+
+import logging
+
+from django.db import InterfaceError
+from django.db import OperationalError as DatabaseOperationalError
+from django.http import HttpResponse
+from django.template import loader
+
+logger = logging.getLogger(__name__)
+
+
+def _service_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [DatabaseOperationalError, InterfaceError]
+    try:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+    except ImportError:  # pragma: no cover - redis is a dependency, but keep the page working without it
+        pass
+    else:
+        errors += [RedisConnectionError, RedisTimeoutError]
+    try:
+        from kombu.exceptions import OperationalError as KombuOperationalError
+    except ImportError:  # pragma: no cover
+        pass
+    else:
+        errors.append(KombuOperationalError)
+    return tuple(errors)
+
+
+SERVICE_ERRORS = _service_errors()
+RETRY_AFTER_SECONDS = 60
+
+
+def service_unavailable_response() -> HttpResponse:
+    """The 503 page. Rendered without a request: no context processor, no session, no database."""
+    body = loader.render_to_string("503.html", {"retry_after": RETRY_AFTER_SECONDS})
+    response = HttpResponse(body, status=503)
+    response["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+class ServiceErrorMiddleware:
+    """Catch database / broker / cache connection failures raised while handling a view.
+
+    Only the exception's class and the view's name are logged: never the request's data, and not
+    the exception's message either (a driver may quote connection details or SQL parameters).
+    """
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        return self.get_response(request)
+
+    def process_exception(self, request, exception):
+        if not isinstance(exception, SERVICE_ERRORS):
+            return None
+        match = getattr(request, "resolver_match", None)
+        logger.error(
+            "service unavailable: %s.%s in view %s",
+            type(exception).__module__,
+            type(exception).__qualname__,
+            match.view_name if match else "-",
+        )
+        return service_unavailable_response()

@@ -1,0 +1,42 @@
+"""Cross-cutting state: the hash-chained audit log and the role permissions."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+
+class AuditEvent(models.Model):
+    """One state change, append-only. Each event holds the hash of the previous one, so editing or
+    deleting a row anywhere in the chain is detected by `manage.py verify_audit`."""
+
+    created_at = models.DateTimeField(db_index=True)
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    actor_name = models.CharField(max_length=150, blank=True)  # kept if the user is deleted
+    verb = models.CharField(max_length=64, db_index=True)
+    object_type = models.CharField(max_length=64, db_index=True, blank=True)
+    object_id = models.CharField(max_length=64, blank=True, db_index=True)
+    object_repr = models.CharField(max_length=200, blank=True)
+    data = models.JSONField(default=dict, blank=True)
+    prev_hash = models.CharField(max_length=64)
+    hash = models.CharField(max_length=64, unique=True)
+
+    class Meta:
+        ordering = ["-id"]
+        permissions = [
+            ("curate", "Curate datasets (curator role)"),
+            ("review", "Vote in blind comparisons (reviewer role)"),
+            ("train", "Launch and manage training jobs (engineer role)"),
+            ("administer", "Manage users, approve promotions (admin role)"),
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.verb} {self.object_type}:{self.object_id}"
+
+    def save(self, *args, **kwargs):
+        if self.pk is not None and not kwargs.pop("_allow_update", False):
+            raise PermissionError("audit events are append-only")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise PermissionError("audit events are append-only")

@@ -1,0 +1,305 @@
+"""Settings for the Fine-Tuning Studio, driven entirely by environment variables.
+
+Defaults are the *embedded* mode used by `make run` and the test suite: an SQLite file and a
+kombu filesystem broker under `var/`, no external service needed. Production sets `DATABASE_URL`
+(PostgreSQL, psycopg 3) and `CELERY_BROKER_URL` (Redis); see docker-compose.yml and the README.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def envstr(name: str, default: str = "") -> str:
+    return os.environ.get(name, default)
+
+
+def envbool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    if value.lower() in {"1", "true", "yes", "on"}:
+        return True
+    if value.lower() in {"0", "false", "no", "off"}:
+        return False
+    raise ImproperlyConfigured(f"{name}={value!r}: use true/false, yes/no, on/off or 1/0")
+
+
+def envint(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={value!r}: expected a whole number")
+
+
+def envfloat(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={value!r}: expected a number")
+
+
+VAR_DIR = Path(envstr("STUDIO_VAR_DIR", str(BASE_DIR / "var")))
+DATA_DIR = Path(envstr("STUDIO_DATA_DIR", str(VAR_DIR / "data")))
+LOG_DIR = Path(envstr("STUDIO_LOG_DIR", str(VAR_DIR / "log")))
+
+DEBUG = envbool("DEBUG", False)
+
+
+def _secret(name: str, file_name: str) -> str:
+    """A secret from the environment, or (embedded mode only) one generated once under var/."""
+    value = envstr(name)
+    if value:
+        return value
+    if envbool("STUDIO_PRODUCTION", False):
+        raise ImproperlyConfigured(f"{name} must be set in production (STUDIO_PRODUCTION=true)")
+    path = VAR_DIR / file_name
+    if path.exists():
+        return path.read_text().strip()
+    from cryptography.fernet import Fernet
+
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    generated = Fernet.generate_key().decode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(generated)
+    return generated
+
+
+SECRET_KEY = _secret("SECRET_KEY", "secret_key")
+# Fernet key (urlsafe base64, 32 bytes) used to encrypt original uploads and rejected lines at rest.
+# Several comma-separated keys are accepted: the first encrypts, all decrypt (key rotation).
+STUDIO_ENCRYPTION_KEY = _secret("STUDIO_ENCRYPTION_KEY", "encryption_key")
+
+ALLOWED_HOSTS = [h.strip() for h in envstr("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver").split(",") if h]
+CSRF_TRUSTED_ORIGINS = [o.strip() for o in envstr("CSRF_TRUSTED_ORIGINS", "").split(",") if o.strip()]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "django.contrib.humanize",
+    "django_htmx",
+    "studio",
+    "datasets_app",
+    "training_app",
+    "eval_app",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+    "studio.middleware.ServiceErrorMiddleware",
+]
+
+ROOT_URLCONF = "studio.urls"
+WSGI_APPLICATION = "studio.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "studio.context_processors.navigation",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": dj_database_url.parse(
+        envstr("DATABASE_URL", f"sqlite:///{VAR_DIR / 'studio.sqlite3'}"),
+        conn_max_age=envint("DATABASE_CONN_MAX_AGE", 60),
+        conn_health_checks=True,
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Several processes (web + worker) share the file: wait for locks instead of failing at once.
+    DATABASES["default"]["OPTIONS"] = {
+        "timeout": 30,
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA secure_delete=ON;",
+    }
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    # A file (not :memory:) so the worker processes started by integration tests share the test DB.
+    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / f"test-studio-{os.getpid()}.sqlite3")}
+else:
+    DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = envint("DATABASE_CONNECT_TIMEOUT", 5)
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 10}},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "home"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = envstr("TIME_ZONE", "UTC")
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "/static/"
+STATIC_ROOT = Path(envstr("STATIC_ROOT", str(VAR_DIR / "static")))
+STATICFILES_DIRS = [BASE_DIR / "studio" / "static"]
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": (
+            "whitenoise.storage.CompressedManifestStaticFilesStorage"
+            if envbool("STUDIO_MANIFEST_STATIC", False)
+            else "django.contrib.staticfiles.storage.StaticFilesStorage"
+        )
+    },
+}
+
+# --- Uploads: streamed to disk, size-limited ---------------------------------------------------
+STUDIO_UPLOAD_MAX_BYTES = envint("STUDIO_UPLOAD_MAX_BYTES", 200 * 1024 * 1024)
+FILE_UPLOAD_HANDLERS = ["django.core.files.uploadhandler.TemporaryFileUploadHandler"]
+FILE_UPLOAD_MAX_MEMORY_SIZE = 0  # never buffer an upload in memory
+FILE_UPLOAD_TEMP_DIR = str(DATA_DIR / "tmp")
+FILE_UPLOAD_PERMISSIONS = 0o600
+DATA_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024  # non-file form fields
+# What happens to an original upload once it has been imported: "encrypt" (Fernet) or "delete".
+STUDIO_ORIGINAL_UPLOADS = envstr("STUDIO_ORIGINAL_UPLOADS", "encrypt")
+if STUDIO_ORIGINAL_UPLOADS not in {"encrypt", "delete"}:
+    raise ImproperlyConfigured("STUDIO_ORIGINAL_UPLOADS must be 'encrypt' or 'delete'")
+
+# --- Curation -------------------------------------------------------------------------------------
+STUDIO_NEAR_DUP_THRESHOLD = envfloat("STUDIO_NEAR_DUP_THRESHOLD", 0.85)
+STUDIO_PII_BATCH = envint("STUDIO_PII_BATCH", 256)
+STUDIO_IMPORT_BATCH = envint("STUDIO_IMPORT_BATCH", 1000)
+STUDIO_DEFAULT_BASE_MODEL = envstr("STUDIO_DEFAULT_BASE_MODEL", "SmolLM2-135M-Instruct")
+STUDIO_MODELS_DIR = DATA_DIR / "models"
+
+# --- Login rate limit -------------------------------------------------------------------------------
+STUDIO_LOGIN_MAX_ATTEMPTS = envint("STUDIO_LOGIN_MAX_ATTEMPTS", 5)
+STUDIO_LOGIN_WINDOW_SECONDS = envint("STUDIO_LOGIN_WINDOW_SECONDS", 300)
+
+# --- Cache (login throttling, task progress shared by web and worker processes) ------------------
+REDIS_URL = envstr("REDIS_URL", "")
+CELERY_BROKER_URL = envstr("CELERY_BROKER_URL", "filesystem://")
+if not REDIS_URL and CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+    REDIS_URL = CELERY_BROKER_URL
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": envstr("STUDIO_CACHE_PREFIX", "studio"),
+            "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 2},
+        }
+    }
+else:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+            "LOCATION": str(VAR_DIR / "cache"),
+        }
+    }
+
+# --- Celery -------------------------------------------------------------------------------------------
+BROKER_DIR = Path(envstr("STUDIO_BROKER_DIR", str(VAR_DIR / "broker")))
+if CELERY_BROKER_URL == "filesystem://":
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(BROKER_DIR / "out"),
+        "data_folder_out": str(BROKER_DIR / "out"),
+        "control_folder": str(BROKER_DIR / "control"),
+        "processed_folder": str(BROKER_DIR / "processed"),
+        "store_processed": False,
+    }
+else:
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": envint("CELERY_VISIBILITY_TIMEOUT", 6 * 3600)}
+CELERY_TASK_ALWAYS_EAGER = envbool("CELERY_TASK_ALWAYS_EAGER", False)
+CELERY_TASK_EAGER_PROPAGATES = True
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_DEFAULT_QUEUE = "curation"
+CELERY_TASK_ROUTES = {
+    "datasets_app.tasks.*": {"queue": "curation"},
+    "studio.tasks.*": {"queue": "curation"},
+    "training_app.tasks.*": {"queue": "gpu"},
+    "eval_app.tasks.*": {"queue": "gpu"},
+}
+CELERY_BEAT_SCHEDULE = {
+    "watchdog": {"task": "studio.tasks.watchdog", "schedule": envint("STUDIO_WATCHDOG_SECONDS", 30)},
+}
+
+# --- Production hardening -------------------------------------------------------------------------------
+STUDIO_PRODUCTION = envbool("STUDIO_PRODUCTION", False)
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+CSRF_COOKIE_SAMESITE = "Lax"
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+if STUDIO_PRODUCTION:
+    SESSION_COOKIE_SECURE = envbool("SESSION_COOKIE_SECURE", True)
+    CSRF_COOKIE_SECURE = envbool("CSRF_COOKIE_SECURE", True)
+    SECURE_SSL_REDIRECT = envbool("SECURE_SSL_REDIRECT", False)  # usually done by the TLS proxy
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_HSTS_SECONDS = envint("SECURE_HSTS_SECONDS", 31536000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+
+# --- Logging: ids and counts only, never message text ---------------------------------------------------
+LOG_LEVEL = envstr("LOG_LEVEL", "INFO")
+LOG_DIR.mkdir(parents=True, exist_ok=True)
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(process)d %(name)s %(message)s"}},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain"},
+        "file": {
+            "class": "logging.handlers.WatchedFileHandler",
+            "filename": str(LOG_DIR / "studio.log"),
+            "formatter": "plain",
+        },
+    },
+    "root": {"handlers": ["console", "file"], "level": LOG_LEVEL},
+    "loggers": {
+        "django.db.backends": {"level": "WARNING"},
+        # presidio logs the analysed text at DEBUG; keep it quiet whatever LOG_LEVEL says
+        "presidio-analyzer": {"level": "WARNING"},
+        "presidio-anonymizer": {"level": "WARNING"},
+    },
+}

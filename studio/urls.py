@@ -1,0 +1,7 @@
+from django.urls import include, path
+
+urlpatterns = [
+    path("", include("studio.web_urls")),
+    path("datasets/", include("datasets_app.urls")),
+    path("training/", include("training_app.urls")),
+]

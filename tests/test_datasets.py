@@ -1,0 +1,363 @@
+"""Dataset curation through the services, the web views and the commands (no worker process here;
+see test_integration_worker.py for the same flow through a real Celery worker)."""
+
+from __future__ import annotations
+
+import json
+from io import StringIO
+from pathlib import Path
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.urls import reverse
+
+from datasets_app.models import Dataset, DatasetVersion, DuplicateGroup, Example, PiiFinding, Upload
+from datasets_app.services import datasets, duplicates, imports, scrub, storage, versions
+from studio.models import AuditEvent
+
+pytestmark = pytest.mark.django_db
+
+GOOD = [
+    {"messages": [{"role": "user", "content": "Hi, I am Maria Gonzalez. Order ORD-449812 is late."},
+                  {"role": "assistant", "content": "Sorry Maria Gonzalez, I will check ORD-449812 now."}],
+     "tags": ["shipping"]},
+    {"messages": [{"role": "user", "content": "Please email me at maria.gonzalez@example.com about SKU-AB-1234."},
+                  {"role": "assistant", "content": "Done, I wrote to maria.gonzalez@example.com."}]},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+                  {"role": "assistant", "content": "4"}], "tags": ["math"]},
+]
+
+
+def write_jsonl(path: Path, rows: list, extra_lines: list[str] = ()) -> Path:
+    lines = [json.dumps(r) for r in rows] + list(extra_lines)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def import_file(dataset: Dataset, path: Path, user=None):
+    upload = imports.receive_path(dataset, user, path)
+    return imports.process(upload.pk)
+
+
+@pytest.fixture
+def dataset(curator):
+    return datasets.create_dataset("Support", "sft", curator)
+
+
+def test_import_reports_bad_lines_and_keeps_good_ones(dataset, curator, tmp_path):
+    path = write_jsonl(tmp_path / "f.jsonl", GOOD, ['{"messages": [{"role": "user", "content": "x"}]}', "not json"])
+    result = import_file(dataset, path, curator)
+    assert result.imported == 3 and result.rejected == 2
+    upload = Upload.objects.get()
+    assert upload.status == Upload.Status.IMPORTED
+    assert [(r["line"], r["code"]) for r in upload.report["first"]] == [(4, "no_assistant"), (5, "invalid_json")]
+    assert upload.report["counts"] == {"no_assistant": 1, "invalid_json": 1}
+    assert list(dataset.examples.values_list("source_line", flat=True)) == [1, 2, 3]
+    # rejected lines downloadable (decrypted), never stored in clear
+    rejects = b"".join(storage.decrypt_chunks(Path(upload.rejects_path)))
+    assert rejects.splitlines() == [b'{"messages": [{"role": "user", "content": "x"}]}', b"not json"]
+    assert b"not json" not in Path(upload.rejects_path).read_bytes()
+    # the original is encrypted at rest, the plaintext copy gone
+    assert not upload.raw_path
+    original = b"".join(storage.decrypt_chunks(Path(upload.stored_path)))
+    assert original == path.read_bytes()
+    assert b"Maria" not in Path(upload.stored_path).read_bytes()
+    assert AuditEvent.objects.filter(verb="dataset.import").count() == 1
+
+
+def test_file_with_no_good_line_creates_nothing(dataset, tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [], ["{", '{"messages": []}'])
+    result = import_file(dataset, path)
+    assert result.imported == 0
+    upload = Upload.objects.get()
+    assert upload.status == Upload.Status.REJECTED
+    assert "nothing was added" in upload.error
+    assert Example.objects.count() == 0
+    assert Dataset.objects.get(pk=dataset.pk).next_position == 0
+
+
+def test_failure_midway_leaves_nothing_half_imported(dataset, tmp_path, monkeypatch, settings):
+    settings.STUDIO_IMPORT_BATCH = 1
+    path = write_jsonl(tmp_path / "f.jsonl", GOOD)
+    calls = {"n": 0}
+    real = Example.objects.bulk_create
+
+    def flaky(objs, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk went away")
+        return real(objs, *args, **kwargs)
+
+    monkeypatch.setattr(Example.objects, "bulk_create", flaky)
+    with pytest.raises(OSError):
+        import_file(dataset, path)
+    assert Example.objects.count() == 0
+    upload = Upload.objects.get()
+    assert upload.status == Upload.Status.FAILED
+    assert "nothing was added" in upload.error
+
+
+def test_upload_size_limit(dataset, settings):
+    settings.STUDIO_UPLOAD_MAX_BYTES = 10
+    with pytest.raises(imports.ImportRefused, match="larger than the upload limit"):
+        imports.receive_upload(dataset, None, "big.jsonl", [b"x" * 6, b"y" * 6])
+    assert Upload.objects.count() == 0
+    assert not list((Path(settings.DATA_DIR) / "uploads" / "incoming").glob("*"))
+
+
+def scanned(dataset, tmp_path, rows=GOOD):
+    import_file(dataset, write_jsonl(tmp_path / "f.jsonl", rows))
+    scrub.scan_examples(dataset)
+    return dataset
+
+
+def test_scan_finds_pii_and_keeps_business_ids(dataset, tmp_path):
+    scanned(dataset, tmp_path)
+    types = set(PiiFinding.objects.values_list("entity_type", flat=True))
+    assert {"PERSON", "EMAIL_ADDRESS"} <= types
+    values = {scrub.finding_context(f, f.example)["value"] for f in PiiFinding.objects.select_related("example")}
+    assert "ORD-449812" not in values and "SKU-AB-1234" not in values
+    assert Example.objects.filter(pii_status=Example.Pii.PENDING).count() == 2
+    assert Example.objects.filter(pii_status=Example.Pii.CLEAN).count() == 1
+
+
+def test_accepting_findings_scrubs_with_consistent_pseudonyms(dataset, curator, tmp_path):
+    scanned(dataset, tmp_path)
+    n = scrub.apply_all(dataset, curator)
+    assert n >= 4
+    first, second, _ = Example.objects.order_by("position")
+    text1 = " ".join(m["content"] for m in first.messages)
+    text2 = " ".join(m["content"] for m in second.messages)
+    assert "Maria" not in text1 + text2 and "maria.gonzalez@example.com" not in text2
+    assert text1.count("<PERSON_1>") == 2
+    assert text2.count("<EMAIL_ADDRESS_1>") == 2
+    assert "ORD-449812" in text1 and "SKU-AB-1234" in text2
+    assert not PiiFinding.objects.filter(decision="pending").exists()
+    assert "maria" not in json.dumps(Dataset.objects.get(pk=dataset.pk).pseudonym_map).lower()
+    # the search index is scrubbed too
+    assert "maria" not in first.search_text
+
+
+def test_rejecting_keeps_text_and_survives_rescan(dataset, curator, tmp_path):
+    scanned(dataset, tmp_path)
+    person = PiiFinding.objects.filter(entity_type="PERSON").order_by("pk")
+    ids = list(person.values_list("pk", flat=True))
+    scrub.decide(dataset, ids, False, curator)
+    first = Example.objects.order_by("position").first()
+    assert "Maria Gonzalez" in first.messages[0]["content"]
+    scrub.scan_examples(dataset)  # re-scan: kept values are not flagged again
+    assert not PiiFinding.objects.filter(entity_type="PERSON", decision="pending").exists()
+
+
+def test_offsets_shift_after_partial_redaction(dataset, curator, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "Mail john.smith@example.com or call 415-555-0199 today."},
+                          {"role": "assistant", "content": "Noted."}]}]
+    scanned(dataset, tmp_path, rows)
+    email = PiiFinding.objects.get(entity_type="EMAIL_ADDRESS")
+    scrub.decide(dataset, [email.pk], True, curator)
+    phone = PiiFinding.objects.get(entity_type="PHONE_NUMBER")
+    ex = Example.objects.get()
+    assert ex.segments()[phone.segment][phone.start : phone.end] == "415-555-0199"
+    scrub.decide(dataset, [phone.pk], True, curator)
+    ex.refresh_from_db()
+    assert ex.messages[0]["content"] == "Mail <EMAIL_ADDRESS_1> or call <PHONE_NUMBER_1> today."
+
+
+def test_curator_marks_a_missed_span(dataset, curator, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "My badge says Q-Zebulon, can you reset it?"},
+                          {"role": "assistant", "content": "Yes."}]}]
+    scanned(dataset, tmp_path, rows)
+    ex = Example.objects.get()
+    start = ex.messages[0]["content"].index("Q-Zebulon")
+    finding = scrub.mark_span(ex, 0, start, start + len("Q-Zebulon"), "PERSON", curator)
+    ex.refresh_from_db()
+    assert "Q-Zebulon" not in ex.messages[0]["content"]
+    assert finding.source == "curator" and finding.decision == "redact"
+    with pytest.raises(scrub.ScrubError, match="Select the words"):
+        scrub.mark_span(ex, 0, 5, 5, "PERSON", curator)
+
+
+def test_bulk_decision_per_type(dataset, curator, tmp_path):
+    scanned(dataset, tmp_path)
+    n = scrub.decide_type(dataset, "EMAIL_ADDRESS", True, curator)
+    assert n == 2
+    assert not PiiFinding.objects.filter(entity_type="EMAIL_ADDRESS", decision="pending").exists()
+    assert PiiFinding.objects.filter(entity_type="PERSON", decision="pending").exists()
+    assert AuditEvent.objects.filter(verb="pii.accept_type").exists()
+
+
+def test_custom_recognizer_and_keep_pattern_from_policy(curator, tmp_path):
+    from datasets_app.pii import CustomRecognizer, PiiPolicy
+
+    policy = PiiPolicy(custom_recognizers=[CustomRecognizer(name="emp", entity_type="EMPLOYEE_ID", regex=r"EMP-\d{6}")],
+                       keep_patterns=[r"\bZX-\d{4}\b"])
+    ds = datasets.create_dataset("Custom", "sft", curator, policy=policy)
+    rows = [{"messages": [{"role": "user", "content": "Employee EMP-123456 asks about part ZX-9911."},
+                          {"role": "assistant", "content": "OK."}]}]
+    scanned(ds, tmp_path, rows)
+    types = list(PiiFinding.objects.values_list("entity_type", flat=True))
+    assert "EMPLOYEE_ID" in types
+    values = [scrub.finding_context(f, f.example)["value"] for f in PiiFinding.objects.select_related("example")]
+    assert "ZX-9911" not in values
+
+
+def test_edit_rescans_and_validates(dataset, curator, tmp_path, django_capture_on_commit_callbacks):
+    scanned(dataset, tmp_path)
+    ex = Example.objects.order_by("position").first()
+    with pytest.raises(datasets.EditRefused, match="role"):
+        datasets.edit_example(ex, messages=[{"role": "robot", "content": "x"}], user=curator)
+    new = [{"role": "user", "content": "Call me at 212-555-0142 please"}, {"role": "assistant", "content": "Sure."}]
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        datasets.edit_example(ex, messages=new, tags=["phone"], user=curator)
+    assert len(callbacks) == 1  # the re-scan is queued once the edit commits
+    ex.refresh_from_db()
+    assert ex.pii_status == Example.Pii.UNSCANNED and not ex.findings.exists()
+    scrub.scan_examples(dataset, [ex.pk])
+    assert ex.findings.filter(entity_type="PHONE_NUMBER").exists()
+
+
+def test_duplicates_exact_and_near_and_decisions(dataset, curator, tmp_path):
+    long = ("My router keeps dropping the connection every evening around eight and I have restarted it twice "
+            "already. The lights on the front stay green the whole time, the cable to the wall socket is new, and "
+            "my neighbours on the same street do not see the problem at all. What else can I try before you send "
+            "a technician to the house next week?")
+    rows = [
+        {"messages": [{"role": "user", "content": long}, {"role": "assistant", "content": "Let us check the line."}]},
+        {"messages": [{"role": "user", "content": long.upper() + "  "}, {"role": "assistant", "content": "Let us check the line."}]},
+        {"messages": [{"role": "user", "content": long.replace("twice", "three times")},
+                      {"role": "assistant", "content": "Let us check the line."}]},
+        GOOD[2],
+    ]
+    import_file(dataset, write_jsonl(tmp_path / "d.jsonl", rows))
+    n = duplicates.recompute(dataset)
+    assert n >= 1
+    groups = list(DuplicateGroup.objects.all())
+    members = sorted(len(g.members.all()) for g in groups)
+    assert sum(members) == 3
+    duplicates.decide_all(dataset, DuplicateGroup.Decision.KEEP_ONE, curator)
+    assert Example.objects.filter(dropped=False).count() == 4 - (3 - len(groups))
+    group = groups[0]
+    duplicates.decide(group, DuplicateGroup.Decision.KEEP_ALL, curator)
+    assert not group.members.filter(dropped=True).exists()
+
+
+def test_freeze_blocked_until_reviewed_then_immutable(dataset, curator, tmp_path):
+    scanned(dataset, tmp_path)
+    with pytest.raises(versions.FreezeRefused, match="still to review"):
+        versions.freeze(dataset, curator)
+    scrub.apply_all(dataset, curator)
+    v1 = versions.freeze(dataset, curator, "first")
+    assert v1.number == 1 and len(v1.sha256) == 64
+    assert v1.counts["examples"] == 3 and v1.counts["tags"] == {"shipping": 1, "math": 1}
+    with pytest.raises(PermissionError):
+        v1.save()
+    # same content -> same hash; an edit changes it and shows in the diff
+    v2 = versions.freeze(dataset, curator, "no change")
+    assert v2.sha256 == v1.sha256 and v2.diff_summary == {"added": 0, "removed": 0, "changed": 0}
+    ex = Example.objects.order_by("position").last()
+    datasets.edit_example(ex, messages=ex.messages, tags=["math", "easy"], user=curator)
+    Example.objects.filter(dataset=dataset).update(dropped=False)
+    v3 = versions.freeze(dataset, curator)
+    assert v3.sha256 != v2.sha256
+    assert versions.diff(v2, v3).summary() == {"added": 0, "removed": 0, "changed": 1}
+
+
+def test_split_by_ratio_is_seeded(dataset, curator, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
+            for i in range(50)]
+    import_file(dataset, write_jsonl(tmp_path / "s.jsonl", rows))
+    counts = versions.split_by_ratio(dataset, 80, 10, 10, 7, curator)
+    assert counts == {"eval": 5, "golden": 5, "train": 40}
+    first = list(Example.objects.order_by("position").values_list("split", flat=True))
+    versions.split_by_ratio(dataset, 80, 10, 10, 7, curator)
+    assert list(Example.objects.order_by("position").values_list("split", flat=True)) == first
+
+
+def test_import_and_export_commands(tmp_path, roles):
+    path = write_jsonl(tmp_path / "in.jsonl", GOOD, ["{bad"])
+    out = StringIO()
+    call_command("import_dataset", str(path), "--name", "CLI set", "--scrub", "--freeze",
+                 "--keep-pattern", r"SKU-[A-Z]{2}-\d{4}", stdout=out, stderr=StringIO())
+    lines = out.getvalue().strip().splitlines()
+    assert lines[0].startswith("line 4: ")
+    version = DatasetVersion.objects.get(pk=int(lines[-1]))
+    export = tmp_path / "out.jsonl"
+    call_command("export_dataset", str(version.pk), "--out", str(export), stdout=StringIO(), stderr=StringIO())
+    rows = [json.loads(line) for line in export.read_text().splitlines()]
+    assert len(rows) == 3
+    assert rows[2]["messages"] == GOOD[2]["messages"]
+    assert "Maria" not in export.read_text() and "SKU-AB-1234" in export.read_text()
+
+
+def test_import_command_with_nothing_good_creates_nothing(tmp_path, roles):
+    path = write_jsonl(tmp_path / "bad.jsonl", [], ['{"messages": "nope"}', "[1, 2"])
+    out = StringIO()
+    with pytest.raises(CommandError):
+        call_command("import_dataset", str(path), "--name", "Nothing", stdout=out, stderr=StringIO())
+    assert "line 1: " in out.getvalue() and "line 2: " in out.getvalue()
+    assert not Dataset.objects.filter(name="Nothing").exists()
+    assert Upload.objects.count() == 0 and Example.objects.count() == 0
+
+
+def test_views_render_content_escaped(dataset, curator, client_for, tmp_path):
+    payload = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+    rows = [{"messages": [{"role": "user", "content": payload}, {"role": "assistant", "content": "ok"}],
+             "tags": ["<b>tag</b>"]}]
+    import_file(dataset, write_jsonl(tmp_path / "x.jsonl", rows))
+    ex = Example.objects.get()
+    client = client_for(curator)
+    for url in (reverse("datasets:examples", args=[dataset.pk]), reverse("datasets:example", args=[ex.pk])):
+        html = client.get(url).content.decode()
+        assert "<script>alert" not in html and "<img src=x" not in html and "<b>tag</b>" not in html
+        assert "&lt;script&gt;alert" in html
+
+
+def test_web_upload_review_and_freeze(curator, client_for, tmp_path, django_capture_on_commit_callbacks, settings):
+    client = client_for(curator)
+    response = client.post(reverse("datasets:create"), {"name": "Web set", "kind": "sft", "description": ""})
+    assert response.status_code == 302
+    dataset = Dataset.objects.get(name="Web set")
+    path = write_jsonl(tmp_path / "w.jsonl", GOOD)
+    with django_capture_on_commit_callbacks(execute=False) as callbacks, open(path, "rb") as fh:
+        response = client.post(reverse("datasets:upload_new", args=[dataset.pk]), {"file": fh, "format": ""})
+    upload = Upload.objects.get()
+    assert response.status_code == 302 and response["Location"] == upload.get_absolute_url()
+    assert len(callbacks) == 1  # process_upload queued
+    assert "Waiting for a worker" in client.get(upload.get_absolute_url()).content.decode()
+    imports.process(upload.pk)
+    scrub.scan_examples(dataset)
+    page = client.get(reverse("datasets:pii", args=[dataset.pk])).content.decode()
+    assert "EMAIL_ADDRESS" in page
+    finding = PiiFinding.objects.filter(entity_type="EMAIL_ADDRESS").first()
+    response = client.post(reverse("datasets:pii_decide", args=[dataset.pk]),
+                           {"finding": finding.pk, "action": "accept"}, HTTP_HX_REQUEST="true")
+    assert response.status_code == 200 and "Scrubbed" in response.content.decode()
+    for t in scrub.pending_types(dataset):
+        client.post(reverse("datasets:pii_decide_type", args=[dataset.pk]), {"type": t, "action": "accept"})
+    response = client.post(reverse("datasets:freeze", args=[dataset.pk]), {"changelog": "web"})
+    version = DatasetVersion.objects.get()
+    assert response.status_code == 302 and response["Location"] == version.get_absolute_url()
+    body = b"".join(client.get(reverse("datasets:version_export", args=[version.pk])).streaming_content)
+    assert b"maria.gonzalez@example.com" not in body and len(body.splitlines()) == 3
+    assert client.get(version.get_absolute_url() + "?epochs=2&batch_size=1&grad_accum=1&max_length=64").status_code == 200
+
+
+def test_csv_upload_asks_for_columns(curator, client_for, tmp_path):
+    client = client_for(curator)
+    dataset = datasets.create_dataset("CSV set", "sft", curator)
+    path = tmp_path / "c.csv"
+    path.write_text("question,answer,topic\nWhere is my order?,It ships today.,shipping\n", encoding="utf-8")
+    with open(path, "rb") as fh:
+        response = client.post(reverse("datasets:upload_new", args=[dataset.pk]), {"file": fh})
+    upload = Upload.objects.get()
+    assert upload.status == Upload.Status.NEEDS_MAPPING
+    assert response["Location"] == reverse("datasets:upload_mapping", args=[upload.pk])
+    page = client.get(response["Location"]).content.decode()
+    assert "question" in page and "answer" in page
+    response = client.post(response["Location"], {"prompt": "question", "response": "answer", "system": "", "tags": "topic"})
+    upload.refresh_from_db()
+    assert upload.status == Upload.Status.QUEUED and upload.csv_mapping["prompt"] == "question"
+    imports.process(upload.pk)
+    ex = Example.objects.get()
+    assert ex.messages == [{"role": "user", "content": "Where is my order?"}, {"role": "assistant", "content": "It ships today."}]
+    assert ex.tags == ["shipping"]

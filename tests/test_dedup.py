@@ -1,0 +1,198 @@
+"""Exact and near-duplicate detection (datasets_app.dedup); pure Python, no database."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from datasketch import MinHash
+
+from datasets_app.dedup import (
+    DuplicateGroup,
+    content_hash,
+    estimated_jaccard,
+    find_duplicate_groups,
+    minhash_signature,
+    normalise_for_hash,
+    shingle_hashes,
+    signature_from_bytes,
+    signature_to_minhash,
+)
+
+FORTY_WORDS = (
+    "Our quarterly report shows that revenue grew across every region while operating "
+    "costs stayed flat, so the board approved an increase in the research budget and asked "
+    "the product team to prepare a detailed roadmap before the next planning meeting"
+)
+UNRELATED = [
+    "How do I bake sourdough bread with a crispy crust and an open crumb at home?",
+    "Explain the difference between TCP and UDP in terms of reliability and ordering guarantees.",
+    "Write a short poem about autumn leaves falling into a quiet mountain lake at dusk.",
+    "What are the main causes of inflation and how do central banks usually respond to them?",
+    "List three exercises that strengthen the lower back without needing any gym equipment.",
+]
+
+
+def chat(user: str, assistant: str = "Sure.") -> list[dict]:
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+
+
+def item(example_id: int, messages: list[dict], **kwargs) -> tuple[int, str, bytes]:
+    text = normalise_for_hash(messages, **kwargs)
+    return example_id, content_hash(messages, **kwargs), minhash_signature(text)
+
+
+def test_forty_word_fixture_has_forty_words():
+    assert len(FORTY_WORDS.split()) == 40
+
+
+def test_normalisation_ignores_case_whitespace_and_edge_punctuation():
+    a = chat("  Hello,   WORLD!!! ", "Hi there.")
+    b = chat("hello, world", "hi   there")
+    assert normalise_for_hash(a) == normalise_for_hash(b)
+    assert content_hash(a) == content_hash(b)
+    # punctuation inside the text is significant
+    assert content_hash(chat("hello world")) != content_hash(chat("hello, world"))
+
+
+def test_hash_is_role_aware_and_includes_preference_fields():
+    as_user = [{"role": "user", "content": "Tell me a joke"}]
+    as_assistant = [{"role": "assistant", "content": "Tell me a joke"}]
+    assert content_hash(as_user) != content_hash(as_assistant)
+    prompt = [{"role": "user", "content": "Pick one"}]
+    assert content_hash(prompt, chosen="A", rejected="B") != content_hash(prompt, chosen="B", rejected="A")
+    assert content_hash(prompt, chosen="A!", rejected=" b") == content_hash(prompt, chosen="a", rejected="B")
+    assert len(content_hash(prompt)) == 64
+
+
+def test_exact_duplicates_with_whitespace_and_case_differences_are_grouped():
+    items = [
+        item(10, chat("What is the capital of France?")),
+        item(11, chat("what is the   capital of france", "  SURE ")),
+        item(12, chat(UNRELATED[0])),
+        item(13, chat("WHAT IS THE CAPITAL OF FRANCE???")),
+    ]
+    groups = find_duplicate_groups(items)
+    assert groups == [DuplicateGroup(kind="exact", member_ids=[10, 11, 13], similarity=1.0)]
+
+
+def test_near_duplicates_one_word_changed_in_forty_are_grouped():
+    words = FORTY_WORDS.split()
+    edited = list(words)
+    edited[20] = "reluctantly"
+    a, b = chat(FORTY_WORDS), chat(" ".join(edited))
+    assert content_hash(a) != content_hash(b)
+    similarity = estimated_jaccard(minhash_signature(normalise_for_hash(a)), minhash_signature(normalise_for_hash(b)))
+    assert similarity >= 0.85
+
+    items = [item(1, a), item(2, b)] + [item(100 + i, chat(t)) for i, t in enumerate(UNRELATED)]
+    groups = find_duplicate_groups(items, threshold=0.85)
+    assert len(groups) == 1
+    assert groups[0].kind == "near"
+    assert groups[0].member_ids == [1, 2]
+    assert groups[0].similarity == pytest.approx(similarity)
+
+
+def test_unrelated_texts_are_not_grouped():
+    items = [item(i, chat(text)) for i, text in enumerate(UNRELATED)]
+    assert find_duplicate_groups(items) == []
+    sigs = [minhash_signature(t) for t in UNRELATED]
+    assert max(estimated_jaccard(x, y) for i, x in enumerate(sigs) for y in sigs[i + 1 :]) < 0.3
+
+
+def test_threshold_is_respected():
+    words = FORTY_WORDS.split()
+    variant = list(words)
+    for position in (3, 11, 19, 27, 35):  # five words changed: clearly similar, not 0.95-similar
+        variant[position] = "zebra"
+    a, b = chat(FORTY_WORDS), chat(" ".join(variant))
+    sim = estimated_jaccard(minhash_signature(normalise_for_hash(a)), minhash_signature(normalise_for_hash(b)))
+    assert 0.4 < sim < 0.95
+    items = [item(1, a), item(2, b)]
+    assert find_duplicate_groups(items, threshold=0.95) == []
+    low = find_duplicate_groups(items, threshold=max(0.3, sim - 0.1))
+    assert [(g.kind, g.member_ids) for g in low] == [("near", [1, 2])]
+    assert low[0].similarity == pytest.approx(sim)
+
+
+def test_every_example_in_at_most_one_group_and_exact_copies_join_near_group():
+    words = FORTY_WORDS.split()
+    words[5] = "sharply"
+    items = [
+        item(1, chat(FORTY_WORDS)),
+        item(2, chat(FORTY_WORDS.upper())),  # exact copy of 1
+        item(3, chat(" ".join(words))),  # near copy of 1
+        item(4, chat(UNRELATED[1])),
+        item(5, chat(UNRELATED[1] + "  ")),  # exact copy of 4, no near neighbour
+    ]
+    groups = find_duplicate_groups(items)
+    assert [(g.kind, g.member_ids) for g in groups] == [("exact", [4, 5]), ("near", [1, 2, 3])]
+    seen = [i for g in groups for i in g.member_ids]
+    assert len(seen) == len(set(seen))
+
+
+def test_output_is_deterministic_regardless_of_input_order():
+    rng = random.Random(7)
+    vocab = [f"word{i}" for i in range(300)]
+    items = []
+    for i in range(300):
+        base = [rng.choice(vocab) for _ in range(40)]
+        items.append(item(i * 3, chat(" ".join(base))))
+        edited = list(base)
+        edited[rng.randrange(40)] = "different"
+        if i % 2:
+            items.append(item(i * 3 + 1, chat(" ".join(edited))))
+        if i % 5 == 0:
+            items.append(item(i * 3 + 2, chat(" ".join(base).upper())))
+    first = find_duplicate_groups(items)
+    shuffled = list(items)
+    rng.shuffle(shuffled)
+    assert find_duplicate_groups(shuffled) == first
+    kinds = [g.kind for g in first]
+    assert kinds == sorted(kinds, key=["exact", "near"].index)
+    assert all(g.member_ids == sorted(g.member_ids) for g in first)
+    assert sum(1 for g in first if g.kind == "near") >= 140  # nearly all 150 edited copies found
+
+
+def test_signature_round_trip_from_bytes():
+    text = normalise_for_hash(chat(FORTY_WORDS))
+    signature = minhash_signature(text)
+    assert isinstance(signature, bytes)
+    assert len(signature) == 128 * 4
+    values = signature_from_bytes(signature)
+    assert values.dtype == np.uint32 and values.shape == (128,)
+    assert values.tobytes() == signature  # little-endian host; the format itself is explicit <u4
+    lean = signature_to_minhash(signature)
+    assert np.array_equal(lean.hashvalues, values)
+    assert lean.jaccard(signature_to_minhash(signature)) == 1.0
+    assert minhash_signature(text) == signature  # deterministic
+    assert len(minhash_signature(text, num_perm=64)) == 64 * 4
+    with pytest.raises(ValueError):
+        signature_from_bytes(b"abc")
+
+
+def test_signature_matches_datasketch_minhash():
+    for text in ["", "ab", FORTY_WORDS, "héllo wörld, ÄÖ 中文字符 test " * 20]:
+        reference = MinHash(num_perm=128, seed=1, scheme="affine32", hashfunc=lambda value: value)
+        hashes = shingle_hashes(text)
+        if hashes.size:
+            reference.update_batch(hashes)
+        assert np.asarray(reference.hashvalues, dtype="<u4").tobytes() == minhash_signature(text)
+
+
+def test_shingles_ignore_punctuation_and_case():
+    assert np.array_equal(shingle_hashes("Hello, World!"), shingle_hashes("hello world"))
+    assert shingle_hashes("").size == 0
+    assert shingle_hashes("abc").size == 1
+
+
+def test_invalid_input_is_rejected():
+    sig = minhash_signature("some text here")
+    with pytest.raises(ValueError, match="appears twice"):
+        find_duplicate_groups([(1, "h", sig), (1, "h", sig)])
+    with pytest.raises(ValueError, match="bytes"):
+        find_duplicate_groups([(1, "h", sig[:100])])
+    with pytest.raises(ValueError):
+        find_duplicate_groups([], threshold=0)
+    assert find_duplicate_groups([]) == []

@@ -1,0 +1,652 @@
+"""Tests for datasets_app.parsing (pure Python; run with ``-p no:django``)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from datasets_app.parsing import (
+    FILE_ERROR_CODES,
+    FORMATS,
+    REJECTION_CODES,
+    CsvMapping,
+    FileError,
+    Record,
+    Rejection,
+    csv_columns,
+    detect_format,
+    guess_csv_mapping,
+    parse_file,
+    validate_messages,
+    validate_preference,
+)
+
+DATA = Path(__file__).parent / "data"
+GOOD = DATA / "good"
+BAD = DATA / "bad"
+
+PREF = {"kind": "preference"}
+QA = {"csv_mapping": CsvMapping(prompt="question", response="answer")}
+
+
+def parse(path: Path, **kwargs) -> tuple[list[Record], list[Rejection]]:
+    records, rejections = [], []
+    for item in parse_file(path, **kwargs):
+        (records if isinstance(item, Record) else rejections).append(item)
+    return records, rejections
+
+
+def user_assistant(user: str, assistant: str) -> list[dict]:
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+
+
+def word_count(messages: list[dict]) -> int:
+    return sum(len(m["content"].split()) for m in messages)
+
+
+# --------------------------------------------------------------------------- good files
+
+
+def with_bom(src: Path, dst: Path) -> Path:
+    dst.write_bytes(b"\xef\xbb\xbf" + src.read_bytes())
+    return dst
+
+
+def with_crlf(src: Path, dst: Path) -> Path:
+    dst.write_bytes(src.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+    return dst
+
+
+VARIANTS = {
+    "plain": lambda src, tmp: src,
+    "bom": lambda src, tmp: with_bom(src, tmp / src.name),
+    "crlf": lambda src, tmp: with_crlf(src, tmp / src.name),
+    "bom+crlf": lambda src, tmp: with_bom(with_crlf(src, tmp / ("crlf-" + src.name)), tmp / src.name),
+}
+
+
+@pytest.fixture(params=list(VARIANTS))
+def variant(request, tmp_path):
+    return lambda name: VARIANTS[request.param](GOOD / name, tmp_path)
+
+
+def test_openai_good(variant):
+    path = variant("openai.jsonl")
+    assert detect_format(path) == "openai"
+    records, rejections = parse(path)
+    assert rejections == []
+    assert [r.line for r in records] == [1, 2, 4]
+    assert records[0].messages == user_assistant(
+        "Where is my order #1042?", "It left our warehouse this morning."
+    )
+    assert records[0].tags == []
+    assert records[1].messages[0] == {"role": "system", "content": "You are Acme's support agent."}
+    assert [m["role"] for m in records[1].messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert records[1].tags == ["shipping", "address"]  # stripped, empty dropped, deduplicated
+    assert records[2].messages[0]["content"] == "Merci, ça marche très bien ✨"
+    assert all(r.chosen is None and r.rejected is None for r in records)
+
+
+def test_sharegpt_good(variant):
+    path = variant("sharegpt.jsonl")
+    assert detect_format(path) == "sharegpt"
+    records, rejections = parse(path)
+    assert rejections == []
+    assert [r.line for r in records] == [1, 2, 3]
+    assert records[0].messages == user_assistant("Is the store open on Sunday?", "Yes, from 10am to 4pm.")
+    assert [m["role"] for m in records[1].messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert records[1].tags == ["shipping"]
+    assert records[2].messages[0] == {"role": "system", "content": "You are a billing assistant."}
+    assert records[2].messages[2]["role"] == "assistant"
+
+
+def test_alpaca_good(variant):
+    path = variant("alpaca.jsonl")
+    assert detect_format(path) == "alpaca"
+    records, rejections = parse(path)
+    assert rejections == []
+    assert records[0].messages == user_assistant(
+        "Summarise the customer's complaint.\n\nThe parcel arrived late and damaged.",
+        "Late, damaged delivery.",
+    )
+    assert records[1].messages == user_assistant(
+        "Translate to German: 'Your refund is on its way.'", "Ihre Rückerstattung ist unterwegs."
+    )
+    assert records[2].messages == [
+        {"role": "system", "content": "Answer with one word."},
+        *user_assistant("Classify the ticket.", "billing"),
+    ]
+    assert records[2].tags == ["classification"]
+
+
+def test_csv_good(variant):
+    path = variant("conversations.csv")
+    assert detect_format(path) == "csv"
+    assert csv_columns(path) == ["question", "answer", "system", "tags"]
+    mapping = CsvMapping(prompt="question", response="answer", system="system", tags="tags")
+    records, rejections = parse(path, csv_mapping=mapping)
+    assert rejections == []
+    assert [r.line for r in records] == [2, 3, 7]  # a multi-line record reports its first line
+    assert records[0].messages == user_assistant(
+        "Where is my order #1042?", "It left our warehouse this morning."
+    )
+    assert records[0].tags == ["shipping"]
+    assert records[1].messages == [
+        {"role": "system", "content": "You are a billing assistant."},
+        *user_assistant(
+            'My invoice says "EUR" but I pay in USD, why?',
+            "Invoices use the account currency.\n\nYou can change it under Settings.",
+        ),
+    ]
+    assert records[1].tags == ["billing", "currency"]
+    assert records[2].messages == user_assistant("Do you ship to Norway?", "Yes, in 3-5 days.")
+
+
+def test_csv_semicolon_delimiter_and_guessed_mapping(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_text(
+        "Question;Answer\r\nWo ist meine Bestellung?;Sie ist unterwegs, morgen da.\r\n", encoding="utf-8-sig"
+    )
+    assert csv_columns(path) == ["Question", "Answer"]
+    assert guess_csv_mapping(csv_columns(path)) == CsvMapping("Question", "Answer")
+    records, rejections = parse(path)  # no mapping given: guessed from the column names
+    assert rejections == []
+    assert records[0].messages == user_assistant("Wo ist meine Bestellung?", "Sie ist unterwegs, morgen da.")
+
+
+def test_preference_good(variant):
+    path = variant("preference.jsonl")
+    assert detect_format(path) == "preference"
+    records, rejections = parse(path, kind="preference")
+    assert rejections == []
+    assert [r.line for r in records] == [1, 2, 3, 4]
+    first, listed, messages_key, implicit = records
+    assert first.messages == [{"role": "user", "content": "How do I reset my password?"}]
+    assert (first.chosen, first.rejected) == ("Click 'Forgot password' on the login page.", "No idea.")
+    assert [m["role"] for m in listed.messages] == ["system", "user"]
+    assert listed.tags == ["churn"]
+    assert [m["role"] for m in messages_key.messages] == ["user", "assistant", "user"]
+    assert (messages_key.chosen, messages_key.rejected) == ("Sure, it is on its way.", "No.")
+    assert implicit.messages == [{"role": "user", "content": "Is it waterproof?"}]
+    assert (implicit.chosen, implicit.rejected) == ("Yes, up to 30 m.", "Maybe.")
+
+
+def test_json_array_indented_reports_element_lines(variant):
+    path = variant("alpaca_array.json")
+    assert detect_format(path) == "alpaca"
+    records, rejections = parse(path)
+    assert rejections == []
+    assert [r.line for r in records] == [2, 7, 12]
+    assert records[1].messages == user_assistant("Write a greeting.", "Hello! How can I help you today?")
+    assert records[2].tags == ["classification"]
+
+
+def test_json_array_on_one_line():
+    path = GOOD / "sharegpt_array.json"
+    assert detect_format(path) == "sharegpt"
+    records, rejections = parse(path)
+    assert rejections == []
+    assert [r.line for r in records] == [1, 1]
+    assert records[1].messages == user_assistant("Do you sell gift cards?", "Yes, in the app.")
+
+
+def test_json_array_split_across_read_chunks(tmp_path):
+    """Element boundaries, strings and escapes that straddle the 1 MiB read chunks."""
+    items = [
+        {
+            "messages": user_assistant(
+                f'Question {i} \\ "quoted" {"é" * (i % 7)}', "Answer " + "z" * (i * 37 % 5000)
+            )
+        }
+        for i in range(1500)
+    ]
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(items, indent=1, ensure_ascii=False), encoding="utf-8")
+    records, rejections = parse(path)
+    assert rejections == []
+    assert [r.messages for r in records] == [i["messages"] for i in items]
+    assert [r.line for r in records] == [2 + 12 * i for i in range(1500)]
+
+
+def test_forced_format(tmp_path):
+    path = tmp_path / "odd.jsonl"
+    path.write_text('{"text": "not recognisable"}\n{"dialogue": []}\n')
+    with pytest.raises(FileError) as exc:
+        parse_file(path)
+    assert exc.value.code == "unknown_format"
+    records, rejections = parse(path, fmt="openai")
+    assert records == []
+    assert [(r.line, r.code) for r in rejections] == [(1, "missing_field"), (2, "missing_field")]
+    records, rejections = parse(GOOD / "openai.jsonl", fmt="sharegpt")
+    assert records == []
+    assert [(r.line, r.code) for r in rejections] == [
+        (1, "format_mismatch"),
+        (2, "format_mismatch"),
+        (4, "format_mismatch"),
+    ]
+
+
+def test_detection_skips_a_broken_first_record(tmp_path):
+    path = tmp_path / "first_broken.jsonl"
+    path.write_text('{"messages": [\n' + (GOOD / "openai.jsonl").read_text())
+    assert detect_format(path) == "openai"
+    records, rejections = parse(path)
+    assert [(r.line, r.code) for r in rejections] == [(1, "invalid_json")]
+    assert len(records) == 3
+
+
+# --------------------------------------------------------------------------- bad files
+
+BAD_CASES = [
+    # (file, parse_file kwargs, expected (line, code) rejections, number of good records)
+    ("invalid_json.jsonl", {}, [(2, "invalid_json")], 2),
+    ("not_object.jsonl", {}, [(3, "not_object")], 2),
+    ("encoding_latin1_byte.jsonl", {}, [(2, "encoding")], 2),
+    ("nul_byte.jsonl", {}, [(2, "nul_bytes")], 2),
+    ("line_too_long.jsonl", {"max_line_bytes": 1024}, [(2, "line_too_long")], 2),
+    ("too_deep.jsonl", {}, [(2, "too_deep")], 2),
+    ("missing_messages.jsonl", {}, [(2, "missing_field")], 1),
+    ("messages_not_list.jsonl", {}, [(2, "wrong_type")], 1),
+    ("message_not_object.jsonl", {}, [(3, "wrong_type")], 2),
+    ("tags_not_list.jsonl", {}, [(2, "wrong_type")], 1),
+    ("tags_not_strings.jsonl", {}, [(1, "wrong_type")], 1),
+    ("unknown_role.jsonl", {}, [(2, "unknown_role")], 1),
+    ("system_not_first.jsonl", {}, [(2, "system_not_first")], 1),
+    ("no_assistant.jsonl", {}, [(2, "no_assistant")], 1),
+    ("not_ending_assistant.jsonl", {}, [(2, "not_ending_assistant")], 2),
+    ("empty_content.jsonl", {}, [(2, "empty_content")], 1),
+    ("content_not_string.jsonl", {}, [(2, "content_not_string")], 1),
+    ("content_parts_list.jsonl", {}, [(2, "content_not_string")], 1),
+    ("consecutive_roles.jsonl", {}, [(2, "consecutive_roles")], 1),
+    ("no_user.jsonl", {}, [(2, "no_user")], 1),
+    ("not_starting_user.jsonl", {}, [(2, "not_starting_user")], 1),
+    ("empty_messages.jsonl", {}, [(2, "empty_messages")], 1),
+    ("missing_role.jsonl", {}, [(2, "missing_field")], 1),
+    ("format_mismatch.jsonl", {}, [(2, "format_mismatch")], 2),
+    ("nul_escape.jsonl", {}, [(2, "nul_bytes")], 1),
+    ("lone_surrogate.jsonl", {}, [(2, "encoding")], 1),
+    ("crlf_blank_lines.jsonl", {}, [(5, "no_user")], 3),
+    ("sharegpt_unknown_from.jsonl", {}, [(2, "unknown_role")], 1),
+    ("sharegpt_missing_value.jsonl", {}, [(2, "missing_field")], 1),
+    ("sharegpt_not_list.jsonl", {}, [(2, "wrong_type")], 1),
+    ("alpaca_missing_output.jsonl", {}, [(2, "missing_field")], 1),
+    ("alpaca_empty_instruction.jsonl", {}, [(2, "empty_content")], 1),
+    ("alpaca_input_wrong_type.jsonl", {}, [(2, "content_not_string")], 1),
+    ("preference_empty_chosen.jsonl", PREF, [(2, "empty_chosen")], 1),
+    ("preference_empty_rejected.jsonl", PREF, [(2, "empty_rejected")], 1),
+    ("preference_identical.jsonl", PREF, [(2, "identical_pair")], 1),
+    ("preference_missing_rejected.jsonl", PREF, [(2, "missing_field")], 1),
+    ("preference_prompt_ends_assistant.jsonl", PREF, [(2, "not_ending_user")], 1),
+    ("preference_chosen_not_ending_assistant.jsonl", PREF, [(2, "not_ending_assistant")], 1),
+    ("preference_pair_mismatch.jsonl", PREF, [(2, "pair_mismatch")], 1),
+    ("preference_format_mismatch.jsonl", PREF, [(2, "format_mismatch")], 1),
+    ("csv_empty_response.csv", QA, [(3, "empty_content")], 2),
+    ("csv_column_count.csv", QA, [(3, "column_count")], 1),
+    ("csv_multiline_line_numbers.csv", QA, [(4, "empty_content")], 2),
+    ("csv_bad_quote.csv", QA, [(2, "invalid_csv")], 1),
+    ("csv_unclosed_quote.csv", QA, [(3, "invalid_csv")], 1),
+    ("csv_encoding.csv", QA, [(3, "encoding")], 2),
+    ("csv_line_too_long.csv", {**QA, "max_line_bytes": 1024}, [(3, "line_too_long")], 2),
+    ("array_invalid_element.json", {}, [(3, "invalid_json")], 2),
+    ("array_missing_field.json", {}, [(6, "missing_field")], 2),
+    ("array_truncated.json", {}, [(6, "invalid_json")], 1),
+    ("array_trailing_content.json", {}, [(8, "invalid_json")], 1),
+    ("array_too_deep.json", {}, [(2, "too_deep")], 1),
+    ("array_not_object.json", {}, [(2, "not_object")], 2),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "expected", "good"), BAD_CASES, ids=[c[0] for c in BAD_CASES])
+def test_bad_file(name, kwargs, expected, good):
+    records, rejections = parse(BAD / name, **kwargs)
+    assert [(r.line, r.code) for r in rejections] == expected
+    assert len(records) == good
+    for rejection in rejections:
+        assert rejection.code in REJECTION_CODES
+        assert len(rejection.reason) > 30 and rejection.reason.endswith(".")
+        assert rejection.raw and len(rejection.raw) <= 64 * 1024
+
+
+def test_every_bad_file_is_tested():
+    tested = {c[0] for c in BAD_CASES} | {c[0] for c in FILE_CASES}
+    assert {p.name for p in BAD.iterdir()} == tested
+    assert len(BAD_CASES) >= 30
+
+
+def test_rejection_reasons_name_the_field():
+    def reason(name: str, **kwargs) -> str:
+        return parse(BAD / name, **kwargs)[1][0].reason
+
+    assert reason("unknown_role.jsonl").startswith(
+        'messages[2].role is "tool"; allowed roles are system, user, assistant.'
+    )
+    assert "conversations[1].from" in reason("sharegpt_unknown_from.jsonl")
+    assert "messages[0] and messages[1] are both user turns" in reason("consecutive_roles.jsonl")
+    assert "messages[1].content is empty" in reason("empty_content.jsonl")
+    assert "tags[1] is a number (3)" in reason("tags_not_strings.jsonl")
+    assert "column 49" in reason("invalid_json.jsonl") and "Expecting ',' delimiter" in reason(
+        "invalid_json.jsonl"
+    )
+    encoding = reason("encoding_latin1_byte.jsonl")
+    assert "0xE9" in encoding and "file offset" in encoding and "UTF-8" in encoding
+    assert 'column "answer" is empty' in reason("csv_empty_response.csv", **QA)
+    assert 'ShareGPT format (it has "conversations")' in reason("format_mismatch.jsonl")
+    assert "line 3, character 21" in reason("array_invalid_element.json")
+
+
+def test_rejection_raw_is_the_original_line():
+    _, rejections = parse(BAD / "invalid_json.jsonl")
+    assert rejections[0].raw == (BAD / "invalid_json.jsonl").read_bytes().split(b"\n")[1]
+    _, rejections = parse(BAD / "csv_multiline_line_numbers.csv", **QA)
+    assert rejections[0].raw == b',"An answer\nwithout a question"'
+
+
+# --------------------------------------------------------------------------- whole-file errors
+
+FILE_CASES = [
+    ("file_empty.jsonl", {}, "empty_file"),
+    ("file_blank_lines.jsonl", {}, "empty_file"),
+    ("file_empty_array.json", {}, "empty_file"),
+    ("file_image.png", {}, "binary_file"),
+    ("file_binary.bin", {}, "binary_file"),
+    ("file_compressed.jsonl.gz", {}, "compressed_file"),
+    ("file_archive.zip", {}, "compressed_file"),
+    ("file_utf16.csv", QA, "not_utf8"),
+    ("file_utf16_no_bom.jsonl", {}, "not_utf8"),
+    ("file_latin1.jsonl", {}, "not_utf8"),
+    ("file_unknown_format.jsonl", {}, "unknown_format"),
+    ("file_plain_text.txt", {}, "unknown_format"),
+    ("file_pretty_printed.json", {}, "unknown_format"),
+    ("file_preference.jsonl", {}, "kind_mismatch"),
+    ("file_columns.csv", QA, "missing_columns"),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "code"), FILE_CASES, ids=[c[0] for c in FILE_CASES])
+def test_file_error(name, kwargs, code):
+    with pytest.raises(FileError) as exc:
+        parse_file(BAD / name, **kwargs)  # raised at call time, before iterating
+    assert exc.value.code == code
+    assert exc.value.code in FILE_ERROR_CODES
+    assert len(exc.value.reason) > 20
+
+
+def test_file_error_reasons():
+    with pytest.raises(FileError) as exc:
+        parse_file(BAD / "file_columns.csv", **QA)
+    assert '"question", "answer"' in exc.value.reason
+    assert '"ticket_id", "customer_message", "agent_reply"' in exc.value.reason
+    assert exc.value.line == 1
+    with pytest.raises(FileError) as exc:
+        detect_format(BAD / "file_unknown_format.jsonl")
+    assert "prompt/completion" in exc.value.reason.lower()
+    with pytest.raises(FileError) as exc:
+        detect_format(BAD / "file_compressed.jsonl.gz")
+    assert "gzip" in exc.value.reason
+    with pytest.raises(FileError) as exc:
+        detect_format(BAD / "file_utf16.csv")
+    assert "UTF-16" in exc.value.reason
+
+
+def test_kind_mismatch_both_ways():
+    with pytest.raises(FileError) as exc:
+        parse_file(GOOD / "openai.jsonl", kind="preference")
+    assert exc.value.code == "kind_mismatch"
+    with pytest.raises(FileError) as exc:
+        parse_file(GOOD / "preference.jsonl", fmt="preference", kind="sft")
+    assert exc.value.code == "kind_mismatch"
+
+
+def test_csv_mapping_required_and_csv_columns_errors():
+    with pytest.raises(FileError) as exc:
+        parse_file(BAD / "file_columns.csv")
+    assert exc.value.code == "csv_mapping_required"
+    assert "customer_message" in exc.value.reason
+    mapping = CsvMapping(prompt="customer_message", response="agent_reply")
+    records, rejections = parse(BAD / "file_columns.csv", csv_mapping=mapping)
+    assert (len(records), rejections) == (1, [])
+    with pytest.raises(FileError) as exc:
+        csv_columns(GOOD / "openai.jsonl")
+    assert exc.value.code == "not_csv"
+    with pytest.raises(FileError) as exc:
+        csv_columns(BAD / "file_image.png")
+    assert exc.value.code == "binary_file"
+
+
+def test_programmer_errors():
+    with pytest.raises(ValueError):
+        parse_file(GOOD / "openai.jsonl", fmt="yaml")
+    with pytest.raises(ValueError):
+        parse_file(GOOD / "openai.jsonl", kind="rlhf")
+
+
+# --------------------------------------------------------------------------- limits & streaming
+
+
+def test_huge_line_is_skipped_in_bounded_memory(tmp_path):
+    good = json.dumps({"messages": user_assistant("Hi", "Hello")})
+    path = tmp_path / "huge.jsonl"
+    with path.open("w") as fh:
+        fh.write(good + "\n")
+        fh.write('{"messages": [{"role": "user", "content": "' + "x" * (30 * 1024 * 1024) + '"}]}\n')
+        fh.write(good + "\n")
+    gc.collect()
+    tracemalloc.start()
+    try:
+        records, rejections = parse(path, max_line_bytes=1024 * 1024)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [(r.line, r.code) for r in rejections] == [(2, "line_too_long")]
+    assert [r.line for r in records] == [1, 3]
+    assert len(rejections[0].raw) == 64 * 1024
+    assert "30 MiB" in rejections[0].reason and "1 MiB limit" in rejections[0].reason
+    assert peak < 8 * 1024 * 1024
+
+
+def test_huge_array_element_is_skipped_in_bounded_memory(tmp_path):
+    path = tmp_path / "huge.json"
+    with path.open("w") as fh:
+        fh.write('[{"instruction": "A", "output": "a"},\n {"instruction": "B", "output": "')
+        fh.write("y\\n" * (10 * 1024 * 1024))
+        fh.write('"},\n {"instruction": "C", "output": "c"}]')
+    gc.collect()
+    tracemalloc.start()
+    try:
+        records, rejections = parse(path, max_line_bytes=1024 * 1024)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [(r.line, r.code) for r in rejections] == [(2, "line_too_long")]
+    assert [r.line for r in records] == [1, 3]
+    assert peak < 8 * 1024 * 1024
+
+
+def test_deep_nesting_never_raises_recursion_error(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    good = json.dumps({"messages": user_assistant("Hi", "Hello")})
+    path.write_text(
+        good + "\n" + "[" * 200_000 + "]" * 200_000 + "\n" + '{"messages": ' + "[" * 70 + "]" * 70 + "}\n"
+    )
+    _, rejections = parse(path)
+    assert [(r.line, r.code) for r in rejections] == [(2, "too_deep"), (3, "too_deep")]
+
+
+def test_too_long_with_token_counter(tmp_path):
+    path = tmp_path / "tokens.jsonl"
+    lines = [
+        {"messages": user_assistant("one two", "three four")},  # 4 words
+        {"messages": user_assistant("one two three", "four five six seven")},  # 7 words
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    records, rejections = parse(path, max_tokens=5, count_tokens=word_count)
+    assert [r.line for r in records] == [1]
+    assert [(r.line, r.code) for r in rejections] == [(2, "too_long")]
+    assert "7 tokens" in rejections[0].reason and "limit is 5" in rejections[0].reason
+    # Without a counter (or without a limit) nothing is rejected for length.
+    assert len(parse(path, max_tokens=5)[0]) == 2
+    assert len(parse(path, count_tokens=word_count)[0]) == 2
+
+
+def test_too_long_preference_counts_prompt_and_longer_answer(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    pairs = [
+        {"prompt": "a b", "chosen": "c", "rejected": "d e f"},  # 2 + 3 = 5
+        {"prompt": "a b", "chosen": "c d e f", "rejected": "g"},  # 2 + 4 = 6
+    ]
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    records, rejections = parse(path, kind="preference", max_tokens=5, count_tokens=word_count)
+    assert [r.line for r in records] == [1]
+    assert [(r.line, r.code) for r in rejections] == [(2, "too_long")]
+
+
+@pytest.mark.parametrize("name", ["openai.jsonl", "conversations.csv", "alpaca_array.json"])
+def test_progress_callback(tmp_path, name):
+    src = (GOOD / name).read_bytes()
+    path = tmp_path / name
+    if name.endswith(".json"):
+        items = json.loads(src) * 20_000
+        path.write_text(json.dumps(items, indent=2))
+    else:
+        header, _, body = src.partition(b"\n") if name.endswith(".csv") else (b"", b"", src)
+        path.write_bytes((header + b"\n" if header else b"") + body * 15_000)
+    kwargs = {"csv_mapping": CsvMapping("question", "answer")} if name.endswith(".csv") else {}
+    calls = []
+    count = sum(
+        1 for _ in parse_file(path, progress=lambda done, total: calls.append((done, total)), **kwargs)
+    )
+    size = path.stat().st_size
+    assert count > 10_000
+    assert size > 3 * 1024 * 1024
+    assert calls[-1] == (size, size)
+    assert all(total == size for _, total in calls)
+    assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+    assert 3 <= len(calls) <= size // (1024 * 1024) + 2
+
+
+def _write_big_jsonl(path: Path, size: int) -> int:
+    line = (
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "system", "content": "You are Acme's support agent."},
+                    {"role": "user", "content": "Where is my order? " * 40},
+                    {"role": "assistant", "content": "It ships tomorrow. " * 60},
+                ],
+                "tags": ["shipping"],
+            }
+        )
+        + "\n"
+    ).encode()
+    count = size // len(line) + 1
+    with path.open("wb") as fh:
+        block = line * 1000
+        for _ in range(count // 1000):
+            fh.write(block)
+        fh.write(line * (count % 1000))
+    return count
+
+
+@pytest.mark.parametrize("container", ["jsonl", "array"])
+def test_streaming_memory_stays_bounded(tmp_path, container):
+    path = tmp_path / "big.jsonl"
+    count = _write_big_jsonl(path, 50 * 1024 * 1024)
+    if container == "array":
+        array = tmp_path / "big.json"
+        with path.open("rb") as src, array.open("wb") as dst:
+            dst.write(b"[\n")
+            for i, line in enumerate(src):
+                dst.write((b",\n" if i else b"") + line.rstrip(b"\n"))
+            dst.write(b"\n]\n")
+        path = array
+    size = path.stat().st_size
+    assert size > 50 * 1024 * 1024
+    gc.collect()
+    tracemalloc.start()
+    try:
+        seen = 0
+        last_line = 0
+        for item in parse_file(path):
+            assert isinstance(item, Record)
+            seen += 1
+            last_line = item.line
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert seen == count
+    assert last_line == count + (1 if container == "array" else 0)
+    assert peak < size / 10
+
+
+# --------------------------------------------------------------------------- validate_messages
+
+
+@pytest.mark.parametrize(
+    ("messages", "kind", "code"),
+    [
+        (user_assistant("Hi", "Hello"), "sft", None),
+        ([{"role": "system", "content": "S"}, *user_assistant("Hi", "Hello")], "sft", None),
+        ([{"role": "User", "content": "Hi"}, {"role": "ASSISTANT", "content": "Hello"}], "sft", None),
+        ([{"role": "user", "content": "Hi"}], "preference", None),
+        ("Hi", "sft", "wrong_type"),
+        ([], "sft", "empty_messages"),
+        (["Hi"], "sft", "wrong_type"),
+        ([{"content": "Hi"}], "sft", "missing_field"),
+        ([{"role": "user"}], "sft", "missing_field"),
+        ([{"role": 1, "content": "Hi"}], "sft", "wrong_type"),
+        ([{"role": "function", "content": "Hi"}], "sft", "unknown_role"),
+        ([{"role": "user", "content": 5}], "sft", "content_not_string"),
+        ([{"role": "user", "content": "Hi\x00"}, {"role": "assistant", "content": "x"}], "sft", "nul_bytes"),
+        (user_assistant("Hi", ""), "sft", "empty_content"),
+        ([*user_assistant("Hi", "Hello"), {"role": "system", "content": "S"}], "sft", "system_not_first"),
+        ([{"role": "system", "content": "S"}, {"role": "assistant", "content": "Hello"}], "sft", "no_user"),
+        ([{"role": "user", "content": "Hi"}], "sft", "no_assistant"),
+        (
+            [{"role": "assistant", "content": "Hey"}, *user_assistant("Hi", "Hello")],
+            "sft",
+            "not_starting_user",
+        ),
+        ([{"role": "user", "content": "Hi"}, *user_assistant("Hi", "Hello")], "sft", "consecutive_roles"),
+        ([*user_assistant("Hi", "Hello"), {"role": "user", "content": "Bye"}], "sft", "not_ending_assistant"),
+        (user_assistant("Hi", "Hello"), "preference", "not_ending_user"),
+    ],
+)
+def test_validate_messages(messages, kind, code):
+    result = validate_messages(messages, kind=kind)
+    if code is None:
+        assert result is None
+    else:
+        assert result is not None
+        assert result[0] == code
+        assert result[1]
+
+
+def test_validate_preference():
+    prompt = [{"role": "user", "content": "Hi"}]
+    assert validate_preference(prompt, "Hello!", "Go away.") is None
+    assert validate_preference(prompt, " ", "Go away.")[0] == "empty_chosen"
+    assert validate_preference(prompt, "Hello!", "")[0] == "empty_rejected"
+    assert validate_preference(prompt, "Same", "Same ")[0] == "identical_pair"
+    assert validate_preference(prompt, 3, "x")[0] == "wrong_type"
+    assert (
+        validate_preference([*prompt, {"role": "assistant", "content": "x"}], "a", "b")[0]
+        == "not_ending_user"
+    )
+
+
+def test_public_constants():
+    assert FORMATS == ("openai", "sharegpt", "alpaca", "csv", "preference")
+    assert all(isinstance(label, str) and label for label in REJECTION_CODES.values())
+    required = {
+        "invalid_json", "not_object", "encoding", "nul_bytes", "line_too_long", "too_deep", "missing_field",
+        "wrong_type", "unknown_role", "system_not_first", "no_assistant", "not_ending_assistant", "empty_content",
+        "content_not_string", "consecutive_roles", "no_user", "too_long", "format_mismatch", "empty_chosen",
+        "empty_rejected", "identical_pair",
+    }  # fmt: skip
+    assert required <= REJECTION_CODES.keys()
+    tested = {code for *_, expected, _ in BAD_CASES for _, code in expected}
+    assert tested | {"too_long"} == REJECTION_CODES.keys()
