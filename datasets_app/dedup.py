@@ -99,6 +99,17 @@ def content_hash(messages: list[dict], chosen: str | None = None, rejected: str 
     return hashlib.sha256(normalise_for_hash(messages, chosen, rejected).encode("utf-8")).hexdigest()
 
 
+def similarity_text(messages: list[dict], chosen: str | None = None, rejected: str | None = None) -> str:
+    """The recommended input of :func:`minhash_signature`: :func:`normalise_for_hash` without system messages.
+
+    A system prompt is usually shared by many examples of a dataset; left in, a long one makes
+    unrelated conversations look alike (they would all sit near the threshold).  Exact duplicates
+    still use the full :func:`content_hash`, system messages included.
+    """
+    kept = [m for m in messages if _normalise_text(m.get("role")) != "system"]
+    return normalise_for_hash(kept, chosen, rejected)
+
+
 # --------------------------------------------------------------------------- MinHash signatures
 
 
@@ -153,8 +164,8 @@ def minhash_signature(text: str, num_perm: int = 128, shingle: int = 5) -> bytes
     applied here in one vectorised numpy expression instead of datasketch's per-value Python loop,
     which makes it about twice as fast (the equality is covered by the tests).
 
-    Pass :func:`normalise_for_hash` output to make the signature role-aware and normalised the same
-    way as :func:`content_hash`.  Use :func:`signature_from_bytes` / :func:`signature_to_minhash`
+    Pass :func:`similarity_text` output (role-aware, normalised like :func:`content_hash`, system
+    messages left out).  Use :func:`signature_from_bytes` / :func:`signature_to_minhash`
     to read it back.
     """
     a, b = _permutations(num_perm)
@@ -199,8 +210,7 @@ class DuplicateGroup:
     above the threshold, possibly alongside exact copies).  ``member_ids`` is sorted; its first
     element is the natural one to keep.  ``similarity`` is 1.0 for exact groups and, for near
     groups, the lowest estimated Jaccard similarity between the first member and any other member
-    (members are linked through verified pairs, so a chain A~B~C can make this a little lower than
-    the threshold).
+    (always ≥ the threshold).
     """
 
     kind: Literal["exact", "near"]
@@ -294,6 +304,36 @@ def _verify_bucket(sigs: np.ndarray, bucket: np.ndarray, min_equal: int, uf: _Un
     return comparisons, len(remaining) if len(remaining) > 1 else 0
 
 
+def _leader_clusters(
+    sigs: np.ndarray, indices: np.ndarray, min_equal: int
+) -> tuple[list[tuple[list[int], int]], int]:
+    """Split a union-find component into clusters that are all similar to their first member.
+
+    Union-find joins verified *pairs*, so chains (A~B, B~C, C~D, ...) can connect examples that
+    are not similar at all -- typically when many examples share a long system prompt and sit just
+    below the threshold.  Walking the component in id order, the lowest remaining member becomes a
+    leader and takes every remaining member whose estimated Jaccard with it reaches the threshold.
+    At most :data:`MAX_PIVOTS_PER_BUCKET` leaders are tried per component; the rest (counted in the
+    second return value) become singletons.
+
+    Returns ``([(cluster indices, lowest equal-value count to the leader), ...], members left)``;
+    clusters of one index are included (they can still be exact groups).
+    """
+    clusters: list[tuple[list[int], int]] = []
+    remaining = np.sort(indices)
+    for _ in range(MAX_PIVOTS_PER_BUCKET):
+        if len(remaining) == 0:
+            return clusters, 0
+        leader, rest = remaining[0], remaining[1:]
+        equal = np.count_nonzero(sigs[rest] == sigs[leader], axis=1)
+        similar = equal >= min_equal
+        lowest = int(equal[similar].min()) if similar.any() else sigs.shape[1]
+        clusters.append(([int(leader), *(int(i) for i in rest[similar])], lowest))
+        remaining = rest[~similar]
+    clusters.extend(([int(i)], sigs.shape[1]) for i in remaining)
+    return clusters, len(remaining)
+
+
 def find_duplicate_groups(
     items: Iterable[tuple[int, str, bytes]], threshold: float = 0.85, num_perm: int = 128
 ) -> list[DuplicateGroup]:
@@ -304,9 +344,12 @@ def find_duplicate_groups(
     2. The representatives' signatures are banded like ``MinHashLSH(threshold, num_perm)``; every
        pair sharing a bucket is verified with the estimated Jaccard (≥ ``threshold``) and verified
        pairs are joined with union-find.
-    3. A connected component of two or more representatives becomes one ``"near"`` group holding
-       all of its examples (exact copies included, so every example is in at most one group); a
-       hash with two or more examples and no near neighbour becomes an ``"exact"`` group.
+    3. Each connected component is split into leader clusters (see :func:`_leader_clusters`):
+       every member of a cluster has estimated Jaccard ≥ ``threshold`` with the cluster's lowest id,
+       so chains of pairwise-similar examples do not snowball into one giant group.
+    4. A cluster of two or more representatives becomes one ``"near"`` group holding all of its
+       examples (exact copies included, so every example is in at most one group); a hash with two
+       or more examples and no near neighbour becomes an ``"exact"`` group.
 
     Output is deterministic: exact groups first, then near groups, each ordered by lowest member id.
     Memory is ~4 × num_perm bytes per item (the signature matrix) plus the bucket sort indices.
@@ -358,16 +401,21 @@ def find_duplicate_groups(
 
     exact: list[DuplicateGroup] = []
     near: list[DuplicateGroup] = []
+    split_left = 0
     for indices in components.values():
-        if len(indices) == 1:
-            ids = members_of_rep[reps[indices[0]]]
-            if len(ids) > 1:
-                exact.append(DuplicateGroup(kind="exact", member_ids=list(ids), similarity=1.0))
-            continue
-        member_ids = sorted(i for index in indices for i in members_of_rep[reps[index]])
-        first = sigs[indices[0]]  # indices are ascending, so this is the lowest id's signature
-        equal = np.count_nonzero(sigs[indices[1:]] == first, axis=1)
-        near.append(DuplicateGroup(kind="near", member_ids=member_ids, similarity=float(equal.min()) / num_perm))
+        if len(indices) == 1:  # the common case: no near neighbour
+            clusters, left = [(indices, num_perm)], 0
+        else:
+            clusters, left = _leader_clusters(sigs, np.asarray(indices), min_equal)
+        split_left += left
+        for cluster, lowest_equal in clusters:
+            member_ids = sorted(i for index in cluster for i in members_of_rep[reps[index]])
+            if len(cluster) > 1:
+                near.append(DuplicateGroup(kind="near", member_ids=member_ids, similarity=lowest_equal / num_perm))
+            elif len(member_ids) > 1:
+                exact.append(DuplicateGroup(kind="exact", member_ids=member_ids, similarity=1.0))
+    if split_left:
+        logger.warning("dedup: %d members of oversized components left ungrouped", split_left)
 
     exact.sort(key=lambda g: g.member_ids[0])
     near.sort(key=lambda g: g.member_ids[0])

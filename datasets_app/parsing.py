@@ -224,7 +224,7 @@ def _check_text(text: str, where: str) -> None:
     """Reject strings that UTF-8/PostgreSQL cannot store (NUL characters, lone surrogates)."""
     if "\x00" in text:
         raise _Reject("nul_bytes", f"{where} contains a NUL character (\\u0000); remove it.")
-    if _SURROGATE.search(text):
+    if not text.isascii() and _SURROGATE.search(text):  # isascii() is O(1)
         raise _Reject(
             "encoding",
             f"{where} contains a broken \\ud800-\\udfff escape (half of a surrogate pair), "
@@ -1039,13 +1039,18 @@ def _unit_problem(unit: _Unit, max_line_bytes: int, in_array: bool) -> _Reject:
 
 # --------------------------------------------------------------------------- file checks & detection
 
+_SUPPORTED = "Upload a JSON Lines (.jsonl), JSON array (.json) or CSV file."
 _SIGNATURE_LIST: tuple[tuple[bytes, str, str], ...] = (
-    (b"\x89PNG\r\n\x1a\n", "binary_file", "This is a PNG image, not a text file."),
-    (b"\xff\xd8\xff", "binary_file", "This is a JPEG image, not a text file."),
-    (b"GIF8", "binary_file", "This is a GIF image, not a text file."),
-    (b"%PDF-", "binary_file", "This is a PDF document, not a data file."),
-    (b"SQLite format 3\x00", "binary_file", "This is an SQLite database, not a data file."),
-    (b"PAR1", "binary_file", "This is a Parquet file; export it to JSON Lines first."),
+    (b"\x89PNG\r\n\x1a\n", "binary_file", f"This is a PNG image, not a text file. {_SUPPORTED}"),
+    (b"\xff\xd8\xff", "binary_file", f"This is a JPEG image, not a text file. {_SUPPORTED}"),
+    (b"GIF8", "binary_file", f"This is a GIF image, not a text file. {_SUPPORTED}"),
+    (b"%PDF-", "binary_file", f"This is a PDF document, not a data file. {_SUPPORTED}"),
+    (b"SQLite format 3\x00", "binary_file", f"This is an SQLite database, not a data file. {_SUPPORTED}"),
+    (
+        b"PAR1",
+        "binary_file",
+        "This is a Parquet file; export it to JSON Lines (one JSON object per line) first.",
+    ),
     (
         b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1",
         "binary_file",
@@ -1057,7 +1062,7 @@ _SIGNATURE_LIST: tuple[tuple[bytes, str, str], ...] = (
         "This is a ZIP archive (Excel .xlsx and Word .docx files are ZIP archives too). Extract it, or save "
         "the spreadsheet as \u201cCSV UTF-8\u201d, and upload the result.",
     ),
-    (b"PK\x05\x06", "compressed_file", "This is an empty ZIP archive."),
+    (b"PK\x05\x06", "compressed_file", f"This is an empty ZIP archive. {_SUPPORTED}"),
     (
         b"\x1f\x8b",
         "compressed_file",
@@ -1087,7 +1092,6 @@ _SIGNATURES = (
         "This file is bzip2-compressed; decompress it and upload the file inside.",
     ),
 )
-_SUPPORTED = "Upload a JSON Lines (.jsonl), JSON array (.json) or CSV file."
 _REENCODE = (
     "Re-save it as UTF-8 (in Excel: \u201cCSV UTF-8\u201d; in text editors: \u201cSave with encoding \u2192 "
     "UTF-8\u201d) and upload it again."
@@ -1103,7 +1107,7 @@ def _check_head(path: Path) -> None:
         head = fh.read(_HEAD_BYTES)
     for magic, code, what in _SIGNATURES:
         if magic.match(head):
-            raise FileError(code, f"{what} {_SUPPORTED}")
+            raise FileError(code, what)
     if head.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
         raise FileError("not_utf8", f"The file is UTF-32 encoded. {_REENCODE}")
     if head.startswith((b"\xff\xfe", b"\xfe\xff")) or _looks_like_utf16(head):
@@ -1227,6 +1231,12 @@ def _detect_json(
         try:
             if unit.problem:
                 raise _unit_problem(unit, max_line_bytes, in_array)
+            if not in_array and unit.data.strip() == b"{":
+                raise _Reject(
+                    "pretty_printed",
+                    'the line is just "{", so this looks like pretty-printed JSON with each record spread over '
+                    "several lines. Write one record per line (JSON Lines), or put the records in a JSON array [...].",
+                )
             obj = _load_json_object(unit, in_array, errors="replace")
             guess = _guess_format(obj)
             if guess is not None:
@@ -1317,7 +1327,7 @@ def _resolve_mapping(header: _CsvHeader, mapping: CsvMapping | None) -> CsvMappi
         names = ", ".join(_quote(c) for c in missing)
         raise FileError(
             "missing_columns",
-            f"The CSV header (line {header.line}) has no column named {names}. Available columns: {available}. "
+            f"The CSV header (line {header.line}) has no column{'s' if len(missing) > 1 else ''} named {names}. Available columns: {available}. "
             "Pick columns that exist, or fix the header row.",
             line=header.line,
         )

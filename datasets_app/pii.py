@@ -447,17 +447,58 @@ class _StudioNlpEngine(SpacyNlpEngine):
                 yield doc.text, self.artifacts(doc)
 
     def artifacts(self, doc: Doc) -> NlpArtifacts:
-        lemmas = [token.lemma_ or token.lower_ for token in doc]
-        entities, scores = self._get_updated_entities(doc.ents, [self.ner_model_configuration.default_score] * len(doc.ents))
-        return NlpArtifacts(
-            entities=entities,
-            tokens=doc,
-            tokens_indices=[token.idx for token in doc],
-            lemmas=lemmas,
-            nlp_engine=self,
-            language=LANGUAGE,
-            scores=scores,
-        )
+        ents = doc.ents
+        entities, scores = self._get_updated_entities(ents, [self.ner_model_configuration.default_score] * len(ents))
+        return _LazyNlpArtifacts(entities=entities, doc=doc, nlp_engine=self, scores=scores)
+
+
+class _LazyNlpArtifacts(NlpArtifacts):
+    """NlpArtifacts whose per-token lists are built on first use.
+
+    Presidio reads lemmas/keywords/token indices only to enhance pattern findings with context words;
+    most chat messages have no pattern finding, so building them eagerly is wasted work.
+    """
+
+    def __init__(self, entities: list, doc: Doc, nlp_engine: SpacyNlpEngine, scores: list[float]):
+        # NlpArtifacts.__init__ computes keywords eagerly; set the same public attributes lazily instead.
+        self.entities = entities
+        self.tokens = doc
+        self.nlp_engine = nlp_engine
+        self.scores = scores if scores else [0.85] * len(entities)
+        self._language = LANGUAGE
+        self._lemmas: list[str] | None = None
+        self._indices: list[int] | None = None
+        self._keywords: list[str] | None = None
+
+    @property
+    def lemmas(self) -> list[str]:  # type: ignore[override]
+        if self._lemmas is None:
+            self._lemmas = [token.lemma_ or token.lower_ for token in self.tokens]
+        return self._lemmas
+
+    @lemmas.setter
+    def lemmas(self, value: list[str]) -> None:
+        self._lemmas = value
+
+    @property
+    def tokens_indices(self) -> list[int]:  # type: ignore[override]
+        if self._indices is None:
+            self._indices = [token.idx for token in self.tokens]
+        return self._indices
+
+    @tokens_indices.setter
+    def tokens_indices(self, value: list[int]) -> None:
+        self._indices = value
+
+    @property
+    def keywords(self) -> list[str]:  # type: ignore[override]
+        if self._keywords is None:
+            self._keywords = self.set_keywords(self.nlp_engine, self.lemmas, self._language)
+        return self._keywords
+
+    @keywords.setter
+    def keywords(self, value: list[str]) -> None:
+        self._keywords = value
 
 
 def make_nlp_engine(full_pipeline: bool = False) -> SpacyNlpEngine:
@@ -580,10 +621,31 @@ class PersonCueRecognizer(PatternRecognizer):
         )
 
 
+class _GatedPhoneRecognizer(PhoneRecognizer):
+    """Presidio's PhoneRecognizer, skipped on texts with fewer than 4 digits.
+
+    The recognizer runs libphonenumber's matcher once per supported region (8 passes) on every text,
+    which makes it the most expensive recognizer. No valid number in any supported region has a
+    national significant number shorter than 4 digits (DE's minimum; US/FR need 10/9), so texts with
+    fewer digits cannot produce a finding and results are identical.
+    """
+
+    MIN_DIGITS = 4
+
+    def analyze(self, text, entities, nlp_artifacts=None):  # noqa: D102
+        digits = 0
+        for ch in text:
+            if ch.isdigit():
+                digits += 1
+                if digits >= self.MIN_DIGITS:
+                    return super().analyze(text, entities, nlp_artifacts)
+        return []
+
+
 def _builtin_recognizer(entity_type: str) -> EntityRecognizer | None:
     factories = {
         "EMAIL_ADDRESS": EmailRecognizer,
-        "PHONE_NUMBER": PhoneRecognizer,
+        "PHONE_NUMBER": _GatedPhoneRecognizer,
         "CREDIT_CARD": CreditCardRecognizer,
         "IBAN_CODE": IbanRecognizer,
         "US_SSN": UsSsnRecognizer,
@@ -897,9 +959,15 @@ class Pseudonymizer:
         for (_, prev_end, _), (start, _, _) in zip(ordered, ordered[1:], strict=False):
             if start < prev_end:
                 raise ValueError("spans overlap")
-        for start, end, entity_type in reversed(ordered):
+        for start, end, _ in ordered:
             if not 0 <= start < end <= len(text):
                 raise ValueError(f"span {start}:{end} outside text of length {len(text)}")
-            operator = operators.get(entity_type, DEFAULT_OPERATOR)
-            text = text[:start] + self.replacement(entity_type, text[start:end], operator) + text[end:]
+        # Labels are assigned in reading order (<PERSON_1> before <PERSON_2>), then spliced right to left
+        # so earlier offsets stay valid.
+        replacements = [
+            self.replacement(entity_type, text[start:end], operators.get(entity_type, DEFAULT_OPERATOR))
+            for start, end, entity_type in ordered
+        ]
+        for (start, end, _), replacement in zip(reversed(ordered), reversed(replacements), strict=True):
+            text = text[:start] + replacement + text[end:]
         return text

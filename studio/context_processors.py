@@ -19,7 +19,7 @@ STUDIO_NAME = "Fine-Tuning Studio"
 @dataclass(frozen=True)
 class NavItem:
     label: str
-    url_name: str
+    url_names: tuple[str, ...]  # the first one that reverses is used
     icon: str  # a key of the inline icon set in templates/studio/partials/icon.html
     roles: tuple[str, ...]
     exact: bool = False  # active only on the exact URL (the dashboard), not on every page below it
@@ -41,32 +41,35 @@ class NavSection:
 
 # (section title, items). Admins pass every role check, so they see every section.
 NAVIGATION: tuple[tuple[str, tuple[NavItem, ...]], ...] = (
-    ("", (NavItem("Dashboard", "home", "home", (CURATOR, REVIEWER, ENGINEER, ADMIN), exact=True),)),
+    ("", (NavItem("Dashboard", ("home",), "home", (CURATOR, REVIEWER, ENGINEER, ADMIN), exact=True),)),
     (
         "Workflow",
         (
-            NavItem("Datasets", "datasets:list", "database", (CURATOR, ENGINEER)),
-            NavItem("Training", "training:jobs", "cpu", (ENGINEER,)),
-            NavItem("Models", "eval:models", "box", (ENGINEER,)),
-            NavItem("Reviews", "eval:reviews", "scale", (REVIEWER,)),
-            NavItem("Promotions", "eval:promotions", "rocket", (ADMIN,)),
+            NavItem("Datasets", ("datasets:list",), "database", (CURATOR, ENGINEER)),
+            NavItem("Training", ("training:jobs", "training:base_models"), "cpu", (ENGINEER,)),
+            NavItem("Models", ("eval:models",), "box", (ENGINEER,)),
+            NavItem("Reviews", ("eval:reviews",), "scale", (REVIEWER,)),
+            NavItem("Promotions", ("eval:promotions",), "rocket", (ADMIN,)),
         ),
     ),
     (
         "Admin",
         (
-            NavItem("Users", "users", "users", (ADMIN,)),
-            NavItem("Audit log", "audit", "shield", (ADMIN,)),
+            NavItem("Users", ("users",), "users", (ADMIN,)),
+            NavItem("Audit log", ("audit",), "shield", (ADMIN,)),
         ),
     ),
 )
 
 
-def _reverse(name: str) -> str | None:
-    try:
-        return reverse(name)
-    except NoReverseMatch:
-        return None
+def first_url(*names: str) -> str | None:
+    """The URL of the first name that reverses (no arguments), or None if none does."""
+    for name in names:
+        try:
+            return reverse(name)
+        except NoReverseMatch:
+            continue
+    return None
 
 
 def build_navigation(path: str, roles: list[str]) -> list[NavSection]:
@@ -76,7 +79,7 @@ def build_navigation(path: str, roles: list[str]) -> list[NavSection]:
         for item in items:
             if not set(item.roles) & set(roles):
                 continue
-            url = _reverse(item.url_name)
+            url = first_url(*item.url_names)
             if url is None:
                 continue
             active = path == url if item.exact else path.startswith(url)
@@ -87,7 +90,7 @@ def build_navigation(path: str, roles: list[str]) -> list[NavSection]:
 
 
 def navigation(request) -> dict:
-    context = {"studio_name": STUDIO_NAME, "nav_sections": [], "current_roles": []}
+    context = {"studio_name": STUDIO_NAME, "nav_sections": [], "current_roles": [], "role_badges": []}
     user = getattr(request, "user", None)
     try:
         if user is None or not user.is_authenticated:
@@ -96,6 +99,7 @@ def navigation(request) -> dict:
     except DatabaseError:
         # The 403/404 pages still render (without navigation) when the database is unreachable.
         return context
-    context["current_roles"] = roles
+    context["current_roles"] = roles  # effective roles: an admin has all four
+    context["role_badges"] = [ADMIN] if ADMIN in roles else roles  # what the top bar shows
     context["nav_sections"] = build_navigation(request.path, roles)
     return context

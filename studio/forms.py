@@ -250,4 +250,3 @@ class AuditFilterForm(forms.Form):
     @property
     def is_filtered(self) -> bool:
         return self.is_bound and self.is_valid() and any(self.cleaned_data.values())
-

@@ -12,7 +12,9 @@ def is_htmx_partial(request) -> bool:
     return bool(htmx) and not htmx.boosted
 
 
-def render_htmx(request, full_template: str, partial_template: str, context: dict | None = None, status: int = 200):
+def render_htmx(
+    request, full_template: str, partial_template: str, context: dict | None = None, status: int = 200
+):
     """Render `partial_template` for HTMX requests, `full_template` otherwise.
 
     The full template normally `{% include %}`s the partial, so both share one source. The response

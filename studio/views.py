@@ -16,11 +16,11 @@ from django.db import DatabaseError, transaction
 from django.db.models import Count, Max, Prefetch
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
-from django.urls import NoReverseMatch, reverse
 from django.views.decorators.http import require_POST
 
 from . import ratelimit
 from .audit import compute_hash, verify_chain
+from .context_processors import first_url
 from .forms import (
     AdminSetPasswordForm,
     AuditFilterForm,
@@ -83,13 +83,6 @@ class StudioLoginView(LoginView):
 # --- Dashboard ----------------------------------------------------------------------------------------
 
 
-def _url(name: str, *args) -> str | None:
-    try:
-        return reverse(name, args=args)
-    except NoReverseMatch:
-        return None
-
-
 def _count(model_label: str, **filters) -> int | None:
     """Count rows of another app's model; None while that app (or its table or field) isn't there."""
     try:
@@ -111,7 +104,7 @@ def _dashboard_cards(user) -> list[dict]:
                 "title": "Datasets",
                 "icon": "database",
                 "text": "Upload conversations, scrub PII, review and freeze immutable versions.",
-                "url": _url("datasets:list"),
+                "url": first_url("datasets:list"),
                 "metrics": [
                     ("datasets", _count("datasets_app.Dataset")),
                     ("frozen versions", _count("datasets_app.DatasetVersion")),
@@ -124,7 +117,7 @@ def _dashboard_cards(user) -> list[dict]:
                 "title": "Training",
                 "icon": "cpu",
                 "text": "Fine-tune a base model on a frozen dataset version and follow its loss curve.",
-                "url": _url("training:jobs"),
+                "url": first_url("training:jobs", "training:base_models"),
                 "metrics": [
                     ("running jobs", _count("training_app.TrainingJob", state="running")),
                     ("base models", _count("training_app.BaseModel")),
@@ -137,7 +130,7 @@ def _dashboard_cards(user) -> list[dict]:
                 "title": "Reviews",
                 "icon": "scale",
                 "text": "Compare two models' answers blind and vote for the better one.",
-                "url": _url("eval:reviews"),
+                "url": first_url("eval:reviews"),
                 "metrics": [("your votes", _count("eval_app.Vote", reviewer=user))],
             }
         )
@@ -147,7 +140,7 @@ def _dashboard_cards(user) -> list[dict]:
                 "title": "Users",
                 "icon": "users",
                 "text": "Invite people, give them roles, deactivate accounts.",
-                "url": _url("users"),
+                "url": first_url("users"),
                 "metrics": [("active users", User.objects.filter(is_active=True).count())],
             }
         )
@@ -156,7 +149,7 @@ def _dashboard_cards(user) -> list[dict]:
                 "title": "Audit log",
                 "icon": "shield",
                 "text": "Every state change, hash-chained so edits and deletions are detected.",
-                "url": _url("audit"),
+                "url": first_url("audit"),
                 "metrics": [("events", AuditEvent.objects.count())],
             }
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import gc
 import json
 import tracemalloc
@@ -338,6 +339,22 @@ def test_rejection_reasons_name_the_field():
     assert "line 3, character 21" in reason("array_invalid_element.json")
 
 
+def test_csv_unclosed_quote_is_bounded_by_max_line_bytes(tmp_path):
+    path = tmp_path / "unclosed.csv"
+    rows = ["question,answer", "Ok?,Ok.", 'Where is my order?,"It ships tomorrow.'] + [
+        "Thanks,You're welcome."
+    ] * 200
+    path.write_text("\n".join(rows) + "\n")
+    records, rejections = parse(path, max_line_bytes=1024, **QA)
+    assert [(r.line, r.code) for r in rejections] == [(3, "line_too_long")]
+    assert "quote" in rejections[0].reason
+    assert rejections[0].raw.startswith(b'Where is my order?,"It ships tomorrow.\nThanks')
+    # the oversized record swallowed the lines up to the limit; parsing resumes after it
+    assert records[0].line == 2
+    assert 40 < records[1].line < 60  # about 1024 bytes later
+    assert records[-1].line == 203
+
+
 def test_rejection_raw_is_the_original_line():
     _, rejections = parse(BAD / "invalid_json.jsonl")
     assert rejections[0].raw == (BAD / "invalid_json.jsonl").read_bytes().split(b"\n")[1]
@@ -390,6 +407,9 @@ def test_file_error_reasons():
     with pytest.raises(FileError) as exc:
         detect_format(BAD / "file_utf16.csv")
     assert "UTF-16" in exc.value.reason
+    with pytest.raises(FileError) as exc:
+        detect_format(BAD / "file_pretty_printed.json")
+    assert "pretty-printed" in exc.value.reason
 
 
 def test_kind_mismatch_both_ways():
@@ -551,18 +571,37 @@ def _write_big_jsonl(path: Path, size: int) -> int:
     return count
 
 
-@pytest.mark.parametrize("container", ["jsonl", "array"])
+def _jsonl_to_array(src_path: Path, dst_path: Path) -> None:
+    with src_path.open("rb") as src, dst_path.open("wb") as dst:
+        dst.write(b"[\n")
+        for i, line in enumerate(src):
+            dst.write((b",\n" if i else b"") + line.rstrip(b"\n"))
+        dst.write(b"\n]\n")
+
+
+def _jsonl_to_csv(src_path: Path, dst_path: Path) -> None:
+    with src_path.open("rb") as src, dst_path.open("w", newline="", encoding="utf-8") as dst:
+        writer = csv.writer(dst)
+        writer.writerow(["system", "question", "answer", "tags"])
+        for line in src:
+            system, question, answer = (m["content"] for m in json.loads(line)["messages"])
+            writer.writerow(
+                [system, question.replace("? ", "?\n", 1), answer, "shipping"]
+            )  # two lines a record
+
+
+@pytest.mark.parametrize("container", ["jsonl", "array", "csv"])
 def test_streaming_memory_stays_bounded(tmp_path, container):
     path = tmp_path / "big.jsonl"
     count = _write_big_jsonl(path, 50 * 1024 * 1024)
+    kwargs = {}
     if container == "array":
-        array = tmp_path / "big.json"
-        with path.open("rb") as src, array.open("wb") as dst:
-            dst.write(b"[\n")
-            for i, line in enumerate(src):
-                dst.write((b",\n" if i else b"") + line.rstrip(b"\n"))
-            dst.write(b"\n]\n")
-        path = array
+        _jsonl_to_array(path, tmp_path / "big.json")
+        path = tmp_path / "big.json"
+    elif container == "csv":
+        _jsonl_to_csv(path, tmp_path / "big.csv")
+        path = tmp_path / "big.csv"
+        kwargs["csv_mapping"] = CsvMapping("question", "answer", system="system", tags="tags")
     size = path.stat().st_size
     assert size > 50 * 1024 * 1024
     gc.collect()
@@ -570,7 +609,7 @@ def test_streaming_memory_stays_bounded(tmp_path, container):
     try:
         seen = 0
         last_line = 0
-        for item in parse_file(path):
+        for item in parse_file(path, **kwargs):
             assert isinstance(item, Record)
             seen += 1
             last_line = item.line
@@ -578,7 +617,7 @@ def test_streaming_memory_stays_bounded(tmp_path, container):
     finally:
         tracemalloc.stop()
     assert seen == count
-    assert last_line == count + (1 if container == "array" else 0)
+    assert last_line == {"jsonl": count, "array": count + 1, "csv": 2 * count}[container]
     assert peak < size / 10
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.db import transaction
 
 from studio import audit
+from studio.db import purge_freed_pages
 
 from .. import parsing
 from ..dedup import content_hash
@@ -102,5 +103,6 @@ def edit_example(example: Example, *, messages: list[dict], chosen=None, rejecte
         if text_changed:
             from ..tasks import scan_examples
 
+            purge_freed_pages()
             transaction.on_commit(lambda: scan_examples.delay(dataset.pk, [example.pk]))
     return example

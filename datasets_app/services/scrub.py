@@ -21,6 +21,7 @@ from django.db.models import Count
 from django.utils import timezone
 
 from studio import audit
+from studio.db import purge_freed_pages
 
 from ..dedup import content_hash
 from ..models import Dataset, Example, PiiFinding
@@ -207,6 +208,7 @@ def redact(dataset: Dataset, findings: Iterable[PiiFinding], user) -> int:
         for ex in Example.objects.filter(pk__in=list(by_example)).order_by("position"):
             _apply_to_example(ex, by_example[ex.pk], pseudo, policy, user)
         Dataset.objects.filter(pk=locked.pk).update(pseudonym_map=pseudo.mapping)
+        purge_freed_pages()
     return len(findings)
 
 
