@@ -133,7 +133,9 @@ def print_quality(title: str, ev: Evaluation, types: list[str]) -> None:
 
 def run_sweep(data: list[LabelledText], texts: list[str]) -> None:
     print("\nThreshold sweep (studio recognizers and post-filters; chooses DEFAULT_THRESHOLD)")
-    print(f"  {'thr':>5}{'recall':>8}{'prec':>8}{'prec_any':>9}{'kept':>7}{'phone_R':>9}{'ssn_R':>7}{'ip_R':>7}")
+    print(
+        f"  {'thr':>5}{'recall':>8}{'prec':>8}{'prec_any':>9}{'kept':>7}{'phone_R':>9}{'ssn_R':>7}{'ip_R':>7}"
+    )
     for threshold in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9):
         scanner = pii.PiiScanner(pii.PiiPolicy(threshold=threshold))
         found = scanner.scan(texts)
@@ -151,7 +153,9 @@ def run_sweep(data: list[LabelledText], texts: list[str]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=2000, help="number of messages (default 2000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=2, help="timed runs per arm, best is reported")
@@ -181,7 +185,9 @@ def main() -> None:
     policy = pii.PiiPolicy()
     scanner = pii.PiiScanner(policy, batch_size=args.batch_size)
     naive_analyzer = AnalyzerEngine(
-        registry=scanner.registry, nlp_engine=pii.make_nlp_engine(full_pipeline=True), supported_languages=["en"]
+        registry=scanner.registry,
+        nlp_engine=pii.make_nlp_engine(full_pipeline=True),
+        supported_languages=["en"],
     )
     # warm-up (lazy regex compilation, first-batch allocations)
     studio_scrub(scanner, texts[:64])
@@ -207,7 +213,8 @@ def main() -> None:
     naive_spans = [[(s, e, t) for s, e, t, _, _ in fs] for fs in naive_findings]
     differing = [i for i in range(n) if studio_spans[i] != naive_spans[i]]
     print(f"\nmessages whose findings differ (studio vs naive): {len(differing)} of {n}")
-    print(f"messages whose scrubbed text differs:             {sum(a != b for a, b in zip(studio_out, naive_out))}")
+    text_diffs = sum(a != b for a, b in zip(studio_out, naive_out, strict=True))
+    print(f"messages whose scrubbed text differs:             {text_diffs}")
     if differing:
         diff_types = Counter()
         for i in differing:
@@ -219,7 +226,9 @@ def main() -> None:
     print_quality("Studio defaults (PiiPolicy())", evaluate(data, studio_spans), types)
 
     ootb = presidio_defaults_analyzer()
-    ootb_spans = [[(r.start, r.end, r.entity_type) for r in ootb.analyze(text, language="en")] for text in texts]
+    ootb_spans = [
+        [(r.start, r.end, r.entity_type) for r in ootb.analyze(text, language="en")] for text in texts
+    ]
     ootb_eval = evaluate(data, ootb_spans)
     ootb_types = sorted({t for fs in ootb_spans for _, _, t in fs} | set(types))
     print_quality("Presidio out of the box (AnalyzerEngine(), threshold 0)", ootb_eval, ootb_types)

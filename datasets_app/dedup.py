@@ -381,7 +381,9 @@ def find_duplicate_groups(
     if not reps:
         return groups
 
-    sigs = np.frombuffer(b"".join(signature_of[r] for r in reps), dtype=_SIG_DTYPE).reshape(len(reps), num_perm)
+    sigs = np.frombuffer(b"".join(signature_of[r] for r in reps), dtype=_SIG_DTYPE).reshape(
+        len(reps), num_perm
+    )
     bands, rows = _lsh_params(threshold, num_perm)
     min_equal = int(np.ceil(threshold * num_perm - 1e-9))
     uf = _UnionFind(len(reps))
@@ -411,7 +413,9 @@ def find_duplicate_groups(
         for cluster, lowest_equal in clusters:
             member_ids = sorted(i for index in cluster for i in members_of_rep[reps[index]])
             if len(cluster) > 1:
-                near.append(DuplicateGroup(kind="near", member_ids=member_ids, similarity=lowest_equal / num_perm))
+                near.append(
+                    DuplicateGroup(kind="near", member_ids=member_ids, similarity=lowest_equal / num_perm)
+                )
             elif len(member_ids) > 1:
                 exact.append(DuplicateGroup(kind="exact", member_ids=member_ids, similarity=1.0))
     if split_left:

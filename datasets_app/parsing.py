@@ -738,7 +738,7 @@ def _parse_header(text: str) -> tuple[str, list[str]]:
     best = (",", [text])
     for delimiter in _CSV_DELIMITERS:
         try:
-            columns = next(csv.reader([text], delimiter=delimiter), [])
+            columns = next(csv.reader([text], delimiter=delimiter, strict=True), [])
         except csv.Error:
             continue
         if len(columns) > len(best[1]):
@@ -851,8 +851,6 @@ class _ArrayElements:
         chunk = self._fh.read(_READ_CHUNK)
         if self._progress:
             self._progress.advance(len(chunk))
-        if self._base == 0 and not self._buf and chunk.startswith(_BOM):
-            chunk, self._base = chunk[3:], 3
         self._buf = self._buf[keep_from:] + chunk
         self._base += keep_from
         self._mark -= keep_from
@@ -871,6 +869,11 @@ class _ArrayElements:
         return _Unit(line, data, self._base + found.start(), len(data))
 
     def __iter__(self) -> Iterator[_Unit]:
+        self._buf = self._fh.read(len(_BOM))
+        if self._progress:
+            self._progress.advance(len(self._buf))
+        if self._buf == _BOM:
+            self._buf, self._base = b"", len(_BOM)
         pos = 0
         while (found := _NON_SPACE.search(self._buf, pos)) is None:
             pos = len(self._buf)
@@ -1325,10 +1328,11 @@ def _resolve_mapping(header: _CsvHeader, mapping: CsvMapping | None) -> CsvMappi
     missing = [c for c in mapping.columns() if c.strip() not in header.columns]
     if missing:
         names = ", ".join(_quote(c) for c in missing)
+        noun = "columns" if len(missing) > 1 else "column"
         raise FileError(
             "missing_columns",
-            f"The CSV header (line {header.line}) has no column{'s' if len(missing) > 1 else ''} named {names}. Available columns: {available}. "
-            "Pick columns that exist, or fix the header row.",
+            f"The CSV header (line {header.line}) has no {noun} named {names}. Available columns: "
+            f"{available}. Pick columns that exist, or fix the header row.",
             line=header.line,
         )
     return mapping

@@ -109,7 +109,13 @@ MASK_KEEP_LAST4 = frozenset({"CREDIT_CARD", "IBAN_CODE", "PHONE_NUMBER"})
 DEFAULT_THRESHOLD = 0.4
 
 # spaCy labels mapped to studio types. FAC (streets, buildings) counts as a location.
-_NER_LABEL_MAP = {"PERSON": "PERSON", "PER": "PERSON", "GPE": "LOCATION", "LOC": "LOCATION", "FAC": "LOCATION"}
+_NER_LABEL_MAP = {
+    "PERSON": "PERSON",
+    "PER": "PERSON",
+    "GPE": "LOCATION",
+    "LOC": "LOCATION",
+    "FAC": "LOCATION",
+}
 _NER_IGNORED_LABELS = [
     "ORG",
     "NORP",
@@ -154,6 +160,10 @@ DEFAULT_KEEP_PATTERNS: list[str] = [
     r"\bv\d+(?:\.\d+){1,3}\b",
     # model numbers inside product names: Router X200, Printer LX-500, Monitor U2720
     r"\b[A-Z]{1,3}-?\d{3,5}[A-Z]{0,3}\b",
+    # parcel tracking numbers: UPS 1Z..., and any number introduced as a tracking number
+    r"\b1Z[0-9A-Z]{16}\b",
+    r"(?i:\btracking(?:[ \t]+(?:number|no\.?|#|id|code))?(?:[ \t]+is)?[ \t]*[:#]?[ \t]*)"
+    r"[0-9][0-9 ]{7,34}[0-9]\b",
 ]
 
 CUSTOM_RECOGNIZER_SOURCE_PREFIX = "custom:"
@@ -233,7 +243,7 @@ class CustomRecognizer:
             entity_type=str(d.get("entity_type", "")),
             regex=str(d.get("regex", "")),
             score=d.get("score", 0.85),
-            context=list(d.get("context") or []),
+            context=[context] if isinstance(context := d.get("context") or [], str) else list(context),
         )
 
 
@@ -304,14 +314,18 @@ class PiiPolicy:
         d = d or {}
         default = cls()
         return cls(
-            enabled_types=list(d["enabled_types"]) if d.get("enabled_types") is not None else default.enabled_types,
+            enabled_types=list(d["enabled_types"])
+            if d.get("enabled_types") is not None
+            else default.enabled_types,
             threshold=d["threshold"] if d.get("threshold") is not None else default.threshold,
             custom_recognizers=[
                 c if isinstance(c, CustomRecognizer) else CustomRecognizer.from_dict(c)
                 for c in d.get("custom_recognizers") or []
             ],
             allow_list=list(d.get("allow_list") or []),
-            keep_patterns=list(d["keep_patterns"]) if d.get("keep_patterns") is not None else default.keep_patterns,
+            keep_patterns=list(d["keep_patterns"])
+            if d.get("keep_patterns") is not None
+            else default.keep_patterns,
             operators=dict(d.get("operators") or {}),
         )
 
@@ -346,7 +360,11 @@ class PiiPolicy:
                 problem = _regex_error(rec.regex)
                 if problem:
                     errors.append(f"{where}.regex: invalid regex {rec.regex!r}: {problem}")
-            if isinstance(rec.score, bool) or not isinstance(rec.score, int | float) or not 0 <= rec.score <= 1:
+            if (
+                isinstance(rec.score, bool)
+                or not isinstance(rec.score, int | float)
+                or not 0 <= rec.score <= 1
+            ):
                 errors.append(f"{where}.score: must be between 0 and 1, got {rec.score!r}")
             if not all(isinstance(word, str) and word.strip() for word in rec.context):
                 errors.append(f"{where}.context: context words must be non-empty strings")
@@ -448,7 +466,9 @@ class _StudioNlpEngine(SpacyNlpEngine):
 
     def artifacts(self, doc: Doc) -> NlpArtifacts:
         ents = doc.ents
-        entities, scores = self._get_updated_entities(ents, [self.ner_model_configuration.default_score] * len(ents))
+        entities, scores = self._get_updated_entities(
+            ents, [self.ner_model_configuration.default_score] * len(ents)
+        )
         return _LazyNlpArtifacts(entities=entities, doc=doc, nlp_engine=self, scores=scores)
 
 
@@ -645,7 +665,7 @@ class _GatedPhoneRecognizer(PhoneRecognizer):
 def _builtin_recognizer(entity_type: str) -> EntityRecognizer | None:
     factories = {
         "EMAIL_ADDRESS": EmailRecognizer,
-        "PHONE_NUMBER": _GatedPhoneRecognizer,
+        "PHONE_NUMBER": lambda: _GatedPhoneRecognizer(name="PhoneRecognizer"),
         "CREDIT_CARD": CreditCardRecognizer,
         "IBAN_CODE": IbanRecognizer,
         "US_SSN": UsSsnRecognizer,
@@ -666,7 +686,9 @@ def _shared_recognizer(key: str) -> EntityRecognizer | None:
     with _RECOGNIZER_LOCK:
         if key not in _RECOGNIZER_CACHE:
             if key == "NER":
-                recognizer = SpacyRecognizer(supported_entities=sorted(NER_ENTITY_TYPES), name="SpacyRecognizer")
+                recognizer = SpacyRecognizer(
+                    supported_entities=sorted(NER_ENTITY_TYPES), name="SpacyRecognizer"
+                )
             elif key == "PERSON":
                 recognizer = PersonCueRecognizer()
             else:
@@ -728,8 +750,12 @@ class PiiScanner:
             )
         self.registry = RecognizerRegistry(recognizers=recognizers, supported_languages=[LANGUAGE])
         self.nlp_engine = _StudioNlpEngine(get_nlp(), ner=self.uses_ner, batch_size=batch_size)
-        self.analyzer = AnalyzerEngine(
-            registry=self.registry, nlp_engine=self.nlp_engine, supported_languages=[LANGUAGE]
+        # AnalyzerEngine loads every predefined recognizer when handed an empty registry: nothing to
+        # analyse means no analyzer at all.
+        self.analyzer = (
+            AnalyzerEngine(registry=self.registry, nlp_engine=self.nlp_engine, supported_languages=[LANGUAGE])
+            if recognizers
+            else None
         )
         self._keep = [re.compile(p) for p in policy.keep_patterns]
         self._allow = {term.strip().casefold() for term in policy.allow_list}
@@ -740,7 +766,7 @@ class PiiScanner:
         """Findings per text (sorted by start, non-overlapping), in the order of ``texts``."""
         texts = list(texts)
         out: list[list[Finding]] = [[] for _ in texts]
-        if not texts or not self.entities:
+        if not texts or self.analyzer is None:
             return out
         positions: dict[str, list[int]] = {}
         for i, text in enumerate(texts):
@@ -762,9 +788,7 @@ class PiiScanner:
                     for start, end, entity_type, score, source in spans
                 ]
                 n_findings += len(spans)
-        logger.info(
-            "pii scan: %d texts (%d unique), %d findings", len(texts), len(unique), n_findings
-        )
+        logger.info("pii scan: %d texts (%d unique), %d findings", len(texts), len(unique), n_findings)
         return out
 
     def postprocess(
@@ -792,7 +816,7 @@ class PiiScanner:
             if source not in self.custom_sources and self._keep:
                 if keep_spans is None:
                     keep_spans = [m.span() for pattern in self._keep for m in pattern.finditer(text)]
-                if any(ks < end and start < ke for ks, ke in keep_spans):
+                if any(_kept_by(start, end, ks, ke) for ks, ke in keep_spans):
                     continue
             candidates.append((start, end, result.entity_type, float(result.score), source))
         return _resolve_overlaps(self._retype_places(text, candidates))
@@ -807,7 +831,9 @@ class PiiScanner:
         for cand in candidates:
             start, end, entity_type, score, source = cand
             if entity_type == "PERSON" and source == "SpacyRecognizer":
-                after_street = any(e <= start and _AFTER_STREET_RE.fullmatch(text, e, start) for e in street_ends)
+                after_street = any(
+                    e <= start and _AFTER_STREET_RE.fullmatch(text, e, start) for e in street_ends
+                )
                 if after_street or _PLACE_PREPOSITION_RE.search(text, 0, start):
                     if "LOCATION" not in self.entities:
                         continue
@@ -846,9 +872,22 @@ _NER_FOLLOWER_RE = re.compile(
 )
 
 
+def _kept_by(start: int, end: int, keep_start: int, keep_end: int) -> bool:
+    """A keep match overrides a finding it overlaps, unless the finding strictly encloses it.
+
+    An enclosing finding is a larger value that merely contains an identifier lookalike, e.g. the
+    group "E097" (error-code shape) inside the spaced IBAN "IT56 E097 7790 ...": that IBAN is PII.
+    """
+    if keep_end <= start or end <= keep_start:
+        return False
+    encloses = start <= keep_start and keep_end <= end and (end - start) > (keep_end - keep_start)
+    return not encloses
+
+
 _AFTER_STREET_RE = re.compile(r",[ \t]*")
 _PLACE_PREPOSITION_RE = re.compile(
-    r"\b(?:[Ii]n|[Nn]ear|[Oo]utside|[Aa]round|[Aa]cross|[Tt]hroughout|[Aa]ffecting|[Bb]ased in|[Ll]ive in)[ \t]+$"
+    r"\b(?:[Ii]n|[Nn]ear|[Oo]utside|[Aa]round|[Aa]cross|[Tt]hroughout|[Aa]ffecting|[Bb]ased in|[Ll]ive in)"
+    r"[ \t]+$"
 )
 
 

@@ -44,66 +44,82 @@ class LabelledText:
 # Vocabulary
 # --------------------------------------------------------------------------------------------------
 
-FIRST_NAMES = [
-    "James", "Maria", "Wei", "Aisha", "Oluwaseun", "Priya", "Mohammed", "Sofia", "Hiroshi", "Olga",
-    "Carlos", "Fatima", "Liam", "Chloe", "Mateo", "Yuki", "Ananya", "Kwame", "Ingrid", "Dmitri",
-    "Mei", "Santiago", "Amara", "Lars", "Noor", "Elena", "Rajesh", "Thabo", "Camille", "Giulia",
-    "Kenji", "Zanele", "Hannah", "Omar", "Leila", "Tomasz", "Siobhan", "Arjun", "Nadia", "Jorge",
-    "Emily", "Daniel", "Sarah", "Michael", "Jennifer", "David", "Ahmed", "Ji-woo", "Minh", "Aroha",
-    "Bjorn", "Chiamaka", "Isabella", "Lucas", "Anastasia", "Ravi", "Sione", "Valentina", "Emeka",
-    "Astrid", "Farid", "Keiko", "Marcus", "Rosa", "Tariq", "Ewa", "Diego", "Laura", "Patrick", "Yasmin",
-]
-LAST_NAMES = [
-    "Smith", "Garcia", "Chen", "Okafor", "Patel", "Nguyen", "Kowalski", "Muller", "Rossi", "Tanaka",
-    "Ivanova", "Hernandez", "Khan", "O'Brien", "Johansson", "Dubois", "Kim", "Silva", "Mensah", "Cohen",
-    "Haddad", "Novak", "Yilmaz", "Andersen", "Fernandes", "Abubakar", "Nakamura", "Schmidt", "Williams",
-    "Johnson", "Brown", "Lopez", "Singh", "Ali", "Murphy", "Wang", "Zhang", "Sato", "Park", "Popescu",
-    "Horvath", "Van der Berg", "Adeyemi", "Gonzalez", "Moreau", "Bianchi", "Kaur", "Mahlangu", "Takahashi",
-    "Petrov", "Lindqvist", "Rahman", "Martinez", "Walsh", "Costa", "Dlamini", "Fischer", "Reyes", "Hughes",
-]
-TITLES = ["Mr.", "Ms.", "Mrs.", "Dr."]
-CITIES = [
-    "Chicago", "Berlin", "Lagos", "Mumbai", "Toronto", "Sao Paulo", "Sydney", "Madrid", "Osaka", "Nairobi",
-    "Seattle", "Austin", "Dublin", "Warsaw", "Manila", "Cairo", "Lisbon", "Denver", "Boston", "Paris",
-    "London", "Singapore", "Melbourne", "Hamburg", "Rotterdam", "Johannesburg", "Vancouver", "Atlanta",
-    "Manchester", "Lyon", "Milan", "Accra", "Bangalore", "Auckland", "Phoenix", "San Diego", "Portland",
-]
-COUNTRIES = [
-    "Germany", "Nigeria", "India", "Canada", "Brazil", "Australia", "Spain", "Japan", "Kenya", "Ireland",
-    "Poland", "Mexico", "France", "Italy", "the Netherlands", "South Africa", "New Zealand", "Ghana",
-    "Portugal", "Sweden", "the United States", "the United Kingdom", "Egypt", "the Philippines",
-]
-STREET_NAMES = [
-    "Baker", "Elm", "Maple", "Oak", "Pennsylvania", "Cedar", "Pine", "Washington", "Lake", "Hill",
-    "Park", "Main", "Church", "High", "Sunset", "Riverside", "Willow", "Highland", "Jefferson", "Mill",
-    "Spring", "Lincoln", "Chestnut", "Victoria", "Queen", "King", "Harbor", "Meadow", "Forest", "Walnut",
-]
-STREET_SUFFIXES = [
-    "Street", "St.", "Avenue", "Ave", "Road", "Rd", "Boulevard", "Blvd", "Lane", "Drive", "Dr.", "Court",
-    "Place", "Way", "Terrace",
-]
-UNIT_FORMS = ["Apt {n}", "Apt. {n}", "Suite {n}", "Unit {n}", "Apartment {n}"]
-DIRECTIONS = ["NW", "NE", "SW", "SE"]
-EMAIL_DOMAINS = [
-    "gmail.com", "outlook.com", "yahoo.com", "hotmail.co.uk", "icloud.com", "proton.me", "gmx.de",
-    "example.org", "web.de", "mail.com", "company.io", "fastmail.fm",
-]
-US_AREA_CODES = ["212", "415", "312", "617", "206", "303", "512", "646", "718", "305", "404", "213", "702"]
 
-PRODUCTS = [
-    "Router X200", "Mesh Extender M5", "SmartCam C310", "ProBook 450", "Headset H7 Pro", "Thermostat T9",
-    "AirPurifier AP300", "Soundbar S40", "Dashcam D2", "Smart Plug P110", "Tablet Tab 10", "Printer LX-500",
-    "Keyboard K380", "Monitor U2720", "Doorbell V5", "Scanner SX90",
-]
-PLANS = [
-    "Business Plus", "Pro Annual", "Family Unlimited", "Starter Monthly", "Enterprise Gold", "Basic",
-    "Premium Yearly", "Team Standard",
-]
-ERROR_TEMPLATES = ["E-{d4}", "E{d3}", "ERR-{d4}", "0x8007{h4}", "ERR_CONNECTION_RESET", "ERR_SSL_PROTOCOL"]
-MONTHS = [
-    "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-    "November", "December",
-]
+def _csv(text: str) -> list[str]:
+    """Comma-separated vocabulary -> list (keeps multi-word entries such as "Van der Berg")."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+FIRST_NAMES = _csv(
+    "James, Maria, Wei, Aisha, Oluwaseun, Priya, Mohammed, Sofia, Hiroshi, Olga, Carlos, Fatima, "
+    "Liam, Chloe, Mateo, Yuki, Ananya, Kwame, Ingrid, Dmitri, Mei, Santiago, Amara, Lars, Noor, "
+    "Elena, Rajesh, Thabo, Camille, Giulia, Kenji, Zanele, Hannah, Omar, Leila, Tomasz, Siobhan, "
+    "Arjun, Nadia, Jorge, Emily, Daniel, Sarah, Michael, Jennifer, David, Ahmed, Ji-woo, Minh, Aroha, "
+    "Bjorn, Chiamaka, Isabella, Lucas, Anastasia, Ravi, Sione, Valentina, Emeka, Astrid, Farid, "
+    "Keiko, Marcus, Rosa, Tariq, Ewa, Diego, Laura, Patrick, Yasmin"
+)
+
+LAST_NAMES = _csv(
+    "Smith, Garcia, Chen, Okafor, Patel, Nguyen, Kowalski, Muller, Rossi, Tanaka, Ivanova, Hernandez, "
+    "Khan, O'Brien, Johansson, Dubois, Kim, Silva, Mensah, Cohen, Haddad, Novak, Yilmaz, Andersen, "
+    "Fernandes, Abubakar, Nakamura, Schmidt, Williams, Johnson, Brown, Lopez, Singh, Ali, Murphy, "
+    "Wang, Zhang, Sato, Park, Popescu, Horvath, Van der Berg, Adeyemi, Gonzalez, Moreau, Bianchi, "
+    "Kaur, Mahlangu, Takahashi, Petrov, Lindqvist, Rahman, Martinez, Walsh, Costa, Dlamini, Fischer, "
+    "Reyes, Hughes"
+)
+
+TITLES = _csv("Mr., Ms., Mrs., Dr.")
+
+CITIES = _csv(
+    "Chicago, Berlin, Lagos, Mumbai, Toronto, Sao Paulo, Sydney, Madrid, Osaka, Nairobi, Seattle, "
+    "Austin, Dublin, Warsaw, Manila, Cairo, Lisbon, Denver, Boston, Paris, London, Singapore, "
+    "Melbourne, Hamburg, Rotterdam, Johannesburg, Vancouver, Atlanta, Manchester, Lyon, Milan, Accra, "
+    "Bangalore, Auckland, Phoenix, San Diego, Portland"
+)
+
+COUNTRIES = _csv(
+    "Germany, Nigeria, India, Canada, Brazil, Australia, Spain, Japan, Kenya, Ireland, Poland, "
+    "Mexico, France, Italy, the Netherlands, South Africa, New Zealand, Ghana, Portugal, Sweden, the "
+    "United States, the United Kingdom, Egypt, the Philippines"
+)
+
+STREET_NAMES = _csv(
+    "Baker, Elm, Maple, Oak, Pennsylvania, Cedar, Pine, Washington, Lake, Hill, Park, Main, Church, "
+    "High, Sunset, Riverside, Willow, Highland, Jefferson, Mill, Spring, Lincoln, Chestnut, Victoria, "
+    "Queen, King, Harbor, Meadow, Forest, Walnut"
+)
+
+STREET_SUFFIXES = _csv(
+    "Street, St., Avenue, Ave, Road, Rd, Boulevard, Blvd, Lane, Drive, Dr., Court, Place, Way, Terrace"
+)
+
+UNIT_FORMS = _csv("Apt {n}, Apt. {n}, Suite {n}, Unit {n}, Apartment {n}")
+
+DIRECTIONS = _csv("NW, NE, SW, SE")
+
+EMAIL_DOMAINS = _csv(
+    "gmail.com, outlook.com, yahoo.com, hotmail.co.uk, icloud.com, proton.me, gmx.de, example.org, "
+    "web.de, mail.com, company.io, fastmail.fm"
+)
+
+US_AREA_CODES = _csv("212, 415, 312, 617, 206, 303, 512, 646, 718, 305, 404, 213, 702")
+
+PRODUCTS = _csv(
+    "Router X200, Mesh Extender M5, SmartCam C310, ProBook 450, Headset H7 Pro, Thermostat T9, "
+    "AirPurifier AP300, Soundbar S40, Dashcam D2, Smart Plug P110, Tablet Tab 10, Printer LX-500, "
+    "Keyboard K380, Monitor U2720, Doorbell V5, Scanner SX90"
+)
+
+PLANS = _csv(
+    "Business Plus, Pro Annual, Family Unlimited, Starter Monthly, Enterprise Gold, Basic, Premium "
+    "Yearly, Team Standard"
+)
+
+ERROR_TEMPLATES = _csv("E-{d4}, E{d3}, ERR-{d4}, 0x8007{h4}, ERR_CONNECTION_RESET, ERR_SSL_PROTOCOL")
+
+MONTHS = _csv(
+    "January, February, March, April, May, June, July, August, September, October, November, December"
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,7 +248,20 @@ def _phone(rng: random.Random) -> _Phone:
     roll = rng.random()
     if roll < 0.65:
         exchange = f"{rng.randint(2, 9)}{rng.randint(0, 9)}{rng.randint(0, 9)}"
-        while exchange in {"555", "911", "211", "311", "411", "511", "611", "711", "811", "950", "958", "959"}:
+        while exchange in {
+            "555",
+            "911",
+            "211",
+            "311",
+            "411",
+            "511",
+            "611",
+            "711",
+            "811",
+            "950",
+            "958",
+            "959",
+        }:
             exchange = f"{rng.randint(2, 9)}{rng.randint(0, 9)}{rng.randint(0, 9)}"
         return _Phone("US", (rng.choice(US_AREA_CODES), exchange, _digits(rng, 4)))
     if roll < 0.85:
@@ -274,7 +303,9 @@ def _email(rng: random.Random, first: str, last: str) -> str:
 
 
 def _order(rng: random.Random) -> str:
-    return rng.choice([f"ORD-{_digits(rng, 6)}", f"#{rng.randint(1000000, 9999999)}", f"ORD{_digits(rng, 8)}"])
+    return rng.choice(
+        [f"ORD-{_digits(rng, 6)}", f"#{rng.randint(1000000, 9999999)}", f"ORD{_digits(rng, 8)}"]
+    )
 
 
 def _sku(rng: random.Random) -> str:
@@ -286,6 +317,17 @@ def _sku(rng: random.Random) -> str:
             f"SKU {_digits(rng, 6)}",
         ]
     )
+
+
+def _tracking(rng: random.Random) -> str:
+    kind = rng.random()
+    if kind < 0.4:  # UPS
+        return f"1Z{''.join(rng.choices(string.ascii_uppercase + string.digits, k=6))}{_digits(rng, 10)}"
+    if kind < 0.75:  # FedEx
+        number = _digits(rng, 12)
+        return number if rng.random() < 0.5 else " ".join(number[i : i + 4] for i in range(0, 12, 4))
+    number = rng.choice(["9400", "9205", "9361"]) + _digits(rng, 18)  # USPS
+    return number if rng.random() < 0.5 else " ".join(number[i : i + 4] for i in range(0, 22, 4))
 
 
 def _ticket(rng: random.Random) -> str:
@@ -302,7 +344,9 @@ def _invoice(rng: random.Random) -> str:
 
 def _error(rng: random.Random) -> str:
     template = rng.choice(ERROR_TEMPLATES)
-    return template.format(d4=_digits(rng, 4), d3=_digits(rng, 3), h4="".join(rng.choices("0123456789ABCDEF", k=4)))
+    return template.format(
+        d4=_digits(rng, 4), d3=_digits(rng, 3), h4="".join(rng.choices("0123456789ABCDEF", k=4))
+    )
 
 
 def _version(rng: random.Random) -> str:
@@ -420,6 +464,8 @@ _SLOTS: dict[str, _Slot] = {
     "new_order": (lambda r, p: _order(r), None, "order"),
     "sku": (lambda r, p: p.sku, None, "sku"),
     "ticket": (lambda r, p: p.ticket, None, "ticket"),
+    "tracking": (lambda r, p: _tracking(r), None, "tracking"),
+    "full_lower": (lambda r, p: f"{p.first} {p.last}".lower(), "PERSON", None),
     "jira": (lambda r, p: _jira(r), None, "issue_key"),
     "invoice": (lambda r, p: p.invoice, None, "invoice"),
     "product": (lambda r, p: p.product, None, "product"),
@@ -497,6 +543,8 @@ SCENARIOS: dict[str, list[tuple[str, list[str]]]] = {
                 "Hi, my name is {full}. My order {order} still hasn't arrived and it's been over a week.",
                 "Hello! I ordered the {product} on {date} (order {order}) but tracking hasn't updated since.",
                 "hey, order {order} says delivered but there's nothing at my door",
+                "hi its {full_lower}, tracking {tracking} hasn't moved since {date}",
+                "Tracking number {tracking} still shows 'label created'. Order {order}.",
                 "Hi there, I'm {full} and I'm still waiting on order {order} for a {product}.",
                 "Good afternoon. Where is my order {order}? I paid {amount} for express shipping.",
             ],
@@ -524,9 +572,15 @@ SCENARIOS: dict[str, list[tuple[str, list[str]]]] = {
         (
             "agent",
             [
-                "Thanks. The package is being held at the depot in {city}. I've opened ticket {ticket} with the carrier.",
+                (
+                    "Thanks. The package is being held at the depot in {city}. "
+                    "I've opened ticket {ticket} with the carrier."
+                ),
                 "Got it. It looks like the courier missed a scan on {date}; I've raised {ticket} for you.",
-                "Thank you. I've escalated this as {ticket} and requested a replacement under order {new_order}.",
+                (
+                    "Thank you. "
+                    "I've escalated this as {ticket} and requested a replacement under order {new_order}."
+                ),
             ],
         ),
         (
@@ -544,6 +598,7 @@ SCENARIOS: dict[str, list[tuple[str, list[str]]]] = {
                 "Noted. I've added {phone} to the delivery instructions.",
                 "Will do. You'll get an update on {ticket} within 24 hours.",
                 "Done, the carrier has the note. Expected delivery is {date}.",
+                "The new tracking number is {tracking}; expected delivery {date}.",
             ],
         ),
         ("customer", CLOSING_CUSTOMER),
@@ -554,7 +609,10 @@ SCENARIOS: dict[str, list[tuple[str, list[str]]]] = {
             "customer",
             [
                 "Hi, I was charged twice for invoice {invoice} ({amount}).",
-                "Hello, this is {full}. My card was billed {amount} two times this month for the {plan} plan.",
+                (
+                    "Hello, this is {full}. "
+                    "My card was billed {amount} two times this month for the {plan} plan."
+                ),
                 "why did you charge me twice?? invoice {invoice}",
                 "Hi, I see two charges of {amount} on my statement from {date}.",
             ],
@@ -581,9 +639,15 @@ SCENARIOS: dict[str, list[tuple[str, list[str]]]] = {
         (
             "agent",
             [
-                "I can see two payments of {amount} for the {plan} plan. I've refunded the duplicate on invoice {invoice}.",
+                (
+                    "I can see two payments of {amount} for the {plan} plan. "
+                    "I've refunded the duplicate on invoice {invoice}."
+                ),
                 "Confirmed, the second charge was a processing error. Refund reference {ticket}.",
-                "You're right, sorry about that {first}. A refund of {amount} is on its way, 5-7 business days.",
+                (
+                    "You're right, sorry about that {first}. "
+                    "A refund of {amount} is on its way, 5-7 business days."
+                ),
             ],
         ),
         (
@@ -740,7 +804,10 @@ SCENARIOS: dict[str, list[tuple[str, list[str]]]] = {
         (
             "agent",
             [
-                "Thanks, {full}. For future chats, please don't share the full number here; we only need the last four digits.",
+                (
+                    "Thanks, {full}. "
+                    "For future chats, please don't share the full number here; we only need the last four digits."
+                ),
                 "Received, thank you. I've attached it to case {ticket}.",
                 "Thank you {title} {last}. The payout of {amount} will be released on {date}.",
             ],
@@ -773,6 +840,7 @@ SCENARIOS: dict[str, list[tuple[str, list[str]]]] = {
                 "Hi, can I downgrade to the {other_plan} plan before my renewal on {date}?",
                 "What's the difference between {plan} and {other_plan}?",
                 "hi, how do I cancel {plan}?",
+                "hello this is {full_lower}, can i switch to {other_plan} mid cycle?",
             ],
         ),
         ("agent", GREETINGS_AGENT),
@@ -885,7 +953,9 @@ SCENARIOS: dict[str, list[tuple[str, list[str]]]] = {
 _SLOT_RE = re.compile(r"\{(\w+)\}")
 
 
-def _render(template: str, rng: random.Random, persona: _Persona, conversation: int, role: str) -> LabelledText:
+def _render(
+    template: str, rng: random.Random, persona: _Persona, conversation: int, role: str
+) -> LabelledText:
     parts: list[str] = []
     spans: list[tuple[int, int, str]] = []
     business: list[tuple[int, int]] = []

@@ -191,6 +191,8 @@ STUDIO_UPLOAD_MAX_BYTES = envint("STUDIO_UPLOAD_MAX_BYTES", 200 * 1024 * 1024)
 FILE_UPLOAD_HANDLERS = ["django.core.files.uploadhandler.TemporaryFileUploadHandler"]
 FILE_UPLOAD_MAX_MEMORY_SIZE = 0  # never buffer an upload in memory
 FILE_UPLOAD_TEMP_DIR = str(DATA_DIR / "tmp")
+Path(FILE_UPLOAD_TEMP_DIR).mkdir(parents=True, exist_ok=True)
+Path(STATIC_ROOT).mkdir(parents=True, exist_ok=True)
 FILE_UPLOAD_PERMISSIONS = 0o600
 DATA_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024  # non-file form fields
 # What happens to an original upload once it has been imported: "encrypt" (Fernet) or "delete".

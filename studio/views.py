@@ -107,7 +107,8 @@ def _dashboard_cards(user) -> list[dict]:
                 "url": first_url("datasets:list"),
                 "metrics": [
                     ("datasets", _count("datasets_app.Dataset")),
-                    ("frozen versions", _count("datasets_app.DatasetVersion")),
+                    ("versions", _count("datasets_app.DatasetVersion")),
+                    ("PII to review", _count("datasets_app.PiiFinding", decision="pending")),
                 ],
             }
         )

@@ -201,15 +201,19 @@ def test_custom_recognizer_and_keep_pattern_from_policy(curator, tmp_path):
     assert "ZX-9911" not in values
 
 
-def test_edit_rescans_and_validates(dataset, curator, tmp_path, django_capture_on_commit_callbacks):
+def test_edit_rescans_and_validates(dataset, curator, tmp_path, django_capture_on_commit_callbacks, monkeypatch):
+    from datasets_app import tasks
+
+    queued = []
+    monkeypatch.setattr(tasks.scan_examples, "delay", lambda *args: queued.append(args))
     scanned(dataset, tmp_path)
     ex = Example.objects.order_by("position").first()
     with pytest.raises(datasets.EditRefused, match="role"):
         datasets.edit_example(ex, messages=[{"role": "robot", "content": "x"}], user=curator)
     new = [{"role": "user", "content": "Call me at 212-555-0142 please"}, {"role": "assistant", "content": "Sure."}]
-    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+    with django_capture_on_commit_callbacks(execute=True):
         datasets.edit_example(ex, messages=new, tags=["phone"], user=curator)
-    assert len(callbacks) == 1  # the re-scan is queued once the edit commits
+    assert queued == [(dataset.pk, [ex.pk])]  # the re-scan is queued once the edit commits
     ex.refresh_from_db()
     assert ex.pii_status == Example.Pii.UNSCANNED and not ex.findings.exists()
     scrub.scan_examples(dataset, [ex.pk])

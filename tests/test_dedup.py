@@ -18,6 +18,7 @@ from datasets_app.dedup import (
     shingle_hashes,
     signature_from_bytes,
     signature_to_minhash,
+    similarity_text,
 )
 
 FORTY_WORDS = (
@@ -83,7 +84,9 @@ def test_near_duplicates_one_word_changed_in_forty_are_grouped():
     edited[20] = "reluctantly"
     a, b = chat(FORTY_WORDS), chat(" ".join(edited))
     assert content_hash(a) != content_hash(b)
-    similarity = estimated_jaccard(minhash_signature(normalise_for_hash(a)), minhash_signature(normalise_for_hash(b)))
+    similarity = estimated_jaccard(
+        minhash_signature(normalise_for_hash(a)), minhash_signature(normalise_for_hash(b))
+    )
     assert similarity >= 0.85
 
     items = [item(1, a), item(2, b)] + [item(100 + i, chat(t)) for i, t in enumerate(UNRELATED)]
@@ -107,7 +110,9 @@ def test_threshold_is_respected():
     for position in (3, 11, 19, 27, 35):  # five words changed: clearly similar, not 0.95-similar
         variant[position] = "zebra"
     a, b = chat(FORTY_WORDS), chat(" ".join(variant))
-    sim = estimated_jaccard(minhash_signature(normalise_for_hash(a)), minhash_signature(normalise_for_hash(b)))
+    sim = estimated_jaccard(
+        minhash_signature(normalise_for_hash(a)), minhash_signature(normalise_for_hash(b))
+    )
     assert 0.4 < sim < 0.95
     items = [item(1, a), item(2, b)]
     assert find_duplicate_groups(items, threshold=0.95) == []
@@ -130,6 +135,41 @@ def test_every_example_in_at_most_one_group_and_exact_copies_join_near_group():
     assert [(g.kind, g.member_ids) for g in groups] == [("exact", [4, 5]), ("near", [1, 2, 3])]
     seen = [i for g in groups for i in g.member_ids]
     assert len(seen) == len(set(seen))
+
+
+def test_chains_of_similar_pairs_are_split_around_a_leader():
+    # Hand-made signatures: B differs from A in 12 of 128 values, C from B in 12 others, so
+    # A~B and B~C (0.906) while A and C (0.8125) are below the threshold.  B and C share LSH band 0
+    # (b=12, r=10) without A, so union-find links all three; the leader split must drop C.
+    a = np.arange(1000, 1128, dtype="<u4")
+    b = a.copy()
+    b[0:12] += 5000
+    c = b.copy()
+    c[60:72] += 5000
+    items = [(1, "ha", a.tobytes()), (2, "hb", b.tobytes()), (3, "hc", c.tobytes())]
+    groups = find_duplicate_groups(items, threshold=0.85)
+    assert [(g.kind, g.member_ids) for g in groups] == [("near", [1, 2])]
+    assert groups[0].similarity == pytest.approx(116 / 128)
+
+
+def test_shared_system_prompt_does_not_make_conversations_similar():
+    rng = random.Random(3)
+    vocab = [f"term{i}" for i in range(2000)]
+    system = {"role": "system", "content": " ".join(rng.choice(vocab) for _ in range(300))}
+    convs = [
+        [
+            system,
+            *chat(
+                " ".join(rng.choice(vocab) for _ in range(12)), " ".join(rng.choice(vocab) for _ in range(20))
+            ),
+        ]
+        for _ in range(60)
+    ]
+    full = [minhash_signature(normalise_for_hash(c)) for c in convs]
+    assert estimated_jaccard(full[0], full[1]) > 0.6  # the shared prompt dominates the full text
+    items = [(i, content_hash(c), minhash_signature(similarity_text(c))) for i, c in enumerate(convs)]
+    assert find_duplicate_groups(items) == []
+    assert similarity_text(convs[0]) == normalise_for_hash(convs[0][1:])
 
 
 def test_output_is_deterministic_regardless_of_input_order():

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from datasets_app import parsing
 from datasets_app.parsing import (
     FILE_ERROR_CODES,
     FORMATS,
@@ -200,7 +201,7 @@ def test_json_array_split_across_read_chunks(tmp_path):
     items = [
         {
             "messages": user_assistant(
-                f'Question {i} \\ "quoted" {"é" * (i % 7)}', "Answer " + "z" * (i * 37 % 5000)
+                f'Question {i} \\ "quoted" [a, {{b}}], {"é" * (i % 7)}', "Answer " + "z" * (i * 37 % 5000)
             )
         }
         for i in range(1500)
@@ -211,6 +212,26 @@ def test_json_array_split_across_read_chunks(tmp_path):
     assert rejections == []
     assert [r.messages for r in records] == [i["messages"] for i in items]
     assert [r.line for r in records] == [2 + 12 * i for i in range(1500)]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 64])
+def test_json_array_with_tiny_read_chunks(tmp_path, monkeypatch, chunk):
+    """Every possible chunk boundary: inside strings, after a backslash, between tokens."""
+    monkeypatch.setattr(parsing, "_READ_CHUNK", chunk)
+    items = [
+        {"messages": user_assistant('a "b" \\ [c, {d}] \u00e9 \n', "x\\"), "tags": ["t]", "{u"]},
+        {"messages": user_assistant("é ✨", '\\"'), "tags": []},
+    ]
+    path = tmp_path / "tiny.json"
+    path.write_text(
+        "\ufeff[\r\n" + ",\r\n".join(json.dumps(i) for i in items) + "\r\n]\r\n", encoding="utf-8"
+    )
+    records, rejections = parse(path)
+    assert rejections == []
+    assert [(r.line, r.messages, r.tags) for r in records] == [
+        (2, items[0]["messages"], ["t]", "{u"]),
+        (3, items[1]["messages"], []),
+    ]
 
 
 def test_forced_format(tmp_path):
@@ -412,6 +433,14 @@ def test_file_error_reasons():
     assert "pretty-printed" in exc.value.reason
 
 
+def test_csv_header_with_unclosed_quote_is_not_a_header(tmp_path):
+    path = tmp_path / "header.csv"
+    path.write_text('question,"answer\nWhere?,Here.\n')
+    with pytest.raises(FileError) as exc:
+        parse_file(path, **QA)
+    assert exc.value.code == "unknown_format"
+
+
 def test_kind_mismatch_both_ways():
     with pytest.raises(FileError) as exc:
         parse_file(GOOD / "openai.jsonl", kind="preference")
@@ -593,7 +622,7 @@ def _jsonl_to_csv(src_path: Path, dst_path: Path) -> None:
 @pytest.mark.parametrize("container", ["jsonl", "array", "csv"])
 def test_streaming_memory_stays_bounded(tmp_path, container):
     path = tmp_path / "big.jsonl"
-    count = _write_big_jsonl(path, 50 * 1024 * 1024)
+    count = _write_big_jsonl(path, (56 if container == "csv" else 50) * 1024 * 1024)  # CSV is more compact
     kwargs = {}
     if container == "array":
         _jsonl_to_array(path, tmp_path / "big.json")

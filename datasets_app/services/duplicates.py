@@ -9,7 +9,7 @@ from django.db import transaction
 
 from studio import audit
 
-from ..dedup import find_duplicate_groups, minhash_signature
+from ..dedup import find_duplicate_groups, minhash_signature, similarity_text
 from ..models import Dataset, DuplicateGroup, Example
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ def _fill_signatures(dataset: Dataset, batch: int = 1000) -> None:
         if not chunk:
             return
         for ex in chunk:
-            ex.minhash = bytes(minhash_signature(ex.search_text))
+            ex.minhash = minhash_signature(similarity_text(ex.messages, ex.chosen, ex.rejected))
         Example.objects.bulk_update(chunk, ["minhash"])
 
 

@@ -301,6 +301,7 @@ def _axes(frame: _Frame) -> dict:
         "plot_top": _f(frame.top),
         "y_tick_label_x": _f(frame.left - 8),
         "x_tick_label_y": _f(frame.bottom + 18),
+        "x_tick_mark_y": _f(frame.bottom + 5),
         "x_label_x": _f(frame.left + frame.plot_width / 2),
         "x_label_y": _f(frame.height - 8),
         "y_label_x": "14",
@@ -312,9 +313,12 @@ def _axes(frame: _Frame) -> dict:
 
 
 def _edge_label(value) -> str:
+    """Bin edges read exactly when they are modest whole numbers (1024, not 1.02k)."""
     number = _number(value)
     if number is None:
         return str(value) if value is not None else "∞"
+    if number.is_integer() and abs(number) < 100_000:
+        return str(int(number))
     return _compact(number)
 
 

@@ -45,7 +45,7 @@ class Command(BaseCommand):
         with transaction.atomic():
             user = User.objects.create_user("admin", password=password, is_staff=True, is_superuser=True)
             user.groups.add(group)
-            audit.record("setup", "user.create", user, roles=[ADMIN])
+            audit.record("setup", "user.created", user, roles=[ADMIN])
         if os.environ.get("STUDIO_ADMIN_PASSWORD"):
             self.stdout.write("Created the first admin 'admin' with the password from STUDIO_ADMIN_PASSWORD.")
         else:

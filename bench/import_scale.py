@@ -1,0 +1,105 @@
+"""Import 10,000 and 100,000 examples (no PII scan) through the studio's import service and compare
+with a bare `json.loads` loop over the same file, in the same run.
+
+Run by hand:  .venv/bin/python bench/import_scale.py [--sizes 10000 100000] [--tokenizer]
+
+Each size runs in a fresh child process (fresh SQLite database under a temp dir) so its peak RSS is
+its own. Targets: peak RSS under 500 MB, growing under 20% from 10k to 100k; import time within 3× of
+the bare json.loads loop. Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = ("order shipping refund account password invoice delivery router firmware billing plan upgrade "
+         "cancel address parcel warranty screen battery charger login support ticket update").split()
+
+
+def make_file(path: Path, n: int, seed: int = 1) -> None:
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(n):
+            q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 60)))
+            a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 120)))
+            row = {"messages": [{"role": "user", "content": f"#{i} {q}?"}, {"role": "assistant", "content": a}],
+                   "tags": [rng.choice(["billing", "shipping", "account"])]}
+            fh.write(json.dumps(row) + "\n")
+
+
+def child(path: str, with_tokenizer: bool) -> None:
+    """Runs in a fresh process: migrate a private SQLite DB, import, print a JSON line of figures."""
+    import django
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "studio.settings")
+    sys.path.insert(0, str(ROOT))
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+    from datasets_app.services import datasets, imports
+    from training_app.models import BaseModel
+
+    base = BaseModel.objects.first() if with_tokenizer else None
+    ds = datasets.create_dataset(f"bench-{time.time()}", "sft", "bench", base_model=base)
+    t0 = time.perf_counter()
+    upload = imports.receive_path(ds, None, Path(path))
+    result = imports.process(upload.pk)
+    seconds = time.perf_counter() - t0
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"imported": result.imported, "seconds": seconds, "peak_rss_mb": rss_mb}))
+
+
+def bare_json(path: Path) -> float:
+    t0 = time.perf_counter()
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            json.loads(line)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--tokenizer", action="store_true", help="count tokens with the registered base model")
+    ap.add_argument("--child", default="")
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.tokenizer)
+        return
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.sizes:
+            path = Path(tmp) / f"import-{n}.jsonl"
+            make_file(path, n)
+            baseline = bare_json(path)
+            env = dict(os.environ)
+            if not args.tokenizer:
+                env.update(STUDIO_VAR_DIR=str(Path(tmp) / f"var-{n}"), DATABASE_URL=f"sqlite:///{tmp}/bench-{n}.sqlite3")
+            cmd = [sys.executable, __file__, "--child", str(path)] + (["--tokenizer"] if args.tokenizer else [])
+            out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+            figures = json.loads(out.stdout.strip().splitlines()[-1])
+            figures.update(size_mb=path.stat().st_size / 1e6, json_loads_s=baseline)
+            results[n] = figures
+            print(f"{n:>7} examples ({figures['size_mb']:.1f} MB): import {figures['seconds']:.2f} s "
+                  f"({n / figures['seconds']:,.0f} examples/s), bare json.loads {baseline:.2f} s, "
+                  f"ratio {figures['seconds'] / baseline:.2f}x (target <= 3x), peak RSS {figures['peak_rss_mb']:.0f} MB "
+                  f"(target < 500 MB)")
+    if len(results) >= 2:
+        small, large = min(results), max(results)
+        growth = results[large]["peak_rss_mb"] / results[small]["peak_rss_mb"] - 1
+        print(f"peak RSS growth {small:,} -> {large:,}: {100 * growth:+.1f}% (target < 20%)")
+
+
+if __name__ == "__main__":
+    main()
