@@ -22,8 +22,31 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = ("order shipping refund account password invoice delivery router firmware billing plan upgrade "
-         "cancel address parcel warranty screen battery charger login support ticket update").split()
+WORDS = [
+    "order",
+    "shipping",
+    "refund",
+    "account",
+    "password",
+    "invoice",
+    "delivery",
+    "router",
+    "firmware",
+    "billing",
+    "plan",
+    "upgrade",
+    "cancel",
+    "address",
+    "parcel",
+    "warranty",
+    "screen",
+    "battery",
+    "charger",
+    "login",
+    "support",
+    "ticket",
+    "update",
+]
 
 
 def make_file(path: Path, n: int, seed: int = 1) -> None:
@@ -32,8 +55,10 @@ def make_file(path: Path, n: int, seed: int = 1) -> None:
         for i in range(n):
             q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 60)))
             a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 120)))
-            row = {"messages": [{"role": "user", "content": f"#{i} {q}?"}, {"role": "assistant", "content": a}],
-                   "tags": [rng.choice(["billing", "shipping", "account"])]}
+            row = {
+                "messages": [{"role": "user", "content": f"#{i} {q}?"}, {"role": "assistant", "content": a}],
+                "tags": [rng.choice(["billing", "shipping", "account"])],
+            }
             fh.write(json.dumps(row) + "\n")
 
 
@@ -85,16 +110,23 @@ def main() -> None:
             baseline = bare_json(path)
             env = dict(os.environ)
             if not args.tokenizer:
-                env.update(STUDIO_VAR_DIR=str(Path(tmp) / f"var-{n}"), DATABASE_URL=f"sqlite:///{tmp}/bench-{n}.sqlite3")
-            cmd = [sys.executable, __file__, "--child", str(path)] + (["--tokenizer"] if args.tokenizer else [])
+                env.update(
+                    STUDIO_VAR_DIR=str(Path(tmp) / f"var-{n}"),
+                    DATABASE_URL=f"sqlite:///{tmp}/bench-{n}.sqlite3",
+                )
+            cmd = [sys.executable, __file__, "--child", str(path)] + (
+                ["--tokenizer"] if args.tokenizer else []
+            )
             out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=True)
             figures = json.loads(out.stdout.strip().splitlines()[-1])
             figures.update(size_mb=path.stat().st_size / 1e6, json_loads_s=baseline)
             results[n] = figures
-            print(f"{n:>7} examples ({figures['size_mb']:.1f} MB): import {figures['seconds']:.2f} s "
-                  f"({n / figures['seconds']:,.0f} examples/s), bare json.loads {baseline:.2f} s, "
-                  f"ratio {figures['seconds'] / baseline:.2f}x (target <= 3x), peak RSS {figures['peak_rss_mb']:.0f} MB "
-                  f"(target < 500 MB)")
+            print(
+                f"{n:>7} examples ({figures['size_mb']:.1f} MB): import {figures['seconds']:.2f} s "
+                f"({n / figures['seconds']:,.0f} examples/s), bare json.loads {baseline:.2f} s, "
+                f"ratio {figures['seconds'] / baseline:.2f}x (target <= 3x), peak RSS {figures['peak_rss_mb']:.0f} MB "
+                f"(target < 500 MB)"
+            )
     if len(results) >= 2:
         small, large = min(results), max(results)
         growth = results[large]["peak_rss_mb"] / results[small]["peak_rss_mb"] - 1

@@ -10,7 +10,12 @@ from training_app.models import BaseModel
 from .models import Dataset, Example
 from .pii import DEFAULT_KEEP_PATTERNS, ENTITY_TYPES, CustomRecognizer, PiiPolicy
 
-OPERATORS = [("pseudonym", "Pseudonym (<PERSON_1>)"), ("mask", "Mask (****)"), ("hash", "Hash"), ("redact", "Type only (<PERSON>)")]
+OPERATORS = [
+    ("pseudonym", "Pseudonym (<PERSON_1>)"),
+    ("mask", "Mask (****)"),
+    ("hash", "Hash"),
+    ("redact", "Type only (<PERSON>)"),
+]
 
 
 class DatasetForm(forms.ModelForm):
@@ -83,8 +88,11 @@ class PolicyForm(forms.Form):
         required=False,
         help_text="One per line: TYPE: regular expression",
     )
-    allow_list = forms.CharField(widget=forms.Textarea(attrs={"rows": 3}), required=False,
-                                 help_text="One term per line; never flagged.")
+    allow_list = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3}),
+        required=False,
+        help_text="One term per line; never flagged.",
+    )
     keep_patterns = forms.CharField(
         widget=forms.Textarea(attrs={"rows": 5}),
         required=False,
@@ -102,7 +110,9 @@ class PolicyForm(forms.Form):
             self.initial.update(
                 enabled_types=policy.enabled_types,
                 threshold=policy.threshold,
-                custom_recognizers="\n".join(f"{c.entity_type}: {c.regex}" for c in policy.custom_recognizers),
+                custom_recognizers="\n".join(
+                    f"{c.entity_type}: {c.regex}" for c in policy.custom_recognizers
+                ),
                 allow_list="\n".join(policy.allow_list),
                 keep_patterns="\n".join(policy.keep_patterns),
             )
@@ -120,7 +130,9 @@ class PolicyForm(forms.Form):
             name, sep, regex = line.partition(":")
             name, regex = name.strip().upper().replace(" ", "_"), regex.strip()
             if not sep or not re.fullmatch(r"[A-Z][A-Z0-9_]{1,39}", name) or not regex:
-                raise forms.ValidationError(f"Line {n}: write TYPE: regular expression, e.g. EMPLOYEE_ID: EMP-\\d{{6}}")
+                raise forms.ValidationError(
+                    f"Line {n}: write TYPE: regular expression, e.g. EMPLOYEE_ID: EMP-\\d{{6}}"
+                )
             out.append(CustomRecognizer(name=name.lower(), entity_type=name, regex=regex))
         return out
 
@@ -153,8 +165,11 @@ class SplitForm(forms.Form):
 
 
 class FreezeForm(forms.Form):
-    changelog = forms.CharField(widget=forms.Textarea(attrs={"rows": 4}), required=False,
-                                help_text="What changed and why; shown in the version history and model cards.")
+    changelog = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 4}),
+        required=False,
+        help_text="What changed and why; shown in the version history and model cards.",
+    )
 
 
 class EstimateForm(forms.Form):

@@ -15,7 +15,9 @@ class Dataset(models.Model):
     name = models.CharField(max_length=120, unique=True)
     description = models.TextField(blank=True)
     kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.SFT)
-    owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
     base_model = models.ForeignKey(
         "training_app.BaseModel",
         null=True,
@@ -52,7 +54,9 @@ class Upload(models.Model):
         FAILED = "failed", "Failed"
 
     dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="uploads")
-    uploaded_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    uploaded_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
     original_name = models.CharField(max_length=255)
     size = models.BigIntegerField(default=0)
     sha256 = models.CharField(max_length=64, blank=True)
@@ -99,7 +103,9 @@ class Example(models.Model):
         REVIEWED = "reviewed", "Reviewed"
 
     dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="examples")
-    upload = models.ForeignKey(Upload, null=True, blank=True, on_delete=models.SET_NULL, related_name="examples")
+    upload = models.ForeignKey(
+        Upload, null=True, blank=True, on_delete=models.SET_NULL, related_name="examples"
+    )
     position = models.BigIntegerField()  # import order inside the dataset
     source_line = models.PositiveIntegerField(default=0)
     messages = models.JSONField()  # [{"role", "content"}]; for preference data: the prompt turns
@@ -125,7 +131,9 @@ class Example(models.Model):
 
     class Meta:
         ordering = ["position"]
-        constraints = [models.UniqueConstraint(fields=["dataset", "position"], name="example_position_unique")]
+        constraints = [
+            models.UniqueConstraint(fields=["dataset", "position"], name="example_position_unique")
+        ]
         indexes = [models.Index(fields=["dataset", "dropped", "position"])]
 
     def __str__(self) -> str:
@@ -173,7 +181,9 @@ class PiiFinding(models.Model):
     entity_type = models.CharField(max_length=40, db_index=True)
     score = models.FloatField(default=1.0)
     source = models.CharField(max_length=60)  # recognizer name, or "curator"
-    decision = models.CharField(max_length=8, choices=Decision.choices, default=Decision.PENDING, db_index=True)
+    decision = models.CharField(
+        max_length=8, choices=Decision.choices, default=Decision.PENDING, db_index=True
+    )
     replacement = models.CharField(max_length=100, blank=True)  # set once scrubbed
     decided_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
@@ -226,7 +236,9 @@ class DatasetVersion(models.Model):
     base_model = models.ForeignKey("training_app.BaseModel", null=True, on_delete=models.PROTECT)
     changelog = models.TextField(blank=True)
     diff_summary = models.JSONField(default=dict)  # vs the previous version: added / removed / changed
-    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -236,13 +248,13 @@ class DatasetVersion(models.Model):
     def __str__(self) -> str:
         return f"{self.dataset.name} v{self.number}"
 
-    def get_absolute_url(self) -> str:
-        return reverse("datasets:version", args=[self.pk])
-
     def save(self, *args, **kwargs):
         if self.pk is not None and not kwargs.pop("_allow_update", False):
             raise PermissionError("dataset versions are immutable")
         super().save(*args, **kwargs)
+
+    def get_absolute_url(self) -> str:
+        return reverse("datasets:version", args=[self.pk])
 
 
 class VersionExample(models.Model):
@@ -261,4 +273,9 @@ class VersionExample(models.Model):
 
     class Meta:
         ordering = ["version", "position"]
-        constraints = [models.UniqueConstraint(fields=["version", "position"], name="version_example_position")]
+        constraints = [
+            models.UniqueConstraint(fields=["version", "position"], name="version_example_position")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.version_id}:{self.position}"

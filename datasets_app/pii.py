@@ -604,7 +604,7 @@ class PersonCueRecognizer(PatternRecognizer):
         r"After|Before|During|Unless|Sadly|Luckily|Fortunately|Ideally|Normally|Usually|Again|Oops|"
         r"Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday|Update|Note|Reminder|Edit|Ps|Received|"
         r"Sent|Checked|Fixed|Resolved|Closed|Updated|Booked|Cancelled|Refunded|Approved|Ready|Yes|No|Ok|"
-        r"Okay|Sure)\b)"
+        r"Okay|Sure|Inc|Ltd|LLC|GmbH|Corp|Co|Plc|Team|Support)\b)"
     )
     _END = r"(?=[ \t]*[,.!?;:)]|[ \t]*$|[ \t]+(?:here|from|and|with|at|on|speaking)\b)"
     _TITLE = r"(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof)\.?[ \t]+"
@@ -621,6 +621,12 @@ class PersonCueRecognizer(PatternRecognizer):
     PATTERNS = [
         Pattern("greeting_name", _GREETING + _NOT_NAME + _NAME + _END, 0.9),
         Pattern("vocative_tail", _TAIL + _NOT_NAME + _NAME + r"(?=[ \t]*[.!?])", 0.9),
+        # ", Name." closing any sentence: weaker (0.6) so that the NER's LOCATION wins on "Lagos, Nigeria."
+        Pattern(
+            "vocative_tail_weak",
+            r",[ \t]+\K" + _NOT_NAME + _NOT_OPENER + _NAME + r"(?=[ \t]*[.!?](?:\s|$))",
+            0.6,
+        ),
         Pattern(
             "vocative_opening",
             r"^[ \t]*" + _NOT_NAME + _NOT_OPENER + r"\K" + _NAME + r"(?=,[ \t]+(?:[a-z]|I\b|I'))",

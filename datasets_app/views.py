@@ -100,7 +100,11 @@ def dataset_detail(request, pk: int):
 @role_required(*READERS)
 def scan_status(request, pk: int):
     dataset = get_object_or_404(Dataset, pk=pk)
-    return render(request, "datasets/partials/scan_status.html", {"dataset": dataset, "scan": progress.get_progress("scan", pk)})
+    return render(
+        request,
+        "datasets/partials/scan_status.html",
+        {"dataset": dataset, "scan": progress.get_progress("scan", pk)},
+    )
 
 
 @role_required(CURATOR)
@@ -114,7 +118,9 @@ def dataset_settings(request, pk: int):
         except datasets.EditRefused as exc:
             form.add_error(None, str(exc))
         else:
-            messages.success(request, "PII settings saved. Re-scan the dataset to apply them to existing examples.")
+            messages.success(
+                request, "PII settings saved. Re-scan the dataset to apply them to existing examples."
+            )
             return redirect("datasets:pii", dataset.pk)
     return render(request, "datasets/settings.html", {"dataset": dataset, "form": form})
 
@@ -129,8 +135,9 @@ def upload_new(request, pk: int):
     if request.method == "POST" and form.is_valid():
         f = form.cleaned_data["file"]
         try:
-            upload = imports.receive_upload(dataset, request.user, f.name, f.chunks(storage.CHUNK),
-                                            fmt=form.cleaned_data["format"])
+            upload = imports.receive_upload(
+                dataset, request.user, f.name, f.chunks(storage.CHUNK), fmt=form.cleaned_data["format"]
+            )
         except imports.ImportRefused as exc:
             form.add_error("file", str(exc))
         else:
@@ -141,7 +148,9 @@ def upload_new(request, pk: int):
                 imports.enqueue(upload)
             return redirect(upload)
     limit_mb = request_limit_mb()
-    return render(request, "datasets/upload_new.html", {"dataset": dataset, "form": form, "limit_mb": limit_mb})
+    return render(
+        request, "datasets/upload_new.html", {"dataset": dataset, "form": form, "limit_mb": limit_mb}
+    )
 
 
 def request_limit_mb() -> int:
@@ -152,7 +161,9 @@ def request_limit_mb() -> int:
 
 @role_required(CURATOR)
 def upload_mapping(request, pk: int):
-    upload = get_object_or_404(Upload.objects.select_related("dataset"), pk=pk, status=Upload.Status.NEEDS_MAPPING)
+    upload = get_object_or_404(
+        Upload.objects.select_related("dataset"), pk=pk, status=Upload.Status.NEEDS_MAPPING
+    )
     try:
         columns = imports.csv_columns(upload)
     except Exception as exc:  # noqa: BLE001 - parsing.FileError and friends: shown in plain words
@@ -164,17 +175,30 @@ def upload_mapping(request, pk: int):
 
         d = form.cleaned_data
         with transaction.atomic():
-            imports.set_csv_mapping(upload, CsvMapping(prompt=d["prompt"], response=d["response"],
-                                                       system=d["system"] or None, tags=d["tags"] or None))
+            imports.set_csv_mapping(
+                upload,
+                CsvMapping(
+                    prompt=d["prompt"],
+                    response=d["response"],
+                    system=d["system"] or None,
+                    tags=d["tags"] or None,
+                ),
+            )
             imports.enqueue(upload)
         return redirect(upload)
-    return render(request, "datasets/upload_mapping.html", {"upload": upload, "form": form, "columns": columns})
+    return render(
+        request, "datasets/upload_mapping.html", {"upload": upload, "form": form, "columns": columns}
+    )
 
 
 @role_required(CURATOR)
 def upload_detail(request, pk: int):
     upload = get_object_or_404(Upload.objects.select_related("dataset"), pk=pk)
-    context = {"upload": upload, "progress": progress.get_progress("upload", upload.pk), "reason_labels": _labels()}
+    context = {
+        "upload": upload,
+        "progress": progress.get_progress("upload", upload.pk),
+        "reason_labels": _labels(),
+    }
     return _partial(request, "datasets/upload_detail.html", "datasets/partials/upload_status.html", context)
 
 
@@ -190,8 +214,9 @@ def upload_rejects(request, pk: int):
     if not upload.rejects_path:
         raise Http404("This upload has no rejected lines.")
     audit.record(request.user, "upload.download_rejects", upload, lines=upload.rejected_count)
-    response = StreamingHttpResponse(storage.decrypt_chunks(storage.Path(upload.rejects_path)),
-                                     content_type="application/octet-stream")
+    response = StreamingHttpResponse(
+        storage.decrypt_chunks(storage.Path(upload.rejects_path)), content_type="application/octet-stream"
+    )
     response["Content-Disposition"] = f'attachment; filename="upload-{upload.pk}-rejected-lines.txt"'
     return response
 
@@ -205,10 +230,20 @@ def pii_review(request, pk: int):
     decision = request.GET.get("decision", "pending")
     entity_type = request.GET.get("type", "")
     qs = PiiFinding.objects.filter(dataset=dataset, example__dropped=False).select_related("example")
-    by_type = Counter(dict(qs.filter(decision=PiiFinding.Decision.PENDING).values_list("entity_type")
-                           .annotate(n=Count("id")).values_list("entity_type", "n")))
-    decided = dict(qs.exclude(decision=PiiFinding.Decision.PENDING).values_list("decision")
-                   .annotate(n=Count("id")).values_list("decision", "n"))
+    by_type = Counter(
+        dict(
+            qs.filter(decision=PiiFinding.Decision.PENDING)
+            .values_list("entity_type")
+            .annotate(n=Count("id"))
+            .values_list("entity_type", "n")
+        )
+    )
+    decided = dict(
+        qs.exclude(decision=PiiFinding.Decision.PENDING)
+        .values_list("decision")
+        .annotate(n=Count("id"))
+        .values_list("decision", "n")
+    )
     if decision in PiiFinding.Decision.values:
         qs = qs.filter(decision=decision)
     if entity_type:
@@ -242,7 +277,11 @@ def pii_decide(request, pk: int):
         f = PiiFinding.objects.filter(pk=ids[0]).select_related("example").first()
         if f is None:  # superseded by an overlapping redaction
             return HttpResponse("")
-        return render(request, "datasets/partials/pii_row.html", {"row": {"f": f, **scrub.finding_context(f, f.example)}})
+        return render(
+            request,
+            "datasets/partials/pii_row.html",
+            {"row": {"f": f, **scrub.finding_context(f, f.example)}},
+        )
     messages.success(request, f"{n} findings {'scrubbed' if accept else 'kept as not personal data'}.")
     return redirect(request.POST.get("next") or reverse("datasets:pii", args=[dataset.pk]))
 
@@ -300,8 +339,16 @@ def example_list(request, pk: int):
     tags = Counter()
     for t in dataset.examples.filter(dropped=False).values_list("tags", flat=True)[:20000]:
         tags.update(t)
-    context = {"dataset": dataset, "page": page, "q": q, "tag": tag, "split": split, "state": state,
-               "all_tags": [t for t, _ in tags.most_common(40)], "splits": Example.Split.choices}
+    context = {
+        "dataset": dataset,
+        "page": page,
+        "q": q,
+        "tag": tag,
+        "split": split,
+        "state": state,
+        "all_tags": [t for t, _ in tags.most_common(40)],
+        "splits": Example.Split.choices,
+    }
     return _partial(request, "datasets/examples.html", "datasets/partials/example_rows.html", context)
 
 
@@ -309,7 +356,9 @@ def _example_messages_from_post(example: Example, post) -> list[dict]:
     out = []
     for i, m in enumerate(example.messages):
         content = post.get(f"content_{i}")
-        out.append({"role": m["role"], "content": m["content"] if content is None else content.replace("\r\n", "\n")})
+        out.append(
+            {"role": m["role"], "content": m["content"] if content is None else content.replace("\r\n", "\n")}
+        )
     return out
 
 
@@ -338,8 +387,14 @@ def example_detail(request, pk: int):
     findings = list(example.findings.all())
     segments = []
     for i, text in enumerate(example.segments()):
-        segments.append({"index": i, "label": example.segment_label(i), "text": text,
-                         "pieces": _highlight(text, [f for f in findings if f.segment == i])})
+        segments.append(
+            {
+                "index": i,
+                "label": example.segment_label(i),
+                "text": text,
+                "pieces": _highlight(text, [f for f in findings if f.segment == i]),
+            }
+        )
     context = {
         "example": example,
         "dataset": example.dataset,
@@ -360,8 +415,8 @@ def _highlight(text: str, findings: list[PiiFinding]) -> list[dict]:
         if f.start < cursor or f.end > len(text):
             continue
         if f.start > cursor:
-            pieces.append({"text": text[cursor:f.start]})
-        pieces.append({"text": text[f.start:f.end], "finding": f})
+            pieces.append({"text": text[cursor : f.start]})
+        pieces.append({"text": text[f.start : f.end], "finding": f})
         cursor = f.end
     if cursor < len(text):
         pieces.append({"text": text[cursor:]})
@@ -389,7 +444,9 @@ def example_mark(request, pk: int):
             request.user,
         )
     except (ValueError, scrub.ScrubError) as exc:
-        messages.error(request, str(exc) if isinstance(exc, scrub.ScrubError) else "Select the words to scrub first.")
+        messages.error(
+            request, str(exc) if isinstance(exc, scrub.ScrubError) else "Select the words to scrub first."
+        )
     else:
         messages.success(request, "Marked and scrubbed.")
     return redirect(example)
@@ -479,18 +536,28 @@ def dataset_freeze(request, pk: int):
 
 @role_required(*READERS)
 def version_detail(request, pk: int):
-    version = get_object_or_404(DatasetVersion.objects.select_related("dataset", "created_by", "base_model"), pk=pk)
+    version = get_object_or_404(
+        DatasetVersion.objects.select_related("dataset", "created_by", "base_model"), pk=pk
+    )
     form = forms.EstimateForm(request.GET or None)
     estimate = None
     if form.is_valid():
         lengths = list(version.examples.filter(split="train").values_list("token_count", flat=True))
         d = form.cleaned_data
-        estimate = training_estimate(lengths, epochs=d["epochs"], batch_size=d["batch_size"],
-                                     grad_accum=d["grad_accum"], max_length=d["max_length"])
+        estimate = training_estimate(
+            lengths,
+            epochs=d["epochs"],
+            batch_size=d["batch_size"],
+            grad_accum=d["grad_accum"],
+            max_length=d["max_length"],
+        )
     others = version.dataset.versions.exclude(pk=version.pk).order_by("-number")
     sample = version.examples.order_by("position")[:5]
-    return render(request, "datasets/version.html", {"version": version, "form": form, "estimate": estimate,
-                                                     "others": others, "sample": sample})
+    return render(
+        request,
+        "datasets/version.html",
+        {"version": version, "form": form, "estimate": estimate, "others": others, "sample": sample},
+    )
 
 
 @role_required(*READERS)
@@ -498,7 +565,9 @@ def version_export(request, pk: int):
     version = get_object_or_404(DatasetVersion.objects.select_related("dataset"), pk=pk)
     audit.record(request.user, "dataset.export", version, sha256=version.sha256)
     response = StreamingHttpResponse(versions.export_lines(version), content_type="application/jsonl")
-    response["Content-Disposition"] = f'attachment; filename="dataset-{version.dataset_id}-v{version.number}.jsonl"'
+    response["Content-Disposition"] = (
+        f'attachment; filename="dataset-{version.dataset_id}-v{version.number}.jsonl"'
+    )
     return response
 
 
@@ -517,7 +586,16 @@ def version_diff(request, pk: int, other: int):
     pairs = d.changed[:limit]
     rows = {v.pk: v for v in VersionExample.objects.filter(pk__in=[p for pair in pairs for p in pair])}
     changed = [(rows[a], rows[b]) for a, b in pairs]
-    return render(request, "datasets/diff.html", {"old": old, "new": new, "summary": d.summary(),
-                                                  "added": added, "removed": removed, "changed": changed,
-                                                  "limit": limit})
-
+    return render(
+        request,
+        "datasets/diff.html",
+        {
+            "old": old,
+            "new": new,
+            "summary": d.summary(),
+            "added": added,
+            "removed": removed,
+            "changed": changed,
+            "limit": limit,
+        },
+    )

@@ -80,8 +80,12 @@ def verify_chain() -> ChainReport:
     checked = 0
     for event in AuditEvent.objects.order_by("id").iterator(chunk_size=2000):
         if event.prev_hash != prev:
-            return ChainReport(checked, event.pk, "its previous-hash link does not match the event before it "
-                               "(an event was deleted or inserted)")
+            return ChainReport(
+                checked,
+                event.pk,
+                "its previous-hash link does not match the event before it "
+                "(an event was deleted or inserted)",
+            )
         if compute_hash(event) != event.hash:
             return ChainReport(checked, event.pk, "its content does not match its hash (the row was edited)")
         prev = event.hash

@@ -18,13 +18,27 @@ from studio.models import AuditEvent
 pytestmark = pytest.mark.django_db
 
 GOOD = [
-    {"messages": [{"role": "user", "content": "Hi, I am Maria Gonzalez. Order ORD-449812 is late."},
-                  {"role": "assistant", "content": "Sorry Maria Gonzalez, I will check ORD-449812 now."}],
-     "tags": ["shipping"]},
-    {"messages": [{"role": "user", "content": "Please email me at maria.gonzalez@example.com about SKU-AB-1234."},
-                  {"role": "assistant", "content": "Done, I wrote to maria.gonzalez@example.com."}]},
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
-                  {"role": "assistant", "content": "4"}], "tags": ["math"]},
+    {
+        "messages": [
+            {"role": "user", "content": "Hi, I am Maria Gonzalez. Order ORD-449812 is late."},
+            {"role": "assistant", "content": "Sorry Maria Gonzalez, I will check ORD-449812 now."},
+        ],
+        "tags": ["shipping"],
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Please email me at maria.gonzalez@example.com about SKU-AB-1234."},
+            {"role": "assistant", "content": "Done, I wrote to maria.gonzalez@example.com."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "4"},
+        ],
+        "tags": ["math"],
+    },
 ]
 
 
@@ -45,12 +59,17 @@ def dataset(curator):
 
 
 def test_import_reports_bad_lines_and_keeps_good_ones(dataset, curator, tmp_path):
-    path = write_jsonl(tmp_path / "f.jsonl", GOOD, ['{"messages": [{"role": "user", "content": "x"}]}', "not json"])
+    path = write_jsonl(
+        tmp_path / "f.jsonl", GOOD, ['{"messages": [{"role": "user", "content": "x"}]}', "not json"]
+    )
     result = import_file(dataset, path, curator)
     assert result.imported == 3 and result.rejected == 2
     upload = Upload.objects.get()
     assert upload.status == Upload.Status.IMPORTED
-    assert [(r["line"], r["code"]) for r in upload.report["first"]] == [(4, "no_assistant"), (5, "invalid_json")]
+    assert [(r["line"], r["code"]) for r in upload.report["first"]] == [
+        (4, "no_assistant"),
+        (5, "invalid_json"),
+    ]
     assert upload.report["counts"] == {"no_assistant": 1, "invalid_json": 1}
     assert list(dataset.examples.values_list("source_line", flat=True)) == [1, 2, 3]
     # rejected lines downloadable (decrypted), never stored in clear
@@ -115,7 +134,9 @@ def test_scan_finds_pii_and_keeps_business_ids(dataset, tmp_path):
     scanned(dataset, tmp_path)
     types = set(PiiFinding.objects.values_list("entity_type", flat=True))
     assert {"PERSON", "EMAIL_ADDRESS"} <= types
-    values = {scrub.finding_context(f, f.example)["value"] for f in PiiFinding.objects.select_related("example")}
+    values = {
+        scrub.finding_context(f, f.example)["value"] for f in PiiFinding.objects.select_related("example")
+    }
     assert "ORD-449812" not in values and "SKU-AB-1234" not in values
     assert Example.objects.filter(pii_status=Example.Pii.PENDING).count() == 2
     assert Example.objects.filter(pii_status=Example.Pii.CLEAN).count() == 1
@@ -150,8 +171,14 @@ def test_rejecting_keeps_text_and_survives_rescan(dataset, curator, tmp_path):
 
 
 def test_offsets_shift_after_partial_redaction(dataset, curator, tmp_path):
-    rows = [{"messages": [{"role": "user", "content": "Mail john.smith@example.com or call 415-555-0199 today."},
-                          {"role": "assistant", "content": "Noted."}]}]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "Mail john.smith@example.com or call 415-555-0199 today."},
+                {"role": "assistant", "content": "Noted."},
+            ]
+        }
+    ]
     scanned(dataset, tmp_path, rows)
     email = PiiFinding.objects.get(entity_type="EMAIL_ADDRESS")
     scrub.decide(dataset, [email.pk], True, curator)
@@ -164,8 +191,14 @@ def test_offsets_shift_after_partial_redaction(dataset, curator, tmp_path):
 
 
 def test_curator_marks_a_missed_span(dataset, curator, tmp_path):
-    rows = [{"messages": [{"role": "user", "content": "My badge says Q-Zebulon, can you reset it?"},
-                          {"role": "assistant", "content": "Yes."}]}]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "My badge says Q-Zebulon, can you reset it?"},
+                {"role": "assistant", "content": "Yes."},
+            ]
+        }
+    ]
     scanned(dataset, tmp_path, rows)
     ex = Example.objects.get()
     start = ex.messages[0]["content"].index("Q-Zebulon")
@@ -189,19 +222,31 @@ def test_bulk_decision_per_type(dataset, curator, tmp_path):
 def test_custom_recognizer_and_keep_pattern_from_policy(curator, tmp_path):
     from datasets_app.pii import CustomRecognizer, PiiPolicy
 
-    policy = PiiPolicy(custom_recognizers=[CustomRecognizer(name="emp", entity_type="EMPLOYEE_ID", regex=r"EMP-\d{6}")],
-                       keep_patterns=[r"\bZX-\d{4}\b"])
+    policy = PiiPolicy(
+        custom_recognizers=[CustomRecognizer(name="emp", entity_type="EMPLOYEE_ID", regex=r"EMP-\d{6}")],
+        keep_patterns=[r"\bZX-\d{4}\b"],
+    )
     ds = datasets.create_dataset("Custom", "sft", curator, policy=policy)
-    rows = [{"messages": [{"role": "user", "content": "Employee EMP-123456 asks about part ZX-9911."},
-                          {"role": "assistant", "content": "OK."}]}]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "Employee EMP-123456 asks about part ZX-9911."},
+                {"role": "assistant", "content": "OK."},
+            ]
+        }
+    ]
     scanned(ds, tmp_path, rows)
     types = list(PiiFinding.objects.values_list("entity_type", flat=True))
     assert "EMPLOYEE_ID" in types
-    values = [scrub.finding_context(f, f.example)["value"] for f in PiiFinding.objects.select_related("example")]
+    values = [
+        scrub.finding_context(f, f.example)["value"] for f in PiiFinding.objects.select_related("example")
+    ]
     assert "ZX-9911" not in values
 
 
-def test_edit_rescans_and_validates(dataset, curator, tmp_path, django_capture_on_commit_callbacks, monkeypatch):
+def test_edit_rescans_and_validates(
+    dataset, curator, tmp_path, django_capture_on_commit_callbacks, monkeypatch
+):
     from datasets_app import tasks
 
     queued = []
@@ -210,7 +255,10 @@ def test_edit_rescans_and_validates(dataset, curator, tmp_path, django_capture_o
     ex = Example.objects.order_by("position").first()
     with pytest.raises(datasets.EditRefused, match="role"):
         datasets.edit_example(ex, messages=[{"role": "robot", "content": "x"}], user=curator)
-    new = [{"role": "user", "content": "Call me at 212-555-0142 please"}, {"role": "assistant", "content": "Sure."}]
+    new = [
+        {"role": "user", "content": "Call me at 212-555-0142 please"},
+        {"role": "assistant", "content": "Sure."},
+    ]
     with django_capture_on_commit_callbacks(execute=True):
         datasets.edit_example(ex, messages=new, tags=["phone"], user=curator)
     assert queued == [(dataset.pk, [ex.pk])]  # the re-scan is queued once the edit commits
@@ -221,15 +269,31 @@ def test_edit_rescans_and_validates(dataset, curator, tmp_path, django_capture_o
 
 
 def test_duplicates_exact_and_near_and_decisions(dataset, curator, tmp_path):
-    long = ("My router keeps dropping the connection every evening around eight and I have restarted it twice "
-            "already. The lights on the front stay green the whole time, the cable to the wall socket is new, and "
-            "my neighbours on the same street do not see the problem at all. What else can I try before you send "
-            "a technician to the house next week?")
+    long = (
+        "My router keeps dropping the connection every evening around eight and I have restarted it twice "
+        "already. The lights on the front stay green the whole time, the cable to the wall socket is new, and "
+        "my neighbours on the same street do not see the problem at all. What else can I try before you send "
+        "a technician to the house next week?"
+    )
     rows = [
-        {"messages": [{"role": "user", "content": long}, {"role": "assistant", "content": "Let us check the line."}]},
-        {"messages": [{"role": "user", "content": long.upper() + "  "}, {"role": "assistant", "content": "Let us check the line."}]},
-        {"messages": [{"role": "user", "content": long.replace("twice", "three times")},
-                      {"role": "assistant", "content": "Let us check the line."}]},
+        {
+            "messages": [
+                {"role": "user", "content": long},
+                {"role": "assistant", "content": "Let us check the line."},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": long.upper() + "  "},
+                {"role": "assistant", "content": "Let us check the line."},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": long.replace("twice", "three times")},
+                {"role": "assistant", "content": "Let us check the line."},
+            ]
+        },
         GOOD[2],
     ]
     import_file(dataset, write_jsonl(tmp_path / "d.jsonl", rows))
@@ -267,8 +331,15 @@ def test_freeze_blocked_until_reviewed_then_immutable(dataset, curator, tmp_path
 
 
 def test_split_by_ratio_is_seeded(dataset, curator, tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
-            for i in range(50)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"question {i}"},
+                {"role": "assistant", "content": f"answer {i}"},
+            ]
+        }
+        for i in range(50)
+    ]
     import_file(dataset, write_jsonl(tmp_path / "s.jsonl", rows))
     counts = versions.split_by_ratio(dataset, 80, 10, 10, 7, curator)
     assert counts == {"eval": 5, "golden": 5, "train": 40}
@@ -280,13 +351,25 @@ def test_split_by_ratio_is_seeded(dataset, curator, tmp_path):
 def test_import_and_export_commands(tmp_path, roles):
     path = write_jsonl(tmp_path / "in.jsonl", GOOD, ["{bad"])
     out = StringIO()
-    call_command("import_dataset", str(path), "--name", "CLI set", "--scrub", "--freeze",
-                 "--keep-pattern", r"SKU-[A-Z]{2}-\d{4}", stdout=out, stderr=StringIO())
+    call_command(
+        "import_dataset",
+        str(path),
+        "--name",
+        "CLI set",
+        "--scrub",
+        "--freeze",
+        "--keep-pattern",
+        r"SKU-[A-Z]{2}-\d{4}",
+        stdout=out,
+        stderr=StringIO(),
+    )
     lines = out.getvalue().strip().splitlines()
     assert lines[0].startswith("line 4: ")
     version = DatasetVersion.objects.get(pk=int(lines[-1]))
     export = tmp_path / "out.jsonl"
-    call_command("export_dataset", str(version.pk), "--out", str(export), stdout=StringIO(), stderr=StringIO())
+    call_command(
+        "export_dataset", str(version.pk), "--out", str(export), stdout=StringIO(), stderr=StringIO()
+    )
     rows = [json.loads(line) for line in export.read_text().splitlines()]
     assert len(rows) == 3
     assert rows[2]["messages"] == GOOD[2]["messages"]
@@ -305,8 +388,12 @@ def test_import_command_with_nothing_good_creates_nothing(tmp_path, roles):
 
 def test_views_render_content_escaped(dataset, curator, client_for, tmp_path):
     payload = '<script>alert("x")</script><img src=x onerror=alert(1)>'
-    rows = [{"messages": [{"role": "user", "content": payload}, {"role": "assistant", "content": "ok"}],
-             "tags": ["<b>tag</b>"]}]
+    rows = [
+        {
+            "messages": [{"role": "user", "content": payload}, {"role": "assistant", "content": "ok"}],
+            "tags": ["<b>tag</b>"],
+        }
+    ]
     import_file(dataset, write_jsonl(tmp_path / "x.jsonl", rows))
     ex = Example.objects.get()
     client = client_for(curator)
@@ -316,7 +403,9 @@ def test_views_render_content_escaped(dataset, curator, client_for, tmp_path):
         assert "&lt;script&gt;alert" in html
 
 
-def test_web_upload_review_and_freeze(curator, client_for, tmp_path, django_capture_on_commit_callbacks, settings):
+def test_web_upload_review_and_freeze(
+    curator, client_for, tmp_path, django_capture_on_commit_callbacks, settings
+):
     client = client_for(curator)
     response = client.post(reverse("datasets:create"), {"name": "Web set", "kind": "sft", "description": ""})
     assert response.status_code == 302
@@ -333,8 +422,11 @@ def test_web_upload_review_and_freeze(curator, client_for, tmp_path, django_capt
     page = client.get(reverse("datasets:pii", args=[dataset.pk])).content.decode()
     assert "EMAIL_ADDRESS" in page
     finding = PiiFinding.objects.filter(entity_type="EMAIL_ADDRESS").first()
-    response = client.post(reverse("datasets:pii_decide", args=[dataset.pk]),
-                           {"finding": finding.pk, "action": "accept"}, HTTP_HX_REQUEST="true")
+    response = client.post(
+        reverse("datasets:pii_decide", args=[dataset.pk]),
+        {"finding": finding.pk, "action": "accept"},
+        HTTP_HX_REQUEST="true",
+    )
     assert response.status_code == 200 and "Scrubbed" in response.content.decode()
     for t in scrub.pending_types(dataset):
         client.post(reverse("datasets:pii_decide_type", args=[dataset.pk]), {"type": t, "action": "accept"})
@@ -343,7 +435,12 @@ def test_web_upload_review_and_freeze(curator, client_for, tmp_path, django_capt
     assert response.status_code == 302 and response["Location"] == version.get_absolute_url()
     body = b"".join(client.get(reverse("datasets:version_export", args=[version.pk])).streaming_content)
     assert b"maria.gonzalez@example.com" not in body and len(body.splitlines()) == 3
-    assert client.get(version.get_absolute_url() + "?epochs=2&batch_size=1&grad_accum=1&max_length=64").status_code == 200
+    assert (
+        client.get(
+            version.get_absolute_url() + "?epochs=2&batch_size=1&grad_accum=1&max_length=64"
+        ).status_code
+        == 200
+    )
 
 
 def test_csv_upload_asks_for_columns(curator, client_for, tmp_path):
@@ -358,10 +455,15 @@ def test_csv_upload_asks_for_columns(curator, client_for, tmp_path):
     assert response["Location"] == reverse("datasets:upload_mapping", args=[upload.pk])
     page = client.get(response["Location"]).content.decode()
     assert "question" in page and "answer" in page
-    response = client.post(response["Location"], {"prompt": "question", "response": "answer", "system": "", "tags": "topic"})
+    response = client.post(
+        response["Location"], {"prompt": "question", "response": "answer", "system": "", "tags": "topic"}
+    )
     upload.refresh_from_db()
     assert upload.status == Upload.Status.QUEUED and upload.csv_mapping["prompt"] == "question"
     imports.process(upload.pk)
     ex = Example.objects.get()
-    assert ex.messages == [{"role": "user", "content": "Where is my order?"}, {"role": "assistant", "content": "It ships today."}]
+    assert ex.messages == [
+        {"role": "user", "content": "Where is my order?"},
+        {"role": "assistant", "content": "It ships today."},
+    ]
     assert ex.tags == ["shipping"]

@@ -18,15 +18,18 @@ READERS = {"curator": 200, "engineer": 200, "reviewer": 403, "admin": 200}
 def world(curator, tmp_path):
     ds = datasets.create_dataset("Matrix", "sft", curator)
     path = tmp_path / "m.jsonl"
-    path.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
-                    '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
-                    "broken\n")
+    path.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+        "broken\n"
+    )
     upload = imports.receive_path(ds, curator, path)
     imports.process(upload.pk)
     Example.objects.update(pii_status=Example.Pii.CLEAN)
     ex = Example.objects.first()
-    finding = PiiFinding.objects.create(example=ex, dataset=ds, segment=0, start=0, end=2, entity_type="PERSON",
-                                        source="test")
+    finding = PiiFinding.objects.create(
+        example=ex, dataset=ds, segment=0, start=0, end=2, entity_type="PERSON", source="test"
+    )
     group = DuplicateGroup.objects.create(dataset=ds, kind="exact")
     Example.objects.update(duplicate_group=group)
     finding.decision = "keep"
@@ -97,7 +100,9 @@ def test_post_matrix(world, client, make_user, client_for):
 def test_base_model_retire_is_admin_only(world, admin_user, curator, client_for):
     from training_app.models import BaseModel
 
-    model = BaseModel.objects.create(name="Tiny", source_kind="local_dir", source="/nonexistent", context_length=128)
+    model = BaseModel.objects.create(
+        name="Tiny", source_kind="local_dir", source="/nonexistent", context_length=128
+    )
     url = reverse("training:base_model_status", args=[model.pk])
     assert client_for(curator).post(url, {"status": "retired"}).status_code == 403
     assert client_for(admin_user).post(url, {"status": "retired"}).status_code == 302

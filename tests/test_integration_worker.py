@@ -6,8 +6,8 @@ data dir and the logs afterwards."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 import time
@@ -69,10 +69,29 @@ def worker(settings, tmp_path):
     log_path = tmp_path / "worker.out"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "studio", "worker", "-Q", "curation", "--concurrency", "1",
-             "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"test-{uuid.uuid4().hex[:8]}@%h",
-             "--loglevel", "INFO"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "studio",
+                "worker",
+                "-Q",
+                "curation",
+                "--concurrency",
+                "1",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "-n",
+                f"test-{uuid.uuid4().hex[:8]}@%h",
+                "--loglevel",
+                "INFO",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     try:
         yield {"proc": proc, "log": log_path, "log_dir": tmp_path / "worker-log"}
@@ -107,23 +126,41 @@ def wait_for(predicate, worker, timeout=180, what="the worker"):
 def upload_rows() -> list[dict]:
     c = CANARIES
     return [
-        {"messages": [
-            {"role": "user", "content": f"Hello, my name is {c['name']} and order ORD-558812 never arrived."},
-            {"role": "assistant", "content": f"I'm sorry, {c['name']}. I can see ORD-558812; it left the depot."},
-            {"role": "user", "content": f"Email me at {c['email']} or call {c['phone']}."},
-            {"role": "assistant", "content": "I will send the tracking details there."}],
-         "tags": ["shipping"]},
-        {"messages": [
-            {"role": "user", "content": f"Charge my card {c['card']} for SKU-TR-2210 please."},
-            {"role": "assistant", "content": "Done; SKU-TR-2210 is on its way."}],
-         "tags": ["billing"]},
-        {"messages": [
-            {"role": "user", "content": f"My friends call me {c['missed']}, put that on the parcel."},
-            {"role": "assistant", "content": "Noted, the parcel label is updated."}],
-         "tags": ["shipping"]},
-        {"messages": [
-            {"role": "user", "content": "Does the Router X200 support WPA3?"},
-            {"role": "assistant", "content": "Yes, firmware 2.4.1 adds WPA3."}]},
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": f"Hello, my name is {c['name']} and order ORD-558812 never arrived.",
+                },
+                {
+                    "role": "assistant",
+                    "content": f"I'm sorry, {c['name']}. I can see ORD-558812; it left the depot.",
+                },
+                {"role": "user", "content": f"Email me at {c['email']} or call {c['phone']}."},
+                {"role": "assistant", "content": "I will send the tracking details there."},
+            ],
+            "tags": ["shipping"],
+        },
+        {
+            "messages": [
+                {"role": "user", "content": f"Charge my card {c['card']} for SKU-TR-2210 please."},
+                {"role": "assistant", "content": "Done; SKU-TR-2210 is on its way."},
+            ],
+            "tags": ["billing"],
+        },
+        {
+            "messages": [
+                {"role": "user", "content": f"My friends call me {c['missed']}, put that on the parcel."},
+                {"role": "assistant", "content": "Noted, the parcel label is updated."},
+            ],
+            "tags": ["shipping"],
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "Does the Router X200 support WPA3?"},
+                {"role": "assistant", "content": "Yes, firmware 2.4.1 adds WPA3."},
+            ]
+        },
     ]
 
 
@@ -139,9 +176,14 @@ def test_upload_scan_review_freeze_export_through_a_worker(worker, curator, clie
     assert response["Location"] == upload.get_absolute_url()
 
     # the worker imports, then scans
-    wait_for(lambda: Upload.objects.get(pk=upload.pk).status == Upload.Status.IMPORTED, worker, what="the import")
-    wait_for(lambda: not Example.objects.filter(dataset=dataset, pii_status="unscanned").exists(), worker,
-             what="the PII scan")
+    wait_for(
+        lambda: Upload.objects.get(pk=upload.pk).status == Upload.Status.IMPORTED, worker, what="the import"
+    )
+    wait_for(
+        lambda: not Example.objects.filter(dataset=dataset, pii_status="unscanned").exists(),
+        worker,
+        what="the PII scan",
+    )
     upload.refresh_from_db()
     assert (upload.imported_count, upload.rejected_count) == (4, 1)
     assert upload.report["first"][0]["line"] == 5
@@ -153,35 +195,59 @@ def test_upload_scan_review_freeze_export_through_a_worker(worker, curator, clie
 
     # review: accept one email finding inline (HTMX), keep a false positive if any, mark the missed name
     email = PiiFinding.objects.get(dataset=dataset, entity_type="EMAIL_ADDRESS")
-    response = client.post(reverse("datasets:pii_decide", args=[dataset.pk]),
-                           {"finding": email.pk, "action": "accept"}, HTTP_HX_REQUEST="true")
+    response = client.post(
+        reverse("datasets:pii_decide", args=[dataset.pk]),
+        {"finding": email.pk, "action": "accept"},
+        HTTP_HX_REQUEST="true",
+    )
     assert response.status_code == 200
     from datasets_app.services.scrub import finding_context
 
-    false_positives = [f.pk for f in PiiFinding.objects.filter(dataset=dataset, decision="pending").select_related("example")
-                       if not any(v in finding_context(f, f.example)["value"] for v in CANARIES.values())]
+    false_positives = [
+        f.pk
+        for f in PiiFinding.objects.filter(dataset=dataset, decision="pending").select_related("example")
+        if not any(v in finding_context(f, f.example)["value"] for v in CANARIES.values())
+    ]
     for pk in false_positives:  # the curator keeps what is not personal data
         client.post(reverse("datasets:pii_decide", args=[dataset.pk]), {"finding": pk, "action": "reject"})
     ex3 = Example.objects.get(dataset=dataset, position=2)
     start = ex3.messages[0]["content"].index(CANARIES["missed"])
-    client.post(reverse("datasets:example_mark", args=[ex3.pk]),
-                {"segment": 0, "start": start, "end": start + len(CANARIES["missed"]), "entity_type": "PERSON"})
-    for t in sorted(set(PiiFinding.objects.filter(dataset=dataset, decision="pending").values_list("entity_type", flat=True))):
+    client.post(
+        reverse("datasets:example_mark", args=[ex3.pk]),
+        {"segment": 0, "start": start, "end": start + len(CANARIES["missed"]), "entity_type": "PERSON"},
+    )
+    for t in sorted(
+        set(
+            PiiFinding.objects.filter(dataset=dataset, decision="pending").values_list(
+                "entity_type", flat=True
+            )
+        )
+    ):
         client.post(reverse("datasets:pii_decide_type", args=[dataset.pk]), {"type": t, "action": "accept"})
 
     # an edit is re-scanned by the worker
     ex4 = Example.objects.get(dataset=dataset, position=3)
-    client.post(reverse("datasets:example", args=[ex4.pk]),
-                {"content_0": "Does the Router X200 support WPA3? Reply to 212-555-0147.",
-                 "content_1": ex4.messages[1]["content"], "tags": "wifi", "split": "train"})
+    client.post(
+        reverse("datasets:example", args=[ex4.pk]),
+        {
+            "content_0": "Does the Router X200 support WPA3? Reply to 212-555-0147.",
+            "content_1": ex4.messages[1]["content"],
+            "tags": "wifi",
+            "split": "train",
+        },
+    )
     wait_for(lambda: Example.objects.get(pk=ex4.pk).pii_status != "unscanned", worker, what="the re-scan")
     assert PiiFinding.objects.filter(example=ex4, entity_type="PHONE_NUMBER", decision="pending").exists()
-    client.post(reverse("datasets:pii_decide_type", args=[dataset.pk]), {"type": "PHONE_NUMBER", "action": "accept"})
+    client.post(
+        reverse("datasets:pii_decide_type", args=[dataset.pk]), {"type": "PHONE_NUMBER", "action": "accept"}
+    )
 
     response = client.post(reverse("datasets:freeze", args=[dataset.pk]), {"changelog": "integration"})
     version = DatasetVersion.objects.get(dataset=dataset)
     assert response["Location"] == version.get_absolute_url()
-    export = b"".join(client.get(reverse("datasets:version_export", args=[version.pk])).streaming_content).decode()
+    export = b"".join(
+        client.get(reverse("datasets:version_export", args=[version.pk])).streaming_content
+    ).decode()
     rows = [json.loads(line) for line in export.splitlines()]
     assert len(rows) == 4
     first = " ".join(m["content"] for m in rows[0]["messages"])

@@ -21,7 +21,9 @@ class BaseModel(models.Model):
     name = models.CharField(max_length=100, unique=True)
     source_kind = models.CharField(max_length=16, choices=Source.choices)
     source = models.CharField(max_length=500, help_text="Directory, GGUF file path or hub id")
-    path = models.CharField(max_length=500, blank=True, help_text="Local safetensors directory used at run time")
+    path = models.CharField(
+        max_length=500, blank=True, help_text="Local safetensors directory used at run time"
+    )
     context_length = models.PositiveIntegerField()
     parameters = models.BigIntegerField(default=0)
     license = models.CharField(max_length=100, blank=True)

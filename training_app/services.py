@@ -17,8 +17,15 @@ log = logging.getLogger(__name__)
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 
 
-def register_local_dir(name: str, path: Path, user, *, license: str = "", source_kind=BaseModel.Source.LOCAL_DIR,
-                       source: str = "") -> BaseModel:
+def register_local_dir(
+    name: str,
+    path: Path,
+    user,
+    *,
+    license: str = "",
+    source_kind=BaseModel.Source.LOCAL_DIR,
+    source: str = "",
+) -> BaseModel:
     """Register (or refresh) a base model from a local Hugging Face directory."""
     from .trainer.convert import describe_model_dir
 
@@ -49,8 +56,13 @@ def register_local_dir(name: str, path: Path, user, *, license: str = "", source
         if created:
             model.created_by = user if getattr(user, "is_authenticated", False) else None
             model.save(update_fields=["created_by"])
-        audit.record(user, "base_model.register" if created else "base_model.refresh", model,
-                     parameters=model.parameters, context_length=model.context_length)
+        audit.record(
+            user,
+            "base_model.register" if created else "base_model.refresh",
+            model,
+            parameters=model.parameters,
+            context_length=model.context_length,
+        )
     return model
 
 
@@ -60,8 +72,9 @@ def register_gguf(name: str, gguf_path: Path, user, *, license: str = "") -> Bas
 
     out = Path(settings.STUDIO_MODELS_DIR) / name
     convert_gguf_to_safetensors(gguf_path, out)
-    return register_local_dir(name, out, user, license=license, source_kind=BaseModel.Source.GGUF,
-                              source=str(gguf_path))
+    return register_local_dir(
+        name, out, user, license=license, source_kind=BaseModel.Source.GGUF, source=str(gguf_path)
+    )
 
 
 def register_bundled_smollm2(user) -> BaseModel:

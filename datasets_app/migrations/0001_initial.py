@@ -6,189 +6,428 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('training_app', '0001_initial'),
+        ("training_app", "0001_initial"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='Dataset',
+            name="Dataset",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=120, unique=True)),
-                ('description', models.TextField(blank=True)),
-                ('kind', models.CharField(choices=[('sft', 'Chat (supervised fine-tuning)'), ('preference', 'Preference pairs (DPO)')], default='sft', max_length=16)),
-                ('pii_policy', models.JSONField(blank=True, default=dict)),
-                ('pseudonym_map', models.JSONField(blank=True, default=dict)),
-                ('next_position', models.BigIntegerField(default=0)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('base_model', models.ForeignKey(blank=True, help_text='Its tokenizer counts tokens; its context length bounds examples.', null=True, on_delete=django.db.models.deletion.PROTECT, to='training_app.basemodel')),
-                ('owner', models.ForeignKey(null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=120, unique=True)),
+                ("description", models.TextField(blank=True)),
+                (
+                    "kind",
+                    models.CharField(
+                        choices=[
+                            ("sft", "Chat (supervised fine-tuning)"),
+                            ("preference", "Preference pairs (DPO)"),
+                        ],
+                        default="sft",
+                        max_length=16,
+                    ),
+                ),
+                ("pii_policy", models.JSONField(blank=True, default=dict)),
+                ("pseudonym_map", models.JSONField(blank=True, default=dict)),
+                ("next_position", models.BigIntegerField(default=0)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                (
+                    "base_model",
+                    models.ForeignKey(
+                        blank=True,
+                        help_text="Its tokenizer counts tokens; its context length bounds examples.",
+                        null=True,
+                        on_delete=django.db.models.deletion.PROTECT,
+                        to="training_app.basemodel",
+                    ),
+                ),
+                (
+                    "owner",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'ordering': ['name'],
+                "ordering": ["name"],
             },
         ),
         migrations.CreateModel(
-            name='DatasetVersion',
+            name="DatasetVersion",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('number', models.PositiveIntegerField()),
-                ('kind', models.CharField(choices=[('sft', 'Chat (supervised fine-tuning)'), ('preference', 'Preference pairs (DPO)')], max_length=16)),
-                ('sha256', models.CharField(max_length=64)),
-                ('counts', models.JSONField(default=dict)),
-                ('token_stats', models.JSONField(default=dict)),
-                ('changelog', models.TextField(blank=True)),
-                ('diff_summary', models.JSONField(default=dict)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('base_model', models.ForeignKey(null=True, on_delete=django.db.models.deletion.PROTECT, to='training_app.basemodel')),
-                ('created_by', models.ForeignKey(null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('dataset', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='versions', to='datasets_app.dataset')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("number", models.PositiveIntegerField()),
+                (
+                    "kind",
+                    models.CharField(
+                        choices=[
+                            ("sft", "Chat (supervised fine-tuning)"),
+                            ("preference", "Preference pairs (DPO)"),
+                        ],
+                        max_length=16,
+                    ),
+                ),
+                ("sha256", models.CharField(max_length=64)),
+                ("counts", models.JSONField(default=dict)),
+                ("token_stats", models.JSONField(default=dict)),
+                ("changelog", models.TextField(blank=True)),
+                ("diff_summary", models.JSONField(default=dict)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "base_model",
+                    models.ForeignKey(
+                        null=True, on_delete=django.db.models.deletion.PROTECT, to="training_app.basemodel"
+                    ),
+                ),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "dataset",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="versions",
+                        to="datasets_app.dataset",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['dataset', '-number'],
+                "ordering": ["dataset", "-number"],
             },
         ),
         migrations.CreateModel(
-            name='DuplicateGroup',
+            name="DuplicateGroup",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('kind', models.CharField(choices=[('exact', 'Exact'), ('near', 'Near-duplicate')], max_length=8)),
-                ('similarity', models.FloatField(default=1.0)),
-                ('decision', models.CharField(choices=[('pending', 'To decide'), ('keep_all', 'Keep all'), ('keep_one', 'Keep first, drop the rest')], default='pending', max_length=10)),
-                ('dataset', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='duplicate_groups', to='datasets_app.dataset')),
-                ('decided_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "kind",
+                    models.CharField(choices=[("exact", "Exact"), ("near", "Near-duplicate")], max_length=8),
+                ),
+                ("similarity", models.FloatField(default=1.0)),
+                (
+                    "decision",
+                    models.CharField(
+                        choices=[
+                            ("pending", "To decide"),
+                            ("keep_all", "Keep all"),
+                            ("keep_one", "Keep first, drop the rest"),
+                        ],
+                        default="pending",
+                        max_length=10,
+                    ),
+                ),
+                (
+                    "dataset",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="duplicate_groups",
+                        to="datasets_app.dataset",
+                    ),
+                ),
+                (
+                    "decided_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'ordering': ['id'],
+                "ordering": ["id"],
             },
         ),
         migrations.CreateModel(
-            name='Example',
+            name="Example",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('position', models.BigIntegerField()),
-                ('source_line', models.PositiveIntegerField(default=0)),
-                ('messages', models.JSONField()),
-                ('chosen', models.TextField(blank=True, null=True)),
-                ('rejected', models.TextField(blank=True, null=True)),
-                ('tags', models.JSONField(blank=True, default=list)),
-                ('tags_text', models.CharField(blank=True, db_index=True, max_length=1000)),
-                ('search_text', models.TextField(blank=True)),
-                ('split', models.CharField(choices=[('train', 'Train'), ('eval', 'Eval'), ('golden', 'Golden')], db_index=True, default='train', max_length=8)),
-                ('content_hash', models.CharField(db_index=True, max_length=64)),
-                ('minhash', models.BinaryField(blank=True, null=True)),
-                ('token_count', models.PositiveIntegerField(default=0)),
-                ('pii_status', models.CharField(choices=[('unscanned', 'Not scanned'), ('clean', 'No findings'), ('pending', 'Findings to review'), ('reviewed', 'Reviewed')], db_index=True, default='unscanned', max_length=12)),
-                ('dropped', models.BooleanField(db_index=True, default=False)),
-                ('edited', models.BooleanField(default=False)),
-                ('kept_digests', models.JSONField(blank=True, default=list)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('dataset', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='examples', to='datasets_app.dataset')),
-                ('duplicate_group', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='members', to='datasets_app.duplicategroup')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("position", models.BigIntegerField()),
+                ("source_line", models.PositiveIntegerField(default=0)),
+                ("messages", models.JSONField()),
+                ("chosen", models.TextField(blank=True, null=True)),
+                ("rejected", models.TextField(blank=True, null=True)),
+                ("tags", models.JSONField(blank=True, default=list)),
+                ("tags_text", models.CharField(blank=True, db_index=True, max_length=1000)),
+                ("search_text", models.TextField(blank=True)),
+                (
+                    "split",
+                    models.CharField(
+                        choices=[("train", "Train"), ("eval", "Eval"), ("golden", "Golden")],
+                        db_index=True,
+                        default="train",
+                        max_length=8,
+                    ),
+                ),
+                ("content_hash", models.CharField(db_index=True, max_length=64)),
+                ("minhash", models.BinaryField(blank=True, null=True)),
+                ("token_count", models.PositiveIntegerField(default=0)),
+                (
+                    "pii_status",
+                    models.CharField(
+                        choices=[
+                            ("unscanned", "Not scanned"),
+                            ("clean", "No findings"),
+                            ("pending", "Findings to review"),
+                            ("reviewed", "Reviewed"),
+                        ],
+                        db_index=True,
+                        default="unscanned",
+                        max_length=12,
+                    ),
+                ),
+                ("dropped", models.BooleanField(db_index=True, default=False)),
+                ("edited", models.BooleanField(default=False)),
+                ("kept_digests", models.JSONField(blank=True, default=list)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                (
+                    "dataset",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="examples",
+                        to="datasets_app.dataset",
+                    ),
+                ),
+                (
+                    "duplicate_group",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="members",
+                        to="datasets_app.duplicategroup",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['position'],
+                "ordering": ["position"],
             },
         ),
         migrations.CreateModel(
-            name='PiiFinding',
+            name="PiiFinding",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('segment', models.PositiveSmallIntegerField()),
-                ('start', models.PositiveIntegerField()),
-                ('end', models.PositiveIntegerField()),
-                ('entity_type', models.CharField(db_index=True, max_length=40)),
-                ('score', models.FloatField(default=1.0)),
-                ('source', models.CharField(max_length=60)),
-                ('decision', models.CharField(choices=[('pending', 'Pending'), ('redact', 'Scrubbed'), ('keep', 'Kept (not PII)')], db_index=True, default='pending', max_length=8)),
-                ('replacement', models.CharField(blank=True, max_length=100)),
-                ('decided_at', models.DateTimeField(blank=True, null=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('dataset', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='findings', to='datasets_app.dataset')),
-                ('decided_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('example', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='findings', to='datasets_app.example')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("segment", models.PositiveSmallIntegerField()),
+                ("start", models.PositiveIntegerField()),
+                ("end", models.PositiveIntegerField()),
+                ("entity_type", models.CharField(db_index=True, max_length=40)),
+                ("score", models.FloatField(default=1.0)),
+                ("source", models.CharField(max_length=60)),
+                (
+                    "decision",
+                    models.CharField(
+                        choices=[("pending", "Pending"), ("redact", "Scrubbed"), ("keep", "Kept (not PII)")],
+                        db_index=True,
+                        default="pending",
+                        max_length=8,
+                    ),
+                ),
+                ("replacement", models.CharField(blank=True, max_length=100)),
+                ("decided_at", models.DateTimeField(blank=True, null=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "dataset",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="findings",
+                        to="datasets_app.dataset",
+                    ),
+                ),
+                (
+                    "decided_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "example",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="findings",
+                        to="datasets_app.example",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['example_id', 'segment', 'start'],
+                "ordering": ["example_id", "segment", "start"],
             },
         ),
         migrations.CreateModel(
-            name='Upload',
+            name="Upload",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('original_name', models.CharField(max_length=255)),
-                ('size', models.BigIntegerField(default=0)),
-                ('sha256', models.CharField(blank=True, max_length=64)),
-                ('format', models.CharField(blank=True, max_length=16)),
-                ('csv_mapping', models.JSONField(blank=True, null=True)),
-                ('status', models.CharField(choices=[('needs_mapping', 'Choose CSV columns'), ('queued', 'Queued'), ('processing', 'Importing'), ('imported', 'Imported'), ('rejected', 'Nothing imported'), ('failed', 'Failed')], db_index=True, default='queued', max_length=16)),
-                ('raw_path', models.CharField(blank=True, max_length=500)),
-                ('stored_path', models.CharField(blank=True, max_length=500)),
-                ('rejects_path', models.CharField(blank=True, max_length=500)),
-                ('imported_count', models.PositiveIntegerField(default=0)),
-                ('rejected_count', models.PositiveIntegerField(default=0)),
-                ('report', models.JSONField(blank=True, default=dict)),
-                ('error', models.TextField(blank=True)),
-                ('attempts', models.PositiveSmallIntegerField(default=0)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('started_at', models.DateTimeField(blank=True, null=True)),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
-                ('dataset', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='uploads', to='datasets_app.dataset')),
-                ('uploaded_by', models.ForeignKey(null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("original_name", models.CharField(max_length=255)),
+                ("size", models.BigIntegerField(default=0)),
+                ("sha256", models.CharField(blank=True, max_length=64)),
+                ("format", models.CharField(blank=True, max_length=16)),
+                ("csv_mapping", models.JSONField(blank=True, null=True)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("needs_mapping", "Choose CSV columns"),
+                            ("queued", "Queued"),
+                            ("processing", "Importing"),
+                            ("imported", "Imported"),
+                            ("rejected", "Nothing imported"),
+                            ("failed", "Failed"),
+                        ],
+                        db_index=True,
+                        default="queued",
+                        max_length=16,
+                    ),
+                ),
+                ("raw_path", models.CharField(blank=True, max_length=500)),
+                ("stored_path", models.CharField(blank=True, max_length=500)),
+                ("rejects_path", models.CharField(blank=True, max_length=500)),
+                ("imported_count", models.PositiveIntegerField(default=0)),
+                ("rejected_count", models.PositiveIntegerField(default=0)),
+                ("report", models.JSONField(blank=True, default=dict)),
+                ("error", models.TextField(blank=True)),
+                ("attempts", models.PositiveSmallIntegerField(default=0)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("started_at", models.DateTimeField(blank=True, null=True)),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "dataset",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="uploads",
+                        to="datasets_app.dataset",
+                    ),
+                ),
+                (
+                    "uploaded_by",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at'],
+                "ordering": ["-created_at"],
             },
         ),
         migrations.AddField(
-            model_name='example',
-            name='upload',
-            field=models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='examples', to='datasets_app.upload'),
+            model_name="example",
+            name="upload",
+            field=models.ForeignKey(
+                blank=True,
+                null=True,
+                on_delete=django.db.models.deletion.SET_NULL,
+                related_name="examples",
+                to="datasets_app.upload",
+            ),
         ),
         migrations.CreateModel(
-            name='VersionExample',
+            name="VersionExample",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('example_id', models.BigIntegerField()),
-                ('position', models.PositiveIntegerField()),
-                ('messages', models.JSONField()),
-                ('chosen', models.TextField(blank=True, null=True)),
-                ('rejected', models.TextField(blank=True, null=True)),
-                ('tags', models.JSONField(default=list)),
-                ('split', models.CharField(max_length=8)),
-                ('token_count', models.PositiveIntegerField(default=0)),
-                ('digest', models.CharField(max_length=64)),
-                ('version', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='examples', to='datasets_app.datasetversion')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("example_id", models.BigIntegerField()),
+                ("position", models.PositiveIntegerField()),
+                ("messages", models.JSONField()),
+                ("chosen", models.TextField(blank=True, null=True)),
+                ("rejected", models.TextField(blank=True, null=True)),
+                ("tags", models.JSONField(default=list)),
+                ("split", models.CharField(max_length=8)),
+                ("token_count", models.PositiveIntegerField(default=0)),
+                ("digest", models.CharField(max_length=64)),
+                (
+                    "version",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="examples",
+                        to="datasets_app.datasetversion",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['version', 'position'],
+                "ordering": ["version", "position"],
             },
         ),
         migrations.AddConstraint(
-            model_name='datasetversion',
-            constraint=models.UniqueConstraint(fields=('dataset', 'number'), name='version_number_unique'),
+            model_name="datasetversion",
+            constraint=models.UniqueConstraint(fields=("dataset", "number"), name="version_number_unique"),
         ),
         migrations.AddIndex(
-            model_name='piifinding',
-            index=models.Index(fields=['dataset', 'decision', 'entity_type'], name='datasets_ap_dataset_d35529_idx'),
+            model_name="piifinding",
+            index=models.Index(
+                fields=["dataset", "decision", "entity_type"], name="datasets_ap_dataset_d35529_idx"
+            ),
         ),
         migrations.AddIndex(
-            model_name='example',
-            index=models.Index(fields=['dataset', 'dropped', 'position'], name='datasets_ap_dataset_02c3b1_idx'),
+            model_name="example",
+            index=models.Index(
+                fields=["dataset", "dropped", "position"], name="datasets_ap_dataset_02c3b1_idx"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='example',
-            constraint=models.UniqueConstraint(fields=('dataset', 'position'), name='example_position_unique'),
+            model_name="example",
+            constraint=models.UniqueConstraint(
+                fields=("dataset", "position"), name="example_position_unique"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='versionexample',
-            constraint=models.UniqueConstraint(fields=('version', 'position'), name='version_example_position'),
+            model_name="versionexample",
+            constraint=models.UniqueConstraint(
+                fields=("version", "position"), name="version_example_position"
+            ),
         ),
     ]

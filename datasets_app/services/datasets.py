@@ -18,7 +18,9 @@ class EditRefused(Exception):
     pass
 
 
-def create_dataset(name: str, kind: str, user, *, description: str = "", base_model=None, policy: PiiPolicy | None = None):
+def create_dataset(
+    name: str, kind: str, user, *, description: str = "", base_model=None, policy: PiiPolicy | None = None
+):
     policy = policy or PiiPolicy()
     errors = policy.validate()
     if errors:
@@ -53,7 +55,9 @@ def parse_tags(raw: str) -> list[str]:
     return list(dict.fromkeys(t for t in tags if t))[:30]
 
 
-def edit_example(example: Example, *, messages: list[dict], chosen=None, rejected=None, tags=None, split=None, user):
+def edit_example(
+    example: Example, *, messages: list[dict], chosen=None, rejected=None, tags=None, split=None, user
+):
     """Validate and save an edited example; its findings are dropped and it is re-scanned."""
     dataset = example.dataset
     problem = parsing.validate_messages(messages, kind=dataset.kind)
@@ -63,7 +67,9 @@ def edit_example(example: Example, *, messages: list[dict], chosen=None, rejecte
         if not (chosen or "").strip() or not (rejected or "").strip():
             raise EditRefused("Both the chosen and the rejected answer need text.")
         if chosen.strip() == rejected.strip():
-            raise EditRefused("The chosen and rejected answers are identical; a preference pair needs two different answers.")
+            raise EditRefused(
+                "The chosen and rejected answers are identical; a preference pair needs two different answers."
+            )
     else:
         chosen = rejected = None
     token_count = example.token_count
@@ -72,10 +78,14 @@ def edit_example(example: Example, *, messages: list[dict], chosen=None, rejecte
         from ..tokens import count_chat_tokens, load_tokenizer
 
         tok = load_tokenizer(str(base.local_dir))
-        convs = [messages] if chosen is None else [
-            messages + [{"role": "assistant", "content": chosen}],
-            messages + [{"role": "assistant", "content": rejected}],
-        ]
+        convs = (
+            [messages]
+            if chosen is None
+            else [
+                messages + [{"role": "assistant", "content": chosen}],
+                messages + [{"role": "assistant", "content": rejected}],
+            ]
+        )
         token_count = max(count_chat_tokens(tok, c) for c in convs)
         if token_count > base.context_length:
             raise EditRefused(

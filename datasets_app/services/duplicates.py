@@ -31,8 +31,9 @@ def recompute(dataset: Dataset) -> int:
     """Rebuild the undecided duplicate groups of a dataset. Groups already decided are kept."""
     _fill_signatures(dataset)
     decided_members = set(
-        Example.objects.filter(dataset=dataset, duplicate_group__decision__in=[Decision.KEEP_ALL, Decision.KEEP_ONE])
-        .values_list("pk", flat=True)
+        Example.objects.filter(
+            dataset=dataset, duplicate_group__decision__in=[Decision.KEEP_ALL, Decision.KEEP_ONE]
+        ).values_list("pk", flat=True)
     )
     items = [
         (pk, h, bytes(sig))
@@ -49,7 +50,9 @@ def recompute(dataset: Dataset) -> int:
         )
         DuplicateGroup.objects.filter(dataset=dataset, decision=Decision.PENDING).delete()
         for g in groups:
-            row = DuplicateGroup.objects.create(dataset=dataset, kind=g.kind, similarity=round(g.similarity, 3))
+            row = DuplicateGroup.objects.create(
+                dataset=dataset, kind=g.kind, similarity=round(g.similarity, 3)
+            )
             Example.objects.filter(pk__in=g.member_ids).update(duplicate_group=row)
     log.info("dataset %s duplicate groups=%s", dataset.pk, len(groups))
     return len(groups)

@@ -7,6 +7,7 @@ no good record creates nothing. Logs carry ids and counts only, never text.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -218,7 +219,9 @@ def _record_bytes(rec: parsing.Record) -> bytes:
     return json.dumps(body, ensure_ascii=False).encode()
 
 
-def _build_examples(dataset: Dataset, upload: Upload, records: list[parsing.Record], start: int) -> list[Example]:
+def _build_examples(
+    dataset: Dataset, upload: Upload, records: list[parsing.Record], start: int
+) -> list[Example]:
     return [
         Example(
             dataset=dataset,
@@ -271,17 +274,15 @@ def process(upload_id: int) -> ImportResult | None:
                 counts = count_tokens(pending) if count_tokens is not None else [0] * len(pending)
                 good, good_counts = [], []
                 for rec, n in zip(pending, counts, strict=True):
-                    if count_tokens is not None:
-                        if n > context:
-                            rejections.add(
-                                rec.line,
-                                "too_long",
-                                f"the conversation is {n} tokens long; the base model "
-                                f"{dataset.base_model.name} takes at most {context}. "
-                                "Shorten or split it.",
-                                _record_bytes(rec),
-                            )
-                            continue
+                    if count_tokens is not None and n > context:
+                        rejections.add(
+                            rec.line,
+                            "too_long",
+                            f"the conversation is {n} tokens long; the base model "
+                            f"{dataset.base_model.name} takes at most {context}. Shorten or split it.",
+                            _record_bytes(rec),
+                        )
+                        continue
                     good.append(rec)
                     good_counts.append(n)
                 examples = _build_examples(locked, upload, good, position)
@@ -346,10 +347,8 @@ def _finish(upload: Upload, imported: int, rejections: _Rejections, error: str =
     if file_error:
         upload.report["file_error"] = file_error
     if upload.format == "" and upload.status == Upload.Status.IMPORTED:
-        try:
+        with contextlib.suppress(parsing.FileError):
             upload.format = parsing.detect_format(upload.raw_path)
-        except parsing.FileError:
-            pass
     upload.error = error
     upload.finished_at = timezone.now()
     upload.save()
@@ -383,7 +382,6 @@ def delete_upload_files(upload: Upload) -> None:
         storage.remove_quietly(p)
 
 
-
 def requeue_stale(max_attempts: int = 3) -> list[int]:
     """Uploads stuck in processing (their worker died before the broker redelivered) go back to the
     queue; after `max_attempts` they fail with a reason instead of looping."""
@@ -401,7 +399,9 @@ def requeue_stale(max_attempts: int = 3) -> list[int]:
                 finished_at=timezone.now(),
             )
             continue
-        if Upload.objects.filter(pk=upload.pk, status=Upload.Status.PROCESSING).update(status=Upload.Status.QUEUED):
+        if Upload.objects.filter(pk=upload.pk, status=Upload.Status.PROCESSING).update(
+            status=Upload.Status.QUEUED
+        ):
             from ..tasks import process_upload
 
             process_upload.delay(upload.pk)

@@ -6,11 +6,13 @@ nothing), so rows it updates are invisible to the web process until it commits.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from django.core.cache import cache
 
 TTL = 24 * 3600
+log = logging.getLogger(__name__)
 
 
 def _key(kind: str, obj_id: int) -> str:
@@ -20,8 +22,8 @@ def _key(kind: str, obj_id: int) -> str:
 def set_progress(kind: str, obj_id: int, phase: str, done: int, total: int) -> None:
     try:
         cache.set(_key(kind, obj_id), {"phase": phase, "done": done, "total": total, "at": time.time()}, TTL)
-    except Exception:  # noqa: BLE001 - progress is best-effort; never fail a task over it
-        pass
+    except Exception as exc:  # noqa: BLE001 - progress is best-effort; never fail a task over it
+        log.warning("progress not recorded for %s %s: %s", kind, obj_id, exc.__class__.__name__)
 
 
 def get_progress(kind: str, obj_id: int) -> dict | None:
@@ -38,5 +40,5 @@ def get_progress(kind: str, obj_id: int) -> dict | None:
 def clear_progress(kind: str, obj_id: int) -> None:
     try:
         cache.delete(_key(kind, obj_id))
-    except Exception:  # noqa: BLE001
-        pass
+    except Exception as exc:  # noqa: BLE001
+        log.warning("progress not cleared for %s %s: %s", kind, obj_id, exc.__class__.__name__)

@@ -136,12 +136,12 @@ def _status(example_id: int, has_new: bool = False) -> str:
 # --- applying -----------------------------------------------------------------------------------------
 
 
-def _apply_to_example(example: Example, to_redact: list[PiiFinding], pseudo: Pseudonymizer, policy: PiiPolicy, user):
+def _apply_to_example(
+    example: Example, to_redact: list[PiiFinding], pseudo: Pseudonymizer, policy: PiiPolicy, user
+):
     """Replace the spans of `to_redact` in the example and shift the other findings' offsets."""
     segments = example.segments()
-    others = list(
-        PiiFinding.objects.filter(example=example).exclude(pk__in=[f.pk for f in to_redact])
-    )
+    others = list(PiiFinding.objects.filter(example=example).exclude(pk__in=[f.pk for f in to_redact]))
     by_segment: dict[int, list[PiiFinding]] = defaultdict(list)
     for f in to_redact:
         by_segment[f.segment].append(f)
@@ -228,7 +228,9 @@ def keep(findings: Iterable[PiiFinding], user) -> int:
             ex = findings[0].example
             segments = ex.segments()
             digests = set(ex.kept_digests or [])
-            digests.update(value_digest(f.entity_type, segments[f.segment][f.start : f.end]) for f in findings)
+            digests.update(
+                value_digest(f.entity_type, segments[f.segment][f.start : f.end]) for f in findings
+            )
             Example.objects.filter(pk=ex.pk).update(kept_digests=sorted(digests), pii_status=_status(ex.pk))
     return len(ids)
 
@@ -257,7 +259,13 @@ def decide_type(dataset: Dataset, entity_type: str, accept: bool, user) -> int:
         findings = list(PiiFinding.objects.filter(pk__in=ids))
         total += redact(dataset, findings, user) if accept else keep(findings, user)
     if total:
-        audit.record(user, "pii.accept_type" if accept else "pii.reject_type", dataset, type=entity_type, findings=total)
+        audit.record(
+            user,
+            "pii.accept_type" if accept else "pii.reject_type",
+            dataset,
+            type=entity_type,
+            findings=total,
+        )
     return total
 
 

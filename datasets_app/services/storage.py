@@ -89,10 +89,7 @@ def reencrypt_file(path: Path) -> None:
 
 def remove_quietly(path: str | Path | None) -> None:
     if path:
-        try:
-            Path(path).unlink()
-        except FileNotFoundError:
-            pass
+        Path(path).unlink(missing_ok=True)
 
 
 class EncryptedWriter:

@@ -29,7 +29,11 @@ def split_by_ratio(dataset: Dataset, train: float, eval_: float, golden: float, 
     total = train + eval_ + golden
     if total <= 0 or min(train, eval_, golden) < 0:
         raise ValueError("Ratios must be zero or more and add up to more than zero.")
-    ids = list(Example.objects.filter(dataset=dataset, dropped=False).order_by("position").values_list("pk", flat=True))
+    ids = list(
+        Example.objects.filter(dataset=dataset, dropped=False)
+        .order_by("position")
+        .values_list("pk", flat=True)
+    )
     random.Random(seed).shuffle(ids)
     n = len(ids)
     n_eval = round(n * eval_ / total)
@@ -60,20 +64,28 @@ def canonical_record(messages, chosen, rejected, tags, split) -> dict:
 
 
 def record_digest(body: dict) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+    ).hexdigest()
 
 
 def blockers(dataset: Dataset) -> list[str]:
     problems = []
     active = Example.objects.filter(dataset=dataset, dropped=False)
-    if Upload.objects.filter(dataset=dataset, status__in=[Upload.Status.QUEUED, Upload.Status.PROCESSING]).exists():
+    if Upload.objects.filter(
+        dataset=dataset, status__in=[Upload.Status.QUEUED, Upload.Status.PROCESSING]
+    ).exists():
         problems.append("An upload is still being imported; wait for it to finish.")
     if not active.exists():
         problems.append("The dataset has no examples; upload a file first.")
     unscanned = active.filter(pii_status=Example.Pii.UNSCANNED).count()
     if unscanned:
-        problems.append(f"{unscanned} examples have not been scanned for personal data yet; wait for the scan.")
-    pending = PiiFinding.objects.filter(dataset=dataset, decision=PiiFinding.Decision.PENDING, example__dropped=False).count()
+        problems.append(
+            f"{unscanned} examples have not been scanned for personal data yet; wait for the scan."
+        )
+    pending = PiiFinding.objects.filter(
+        dataset=dataset, decision=PiiFinding.Decision.PENDING, example__dropped=False
+    ).count()
     if pending:
         problems.append(f"{pending} personal-data findings are still to review: accept or reject them first.")
     return problems

@@ -6,7 +6,6 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
@@ -15,24 +14,59 @@ class Migration(migrations.Migration):
 
     operations = [
         migrations.CreateModel(
-            name='BaseModel',
+            name="BaseModel",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=100, unique=True)),
-                ('source_kind', models.CharField(choices=[('local_dir', 'Local Hugging Face directory'), ('gguf', 'GGUF file (converted once to safetensors)'), ('hub', 'Hub id (only where a hub or mirror is reachable)')], max_length=16)),
-                ('source', models.CharField(help_text='Directory, GGUF file path or hub id', max_length=500)),
-                ('path', models.CharField(blank=True, help_text='Local safetensors directory used at run time', max_length=500)),
-                ('context_length', models.PositiveIntegerField()),
-                ('parameters', models.BigIntegerField(default=0)),
-                ('license', models.CharField(blank=True, max_length=100)),
-                ('chat_template', models.TextField(blank=True)),
-                ('architecture', models.CharField(blank=True, max_length=100)),
-                ('status', models.CharField(choices=[('active', 'Available'), ('retired', 'Retired')], default='active', max_length=16)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('created_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=100, unique=True)),
+                (
+                    "source_kind",
+                    models.CharField(
+                        choices=[
+                            ("local_dir", "Local Hugging Face directory"),
+                            ("gguf", "GGUF file (converted once to safetensors)"),
+                            ("hub", "Hub id (only where a hub or mirror is reachable)"),
+                        ],
+                        max_length=16,
+                    ),
+                ),
+                ("source", models.CharField(help_text="Directory, GGUF file path or hub id", max_length=500)),
+                (
+                    "path",
+                    models.CharField(
+                        blank=True, help_text="Local safetensors directory used at run time", max_length=500
+                    ),
+                ),
+                ("context_length", models.PositiveIntegerField()),
+                ("parameters", models.BigIntegerField(default=0)),
+                ("license", models.CharField(blank=True, max_length=100)),
+                ("chat_template", models.TextField(blank=True)),
+                ("architecture", models.CharField(blank=True, max_length=100)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[("active", "Available"), ("retired", "Retired")],
+                        default="active",
+                        max_length=16,
+                    ),
+                ),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'ordering': ['name'],
+                "ordering": ["name"],
             },
         ),
     ]

@@ -21,7 +21,9 @@ class Command(BaseCommand):
         parser.add_argument("path")
         parser.add_argument("--name", required=True)
         parser.add_argument("--kind", choices=["sft", "preference"], default="sft")
-        parser.add_argument("--format", choices=["openai", "sharegpt", "alpaca", "csv", "preference"], default="")
+        parser.add_argument(
+            "--format", choices=["openai", "sharegpt", "alpaca", "csv", "preference"], default=""
+        )
         parser.add_argument("--csv-prompt", default="prompt", help="CSV column holding the prompt")
         parser.add_argument("--csv-response", default="response", help="CSV column holding the response")
         parser.add_argument("--base-model", default="", help="base model name (default: the studio default)")
@@ -55,13 +57,17 @@ class Command(BaseCommand):
         if result.rejected > len(result.rejections):
             self.stdout.write(f"... and {result.rejected - len(result.rejections)} more rejected lines")
         duplicates.recompute(dataset)
-        scrub.scan_examples(dataset, list(dataset.examples.filter(pii_status="unscanned").values_list("pk", flat=True)))
+        scrub.scan_examples(
+            dataset, list(dataset.examples.filter(pii_status="unscanned").values_list("pk", flat=True))
+        )
         if opts["scrub"]:
             scrub.apply_all(dataset, user)
         self.stderr.write(f"imported {result.imported}, rejected {result.rejected}")
         if opts["freeze"]:
             try:
-                version = versions.freeze(dataset, user, changelog=f"Imported {path.name} from the command line")
+                version = versions.freeze(
+                    dataset, user, changelog=f"Imported {path.name} from the command line"
+                )
             except versions.FreezeRefused as exc:
                 raise CommandError(f"imported into dataset {dataset.pk}, but could not freeze: {exc}")
             self.stdout.write(str(version.pk))
@@ -80,7 +86,9 @@ class Command(BaseCommand):
             if opts["base_model"] and base is None:
                 raise CommandError(f"base model {base_name!r} is not registered")
             policy = PiiPolicy(keep_patterns=[*DEFAULT_KEEP_PATTERNS, *opts["keep_pattern"]])
-            dataset = datasets.create_dataset(opts["name"], opts["kind"], actor, base_model=base, policy=policy)
+            dataset = datasets.create_dataset(
+                opts["name"], opts["kind"], actor, base_model=base, policy=policy
+            )
         else:
             if dataset.kind != opts["kind"]:
                 raise CommandError(f"dataset {dataset.name!r} holds {dataset.kind} data, not {opts['kind']}")
@@ -90,7 +98,9 @@ class Command(BaseCommand):
                 datasets.update_policy(dataset, policy, actor)
         upload = imports.receive_path(dataset, user, path, fmt=opts["format"])
         if imports.needs_csv_mapping(upload):
-            imports.set_csv_mapping(upload, CsvMapping(prompt=opts["csv_prompt"], response=opts["csv_response"]))
+            imports.set_csv_mapping(
+                upload, CsvMapping(prompt=opts["csv_prompt"], response=opts["csv_response"])
+            )
         return dataset, upload, imports.process(upload.pk)
 
 

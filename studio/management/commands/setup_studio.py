@@ -49,10 +49,12 @@ class Command(BaseCommand):
         if os.environ.get("STUDIO_ADMIN_PASSWORD"):
             self.stdout.write("Created the first admin 'admin' with the password from STUDIO_ADMIN_PASSWORD.")
         else:
-            self.stdout.write(self.style.WARNING(
-                f"Created the first admin 'admin' with password: {password}\n"
-                "  (shown once: write it down, then change it after signing in)"
-            ))
+            self.stdout.write(
+                self.style.WARNING(
+                    f"Created the first admin 'admin' with password: {password}\n"
+                    "  (shown once: write it down, then change it after signing in)"
+                )
+            )
         return user
 
     def _demo(self, admin) -> None:

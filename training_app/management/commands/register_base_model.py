@@ -19,14 +19,21 @@ class Command(BaseCommand):
     def handle(self, *args, **opts):
         try:
             if opts["dir"]:
-                model = register_local_dir(opts["name"] or Path(opts["dir"]).name, Path(opts["dir"]), "cli",
-                                           license=opts["license"])
+                model = register_local_dir(
+                    opts["name"] or Path(opts["dir"]).name, Path(opts["dir"]), "cli", license=opts["license"]
+                )
             elif opts["gguf"]:
-                model = register_gguf(opts["name"] or Path(opts["gguf"]).stem, Path(opts["gguf"]), "cli",
-                                      license=opts["license"])
+                model = register_gguf(
+                    opts["name"] or Path(opts["gguf"]).stem,
+                    Path(opts["gguf"]),
+                    "cli",
+                    license=opts["license"],
+                )
             else:
                 model = register_bundled_smollm2("cli")
         except (FileNotFoundError, ValueError, RuntimeError) as exc:
             raise CommandError(str(exc))
-        self.stdout.write(f"{model.name}: {model.parameters_label} parameters, context {model.context_length}, "
-                          f"at {model.local_dir}")
+        self.stdout.write(
+            f"{model.name}: {model.parameters_label} parameters, context {model.context_length}, "
+            f"at {model.local_dir}"
+        )
