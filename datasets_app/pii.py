@@ -10,9 +10,14 @@ Pipeline for a batch of messages (``PiiScanner.scan``):
    skipped); when no NER-based type is enabled only the tokenizer runs;
 3. Presidio's ``AnalyzerEngine.analyze`` runs per text on the prebuilt ``NlpArtifacts`` with a registry
    restricted to the enabled types (no US_DRIVER_LICENSE, US_BANK_NUMBER, DATE_TIME, NRP, URL ...);
-4. post-filters: NER spans are trimmed of digit/ID-like edge tokens and dropped when nothing name-like is
-   left, allow-listed values are dropped, built-in findings overlapping a keep pattern are dropped, and
-   overlaps are resolved (higher score, then longer span).
+   Besides Presidio's pattern recognizers the registry holds two studio recognizers: STREET_ADDRESS
+   (Presidio has none for English) and PersonCueRecognizer (names in greeting/introduction positions,
+   which the small NER model misses or mislabels as LOCATION);
+4. post-filters: NER spans that contain digits or ID-like tokens, or that are followed by a model number,
+   a plan word or ": <id>", are dropped (products, plans and field labels, not names); PERSON spans in a
+   place position ("in Rotterdam", "<street>, Accra") become LOCATION; allow-listed values are dropped;
+   built-in findings overlapping a keep pattern are dropped; overlaps are resolved (higher score, then
+   longer span).
 
 ``Pseudonymizer`` turns findings into consistent labels (``<PERSON_1>``) keyed by an HMAC of the value,
 so its mapping can be stored without storing raw PII.
@@ -103,7 +108,8 @@ OPERATORS = ("pseudonym", "mask", "hash", "redact")
 DEFAULT_OPERATOR = "pseudonym"
 MASK_KEEP_LAST4 = frozenset({"CREDIT_CARD", "IBAN_CODE", "PHONE_NUMBER"})
 
-# Chosen by the threshold sweep in bench/pii_throughput.py (--sweep); see the README section on PII.
+# Chosen with the threshold sweep of bench/pii_throughput.py --sweep (recall drops above 0.4, precision
+# does not move below it).
 # Phone numbers score 0.4 without a context word (0.75 with one), SSNs 0.5 (0.85), IPs 0.6, NER 0.85;
 # 0.4 keeps context-less phone numbers while dropping Presidio's "very weak" SSN/IP patterns (<= 0.1).
 DEFAULT_THRESHOLD = 0.4
@@ -243,8 +249,17 @@ class CustomRecognizer:
             entity_type=str(d.get("entity_type", "")),
             regex=str(d.get("regex", "")),
             score=d.get("score", 0.85),
-            context=[context] if isinstance(context := d.get("context") or [], str) else list(context),
+            context=_as_list(d.get("context"), []),
         )
+
+
+def _as_list(value: Any, default: list) -> list:
+    """JSON list field: None -> the default, a lone string -> [string], any other iterable -> list."""
+    if value is None:
+        return list(default)
+    if isinstance(value, str):
+        return [value]
+    return list(value)
 
 
 def _regex_error(pattern: str) -> str | None:
@@ -314,18 +329,14 @@ class PiiPolicy:
         d = d or {}
         default = cls()
         return cls(
-            enabled_types=list(d["enabled_types"])
-            if d.get("enabled_types") is not None
-            else default.enabled_types,
+            enabled_types=_as_list(d.get("enabled_types"), default.enabled_types),
             threshold=d["threshold"] if d.get("threshold") is not None else default.threshold,
             custom_recognizers=[
                 c if isinstance(c, CustomRecognizer) else CustomRecognizer.from_dict(c)
-                for c in d.get("custom_recognizers") or []
+                for c in _as_list(d.get("custom_recognizers"), [])
             ],
-            allow_list=list(d.get("allow_list") or []),
-            keep_patterns=list(d["keep_patterns"])
-            if d.get("keep_patterns") is not None
-            else default.keep_patterns,
+            allow_list=_as_list(d.get("allow_list"), []),
+            keep_patterns=_as_list(d.get("keep_patterns"), default.keep_patterns),
             operators=dict(d.get("operators") or {}),
         )
 
@@ -802,8 +813,9 @@ class PiiScanner:
     ) -> list[tuple[int, int, str, float, str]]:
         """Raw Presidio results for one text -> (start, end, type, score, source), sorted by start.
 
-        Applies NER trimming, the allow-list, keep patterns (built-in detectors only) and overlap
-        resolution. Public so that a per-message baseline can reuse exactly the same rules.
+        Applies the NER plausibility filters, the allow-list, keep patterns (built-in detectors only),
+        place retyping and overlap resolution. Public so that a per-message baseline (the bench, the
+        equivalence test) can apply exactly the same rules.
         """
         candidates: list[tuple[int, int, str, float, str]] = []
         keep_spans: list[tuple[int, int]] | None = None
@@ -812,10 +824,10 @@ class PiiScanner:
             source = str(meta.get(RecognizerResult.RECOGNIZER_NAME_KEY) or "unknown")
             start, end = result.start, result.end
             if result.entity_type in NER_ENTITY_TYPES and source == "SpacyRecognizer":
-                trimmed = self._trim_ner_span(text, start, end)
-                if trimmed is None:
+                plausible = self._plausible_ner_span(text, start, end)
+                if plausible is None:
                     continue
-                start, end = trimmed
+                start, end = plausible
             value = text[start:end]
             if value.strip().casefold() in self._allow:
                 continue
@@ -830,13 +842,13 @@ class PiiScanner:
     def _retype_places(
         self, text: str, candidates: list[tuple[int, int, str, float, str]]
     ) -> list[tuple[int, int, str, float, str]]:
-        """NER PERSON spans in a place position are places: "an outage in Rotterdam",
-        "42 Elm St, Manchester". Relabelled LOCATION (or dropped when LOCATION is disabled)."""
+        """PERSON spans (NER or name cues) in a place position are places: "an outage in Rotterdam",
+        "PO Box 5427, Accra." Relabelled LOCATION (or dropped when LOCATION is disabled)."""
         street_ends = [c[1] for c in candidates if c[2] == "STREET_ADDRESS"]
         out = []
         for cand in candidates:
             start, end, entity_type, score, source = cand
-            if entity_type == "PERSON" and source == "SpacyRecognizer":
+            if entity_type == "PERSON" and source in ("SpacyRecognizer", "PersonCueRecognizer"):
                 after_street = any(
                     e <= start and _AFTER_STREET_RE.fullmatch(text, e, start) for e in street_ends
                 )
@@ -850,7 +862,7 @@ class PiiScanner:
     # -- internals ---------------------------------------------------------------------------------
 
     @staticmethod
-    def _trim_ner_span(text: str, start: int, end: int) -> tuple[int, int] | None:
+    def _plausible_ner_span(text: str, start: int, end: int) -> tuple[int, int] | None:
         """Edge-trimmed NER span, or None when the span is not a plausible name or place.
 
         spaCy's small model tags order numbers, SKUs, product and plan names as PERSON/LOCATION now and

@@ -806,7 +806,8 @@ SCENARIOS: dict[str, list[tuple[str, list[str]]]] = {
             [
                 (
                     "Thanks, {full}. "
-                    "For future chats, please don't share the full number here; we only need the last four digits."
+                    "For future chats, please don't share the full number here; "
+                    "we only need the last four digits."
                 ),
                 "Received, thank you. I've attached it to case {ticket}.",
                 "Thank you {title} {last}. The payout of {amount} will be released on {date}.",
