@@ -868,7 +868,8 @@ class PiiScanner:
         spaCy's small model tags order numbers, SKUs, product and plan names as PERSON/LOCATION now and
         then. Names and places never contain digits; a span directly followed by a model number
         ("Scanner SX90", "Tablet Tab 10"), by a plan word ("the Starter Monthly plan") or by a colon and
-        an identifier ("Reference: CASE-41") names a product, a plan or a field, not a person or place.
+        an identifier ("Reference: CASE-41"), or made only of plan vocabulary ("Family Unlimited"), names
+        a product, a plan or a field, not a person or place.
         """
         while start < end and not text[start].isalnum():
             start += 1
@@ -879,6 +880,8 @@ class PiiScanner:
             return None
         if _NER_FOLLOWER_RE.match(text, end):
             return None
+        if all(word.casefold() in _PLAN_WORDS for word in span.split()):
+            return None
         return start, end
 
 
@@ -887,6 +890,19 @@ _NER_FOLLOWER_RE = re.compile(
     r"(?:[ \t]+(?:[A-Za-z]{1,4}-?\d{1,6}[A-Za-z]{0,3}\b|\d{1,4}\b(?![-.\s]*\d))"
     r"|[ \t]+(?i:plan|plans|subscription|tier|edition|package|bundle|license|licence)\b"
     r"|[ \t]*:[ \t]*\S*\d)"
+)
+
+
+# Subscription/tier vocabulary: a NER span made only of these words is a plan name ("Starter Monthly",
+# "Family Unlimited", "Business Plus"), never a person or a place.
+def _word_set(words: str) -> frozenset[str]:
+    return frozenset(words.split())
+
+
+_PLAN_WORDS = _word_set(
+    "monthly yearly annual annually weekly unlimited plus premium standard basic pro starter enterprise "
+    "business family team teams lite ultra platinum essentials professional personal student free trial "
+    "edition tier plan"
 )
 
 

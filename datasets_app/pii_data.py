@@ -110,9 +110,10 @@ PRODUCTS = _csv(
     "Keyboard K380, Monitor U2720, Doorbell V5, Scanner SX90"
 )
 
+# Generic tier names plus branded ones (Horizon Flex, Aurora ...) that no built-in vocabulary knows.
 PLANS = _csv(
     "Business Plus, Pro Annual, Family Unlimited, Starter Monthly, Enterprise Gold, Basic, Premium "
-    "Yearly, Team Standard"
+    "Yearly, Team Standard, Horizon Flex, Aurora, Nimbus Max, Orbit Lite, Sierra Home"
 )
 
 ERROR_TEMPLATES = _csv("E-{d4}, E{d3}, ERR-{d4}, 0x8007{h4}, ERR_CONNECTION_RESET, ERR_SSL_PROTOCOL")

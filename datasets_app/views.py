@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections import Counter
 
+from django.conf import settings
 from django.contrib import messages
 from django.core.paginator import Paginator
 from django.db import transaction
 from django.db.models import Count, Q
 from django.http import Http404, HttpResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.template.defaultfilters import filesizeformat
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
@@ -131,8 +133,16 @@ def dataset_settings(request, pk: int):
 @role_required(CURATOR)
 def upload_new(request, pk: int):
     dataset = get_object_or_404(Dataset, pk=pk)
-    form = forms.UploadForm(request.POST or None, request.FILES or None)
-    if request.method == "POST" and form.is_valid():
+    form = forms.UploadForm(request.POST, request.FILES) if request.method == "POST" else forms.UploadForm()
+    if request.method == "POST" and getattr(request, "upload_too_large", False):
+        form.is_valid()
+        form.errors.pop("file", None)
+        form.add_error(
+            "file",
+            f"The file is larger than the upload limit of {filesizeformat(settings.STUDIO_UPLOAD_MAX_BYTES)}. "
+            "Split it into smaller files and upload them one by one.",
+        )
+    elif request.method == "POST" and form.is_valid():
         f = form.cleaned_data["file"]
         try:
             upload = imports.receive_upload(
@@ -154,8 +164,6 @@ def upload_new(request, pk: int):
 
 
 def request_limit_mb() -> int:
-    from django.conf import settings
-
     return settings.STUDIO_UPLOAD_MAX_BYTES // (1024 * 1024)
 
 

@@ -188,7 +188,7 @@ STORAGES = {
 
 # --- Uploads: streamed to disk, size-limited ---------------------------------------------------
 STUDIO_UPLOAD_MAX_BYTES = envint("STUDIO_UPLOAD_MAX_BYTES", 200 * 1024 * 1024)
-FILE_UPLOAD_HANDLERS = ["django.core.files.uploadhandler.TemporaryFileUploadHandler"]
+FILE_UPLOAD_HANDLERS = ["studio.uploads.LimitedTemporaryFileUploadHandler"]
 FILE_UPLOAD_MAX_MEMORY_SIZE = 0  # never buffer an upload in memory
 FILE_UPLOAD_TEMP_DIR = str(DATA_DIR / "tmp")
 Path(FILE_UPLOAD_TEMP_DIR).mkdir(parents=True, exist_ok=True)

@@ -467,3 +467,50 @@ def test_csv_upload_asks_for_columns(curator, client_for, tmp_path):
         {"role": "assistant", "content": "It ships today."},
     ]
     assert ex.tags == ["shipping"]
+
+
+def test_oversized_web_upload_is_stopped_with_a_clear_error(curator, client_for, settings, tmp_path):
+    settings.STUDIO_UPLOAD_MAX_BYTES = 1024
+    dataset = datasets.create_dataset("Small", "sft", curator)
+    path = write_jsonl(tmp_path / "big.jsonl", GOOD * 20)
+    with open(path, "rb") as fh:
+        response = client_for(curator).post(reverse("datasets:upload_new", args=[dataset.pk]), {"file": fh})
+    assert response.status_code == 200
+    assert "larger than the upload limit of 1.0 KB" in response.content.decode()
+    assert Upload.objects.count() == 0
+    assert not any(Path(settings.FILE_UPLOAD_TEMP_DIR).iterdir())
+
+
+def test_preference_dataset_import_scan_freeze_export(curator, tmp_path):
+    ds = datasets.create_dataset("Prefs", "preference", curator)
+    rows = [
+        {
+            "prompt": "Write to jane.doe@example.com about order ORD-100200.",
+            "chosen": "Sure, drafting it now.",
+            "rejected": "No.",
+        },
+        {
+            "messages": [{"role": "user", "content": "Say hi"}],
+            "chosen": [{"role": "assistant", "content": "Hi there!"}],
+            "rejected": [{"role": "assistant", "content": "Go away."}],
+        },
+        {"prompt": "Same", "chosen": "x", "rejected": "x"},
+    ]
+    result = import_file(ds, write_jsonl(tmp_path / "p.jsonl", rows))
+    assert (result.imported, result.rejected) == (2, 1)
+    assert result.rejections[0]["code"] == "identical_pair"
+    ex = Example.objects.filter(dataset=ds).order_by("position").last()
+    assert (
+        ex.chosen == "Hi there!"
+        and ex.rejected == "Go away."
+        and ex.messages == [{"role": "user", "content": "Say hi"}]
+    )
+    scrub.scan_examples(ds)
+    scrub.apply_all(ds, curator)
+    version = versions.freeze(ds, curator)
+    lines = [json.loads(b) for b in versions.export_lines(version)]
+    assert lines[0]["messages"][0]["content"] == "Write to <EMAIL_ADDRESS_1> about order ORD-100200."
+    assert lines[1]["chosen"] == "Hi there!" and lines[1]["rejected"] == "Go away."
+    # an SFT file cannot go into a preference dataset
+    sft = import_file(ds, write_jsonl(tmp_path / "s.jsonl", GOOD))
+    assert sft.imported == 0 and "preference" in Upload.objects.order_by("-pk").first().error.lower()
