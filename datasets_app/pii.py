@@ -166,10 +166,10 @@ DEFAULT_KEEP_PATTERNS: list[str] = [
     r"\bv\d+(?:\.\d+){1,3}\b",
     # model numbers inside product names: Router X200, Printer LX-500, Monitor U2720
     r"\b[A-Z]{1,3}-?\d{3,5}[A-Z]{0,3}\b",
-    # parcel tracking numbers: UPS 1Z..., and any number introduced as a tracking number
+    # UPS tracking numbers, and any number introduced as a tracking/confirmation/reference/... number
     r"\b1Z[0-9A-Z]{16}\b",
-    r"(?i:\btracking(?:[ \t]+(?:number|no\.?|#|id|code))?(?:[ \t]+is)?[ \t]*[:#]?[ \t]*)"
-    r"[0-9][0-9 ]{7,34}[0-9]\b",
+    r"(?i:\b(?:tracking|confirmation|reference|booking|order|case|ticket|invoice|receipt|transaction)"
+    r"(?:[ \t]+(?:number|no\.?|#|id|code))?(?:[ \t]+is)?[ \t]*[:#]?[ \t]*)[0-9][0-9 ]{3,34}[0-9]\b",
 ]
 
 CUSTOM_RECOGNIZER_SOURCE_PREFIX = "custom:"

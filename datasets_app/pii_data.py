@@ -11,6 +11,10 @@ number written in different formats, the way real chats do. Generic agent lines 
 repeat across conversations, as they do in real exports.
 
 No randomness leaks from the global ``random`` module: ``generate(n, seed)`` always returns the same data.
+
+``evaluate(data, predictions)`` scores predicted spans against the labels: per-type recall/precision
+(a span counts when it overlaps a same-type span), precision regardless of type, the share of PII
+characters covered, and the share of business identifiers left untouched (per kind).
 """
 
 from __future__ import annotations
@@ -466,6 +470,7 @@ _SLOTS: dict[str, _Slot] = {
     "sku": (lambda r, p: p.sku, None, "sku"),
     "ticket": (lambda r, p: p.ticket, None, "ticket"),
     "tracking": (lambda r, p: _tracking(r), None, "tracking"),
+    "reference": (lambda r, p: str(r.randint(100000000, 999999999)), None, "reference"),
     "full_lower": (lambda r, p: f"{p.first} {p.last}".lower(), "PERSON", None),
     "jira": (lambda r, p: _jira(r), None, "issue_key"),
     "invoice": (lambda r, p: p.invoice, None, "invoice"),
@@ -645,6 +650,7 @@ SCENARIOS: dict[str, list[tuple[str, list[str]]]] = {
                     "I've refunded the duplicate on invoice {invoice}."
                 ),
                 "Confirmed, the second charge was a processing error. Refund reference {ticket}.",
+                "Confirmed, the second charge was an error. Your refund reference is {reference}.",
                 (
                     "You're right, sorry about that {first}. "
                     "A refund of {amount} is on its way, 5-7 business days."
@@ -868,6 +874,7 @@ SCENARIOS: dict[str, list[tuple[str, list[str]]]] = {
             [
                 "All set. You'll see a prorated charge on invoice {invoice}.",
                 "Done, you're now on {other_plan}. Confirmation number {ticket}.",
+                "Done. Your confirmation number is {reference}.",
                 "No problem, take your time.",
             ],
         ),
