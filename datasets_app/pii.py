@@ -9,10 +9,10 @@ Pipeline for a batch of messages (``PiiScanner.scan``):
    of ``en_core_web_sm`` has its own tok2vec, so tok2vec/tagger/parser/attribute_ruler/lemmatizer are
    skipped); when no NER-based type is enabled only the tokenizer runs;
 3. Presidio's ``AnalyzerEngine.analyze`` runs per text on the prebuilt ``NlpArtifacts`` with a registry
-   restricted to the enabled types (no US_DRIVER_LICENSE, US_BANK_NUMBER, DATE_TIME, NRP, URL ...);
-   Besides Presidio's pattern recognizers the registry holds two studio recognizers: STREET_ADDRESS
-   (Presidio has none for English) and PersonCueRecognizer (names in greeting/introduction positions,
-   which the small NER model misses or mislabels as LOCATION);
+   restricted to the enabled types (no US_DRIVER_LICENSE, US_BANK_NUMBER, DATE_TIME, NRP, URL ...).
+   Besides Presidio's recognizers the registry holds two studio ones: STREET_ADDRESS (Presidio has none
+   for English) and PersonCueRecognizer (names in greeting/introduction positions, which the small NER
+   model misses or mislabels as LOCATION);
 4. post-filters: NER spans that contain digits or ID-like tokens, or that are followed by a model number,
    a plan word or ": <id>", are dropped (products, plans and field labels, not names); PERSON spans in a
    place position ("in Rotterdam", "<street>, Accra") become LOCATION; allow-listed values are dropped;
@@ -24,45 +24,35 @@ so its mapping can be stored without storing raw PII.
 
 Logging: this module logs counts only. Presidio's own loggers are wrapped by a filter that withholds
 message arguments (some Presidio log lines carry matched text).
+
+Imports: spaCy and Presidio (which pull in thinc, torch and transformers: ~5 s and ~400 MB) are imported
+on first use of the scanner, not at module import, so web processes that only need ``PiiPolicy``,
+``Pseudonymizer`` or ``ENTITY_TYPES`` stay light. tldextract is switched to its bundled snapshot at
+that same point, before any Presidio recognizer can run.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
 import logging
 import re
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 import phonenumbers
 import regex
-import spacy
-import tldextract
-import tldextract.tldextract
-from presidio_analyzer import (
-    AnalyzerEngine,
-    EntityRecognizer,
-    Pattern,
-    PatternRecognizer,
-    RecognizerRegistry,
-    RecognizerResult,
-)
-from presidio_analyzer.nlp_engine import NerModelConfiguration, NlpArtifacts, SpacyNlpEngine
-from presidio_analyzer.predefined_recognizers import (
-    CreditCardRecognizer,
-    EmailRecognizer,
-    IbanRecognizer,
-    IpRecognizer,
-    PhoneRecognizer,
-    SpacyRecognizer,
-    UsSsnRecognizer,
-)
-from spacy.language import Language
-from spacy.tokens import Doc
+
+if TYPE_CHECKING:  # heavy imports happen lazily, see _engine()
+    import tldextract
+    from presidio_analyzer import EntityRecognizer, RecognizerResult
+    from presidio_analyzer.nlp_engine import NerModelConfiguration, SpacyNlpEngine
+    from spacy.language import Language
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +67,8 @@ __all__ = [
     "CustomRecognizer",
     "Finding",
     "PiiPolicy",
-    "PersonCueRecognizer",
     "PiiScanner",
     "Pseudonymizer",
-    "StreetAddressRecognizer",
     "get_nlp",
     "make_nlp_engine",
     "ner_model_configuration",
@@ -176,10 +164,11 @@ CUSTOM_RECOGNIZER_SOURCE_PREFIX = "custom:"
 _ENTITY_TYPE_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 _LABEL_RE = re.compile(r"^<([A-Z][A-Z0-9_]*)_(\d+)>$")
 _CUSTOM_REGEX_FLAGS = regex.DOTALL | regex.MULTILINE
+_RECOGNIZER_NAME_KEY = "recognizer_name"  # presidio_analyzer.RecognizerResult.RECOGNIZER_NAME_KEY
 
 
 # --------------------------------------------------------------------------------------------------
-# Offline tldextract and log hygiene (module import side effects, idempotent)
+# Offline tldextract and log hygiene
 # --------------------------------------------------------------------------------------------------
 
 
@@ -189,13 +178,18 @@ def offline_tld_extractor() -> tldextract.TLDExtract:
     ``suffix_list_urls=()`` makes tldextract skip the HTTP fetch, ``cache_dir=None`` disables the
     on-disk cache, and ``fallback_to_snapshot=True`` loads the snapshot shipped inside the package.
     """
+    import tldextract
+
     return tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None, fallback_to_snapshot=True)
 
 
-_TLD_EXTRACTOR = offline_tld_extractor()
-# Presidio's EmailRecognizer calls the module-level ``tldextract.extract``, which uses this global
-# extractor (default: fetch the public suffix list over HTTP on first use). Replace it process-wide.
-tldextract.tldextract.TLD_EXTRACTOR = _TLD_EXTRACTOR
+def _install_offline_tldextract() -> None:
+    """Presidio's EmailRecognizer calls the module-level ``tldextract.extract``, which uses a global
+    extractor that fetches the public suffix list over HTTP on first use. Replace it process-wide."""
+    import tldextract.tldextract
+
+    if tldextract.tldextract.TLD_EXTRACTOR.suffix_list_urls:
+        tldextract.tldextract.TLD_EXTRACTOR = offline_tld_extractor()
 
 
 class _WithholdPresidioText(logging.Filter):
@@ -415,121 +409,310 @@ class Finding:
 # Engines (spaCy model loaded once per process)
 # --------------------------------------------------------------------------------------------------
 
+# Studio recognizer patterns (compiled by Presidio's ``regex`` engine; see the classes in _engine()).
+
+# English street addresses: "221B Baker Street", "1600 Pennsylvania Ave NW", "42 Elm St., Apt 5",
+# "PO Box 123". Street-name words must be capitalised (case-sensitive) so that "2 days ago via main road"
+# is no address; suffixes and unit designators ignore case.
+_STREET_SUFFIX = (
+    r"(?i:street|st|avenue|ave|av|road|rd|boulevard|blvd|lane|ln|drive|dr|court|ct|place|pl|way|"
+    r"terrace|ter|parkway|pkwy|highway|hwy|circle|cir|square|sq|crescent|cres|close|row|walk|trail)"
+)
+_STREET_WORD = r"(?:[A-Z][a-z]+|[A-Z]{2,}|\d{1,3}(?:st|nd|rd|th))"
+_STREET_UNIT = (
+    r"(?:,?\s+(?i:apt|apartment|suite|ste|unit|fl|floor|flat|room|rm)\.?\s*#?\s*[0-9]{1,5}[A-Za-z]?)"
+)
+_STREET_PATTERNS = [
+    (
+        "street_address",
+        rf"\b\d{{1,6}}[A-Za-z]?(?:-\d{{1,4}})?\s+(?:{_STREET_WORD}\s+){{0,3}}{_STREET_WORD}\s+"
+        rf"{_STREET_SUFFIX}\b\.?(?:\s+(?:N|S|E|W|NE|NW|SE|SW)\b)?{_STREET_UNIT}?",
+        0.85,
+    ),
+    ("po_box", r"\b(?i:p\.?\s?o\.?\s*box)\s+\d{1,6}\b", 0.85),
+]
+_STREET_CONTEXT = ["address", "street", "ship", "deliver", "live", "mail", "send", "billing", "collect"]
+
+# Names in the positions support chats put them (PersonCueRecognizer). Names must be capitalised; stop
+# lists keep "Hi there", "Thanks Team", "Sure, ..." and the like out. Cues are consumed and discarded
+# with \K (much cheaper than variable-width look-behinds).
+_CUE_WORD = r"(?:[A-Z][a-z]+(?:['\u2019-][A-Za-z][a-z]+)?|[A-Z]['\u2019][A-Z][a-z]+)"
+_CUE_PARTICLE = r"(?:van|von|der|den|de|da|del|della|di|du|la|le|bin|ibn|al|el|dos|das)"
+_CUE_NAME = rf"{_CUE_WORD}(?:[ \t]+(?:{_CUE_PARTICLE}[ \t]+)*{_CUE_WORD}){{0,2}}"
+_CUE_NOT_NAME = (
+    r"(?!(?:There|Team|Teams|All|Everyone|Everybody|Again|Guys|Folks|Both|Support|Sir|Madam|Customer|"
+    r"Agent|Service|Services|So|For|Very|Much|Thanks|Thank|Good|Morning|Afternoon|Evening|Once|In|To|"
+    r"The|A|An|We|You|It|This|That|My|Your|Our|Please|Yes|No|Ok|Okay|Sure|Just|Hi|Hello|Hey|Dear|"
+    r"Not|Sorry|Glad|Happy|Back|Here|Still|Really|Also|Anyway|Now|Mr|Mrs|Ms|Miss|Mx|Dr|Prof)\b)"
+)
+# Words that open a sentence followed by a comma without being a name ("Done, the parcel ...").
+_CUE_NOT_OPENER = (
+    r"(?!(?:Done|Great|Perfect|Noted|Right|Well|Understood|Confirmed|Absolutely|Alright|Unfortunately|"
+    r"Actually|Honestly|Otherwise|However|Meanwhile|Finally|Hmm|Oh|Ah|Wow|Cool|Awesome|Excellent|Fine|"
+    r"Correct|Exactly|Apologies|Today|Yesterday|Tomorrow|Then|First|Second|Next|Lastly|Currently|"
+    r"Basically|Instead|Besides|Regards|Cheers|Kind|Best|Sincerely|Plus|But|And|Or|If|When|Since|"
+    r"Because|Although|Yep|Yeah|Nope|Agreed|Indeed|Certainly|Definitely|Of|On|At|As|By|From|With|"
+    r"After|Before|During|Unless|Sadly|Luckily|Fortunately|Ideally|Normally|Usually|Again|Oops|"
+    r"Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday|Update|Note|Reminder|Edit|Ps|Received|"
+    r"Sent|Checked|Fixed|Resolved|Closed|Updated|Booked|Cancelled|Refunded|Approved|Ready|Yes|No|Ok|"
+    r"Okay|Sure|Inc|Ltd|LLC|GmbH|Corp|Co|Plc|Team|Support)\b)"
+)
+_CUE_END = r"(?=[ \t]*[,.!?;:)]|[ \t]*$|[ \t]+(?:here|from|and|with|at|on|speaking)\b)"
+_CUE_TITLE = r"(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof)\.?[ \t]+"
+_CUE_GREETING = (
+    r"\b(?i:hi|hello|hey|dear|thanks|thank[ \t]+you|cheers|okay|ok|sorry|welcome|morning|"
+    r"afternoon|evening),?[ \t]+(?:" + _CUE_TITLE + r")?\K"
+)
+_CUE_TAIL = r"\b(?i:us|you|that|welcome|problem|course|again),?[ \t]+\K"
+_CUE_INTRO = (
+    r"\b(?i:my[ \t]+name[ \t]+is|name[ \t]+is|i'm|i[ \t]+am|this[ \t]+is|account[ \t]+holder|"
+    r"under[ \t]+the[ \t]+name|name[ \t]+on[ \t]+the[ \t]+(?:card|account)[ \t]+is)[ \t]+\K"
+)
+_PERSON_CUE_PATTERNS = [
+    ("greeting_name", _CUE_GREETING + _CUE_NOT_NAME + _CUE_NAME + _CUE_END, 0.9),
+    ("vocative_tail", _CUE_TAIL + _CUE_NOT_NAME + _CUE_NAME + r"(?=[ \t]*[.!?])", 0.9),
+    # ", Name." closing any sentence: weaker (0.6) so that the NER's LOCATION wins on "Lagos, Nigeria."
+    (
+        "vocative_tail_weak",
+        r",[ \t]+\K" + _CUE_NOT_NAME + _CUE_NOT_OPENER + _CUE_NAME + r"(?=[ \t]*[.!?](?:\s|$))",
+        0.6,
+    ),
+    (
+        "vocative_opening",
+        r"^[ \t]*" + _CUE_NOT_NAME + _CUE_NOT_OPENER + r"\K" + _CUE_NAME + r"(?=,[ \t]+(?:[a-z]|I\b|I'))",
+        0.9,
+    ),
+    ("introduction_name", _CUE_INTRO + _CUE_NOT_NAME + _CUE_NAME + _CUE_END, 0.9),
+    ("honorific_name", r"\b" + _CUE_TITLE + r"\K" + _CUE_NOT_NAME + _CUE_NAME, 0.9),
+    ("signature_name", r"(?:^|[.!?][ \t]+)\K" + _CUE_NOT_NAME + _CUE_NAME + r"(?=[ \t]+here\b)", 0.9),
+]
+
 _NLP_LOCK = threading.Lock()
 _NLP: Language | None = None
+
+
+@functools.cache
+def _engine() -> SimpleNamespace:
+    """Import spaCy and Presidio (slow, heavy) and define the studio's subclasses of their types.
+
+    Runs once per process, on first use of a scanner; also makes tldextract offline before any
+    Presidio recognizer can run.
+    """
+    from presidio_analyzer import (
+        AnalyzerEngine,
+        EntityRecognizer,
+        Pattern,
+        PatternRecognizer,
+        RecognizerRegistry,
+        RecognizerResult,
+    )
+    from presidio_analyzer.nlp_engine import NerModelConfiguration, NlpArtifacts, SpacyNlpEngine
+    from presidio_analyzer.predefined_recognizers import (
+        CreditCardRecognizer,
+        EmailRecognizer,
+        IbanRecognizer,
+        IpRecognizer,
+        PhoneRecognizer,
+        SpacyRecognizer,
+        UsSsnRecognizer,
+    )
+
+    _install_offline_tldextract()
+
+    class StudioNlpEngine(SpacyNlpEngine):
+        """SpacyNlpEngine over the shared model that runs only what the studio needs.
+
+        ``ner=True``: NER (with its embedded tok2vec) only. ``ner=False``: tokenizer only. Lemmas are the
+        lower-cased token text whenever the lemmatizer did not run.
+        """
+
+        def __init__(self, nlp: Language, ner: bool, batch_size: int = 256):
+            super().__init__(
+                models=[{"lang_code": LANGUAGE, "model_name": SPACY_MODEL}],
+                ner_model_configuration=ner_model_configuration(),
+            )
+            self.nlp = {LANGUAGE: nlp}
+            self.ner = ner
+            self.batch_size = batch_size
+            self._disabled = [name for name in nlp.pipe_names if name in _NON_NER_COMPONENTS]
+
+        def load(self) -> None:  # the shared model is already loaded
+            return None
+
+        def docs(self, texts):
+            nlp = self.nlp[LANGUAGE]
+            if not self.ner:
+                return (nlp.make_doc(text) for text in texts)
+            return nlp.pipe(texts, batch_size=self.batch_size, disable=self._disabled)
+
+        def process_text(self, text, language):
+            return self.artifacts(next(iter(self.docs([text]))))
+
+        def process_batch(self, texts, language, batch_size=1, n_process=1, as_tuples=False):
+            if as_tuples:
+                items = list(texts)
+                for (_, context), doc in zip(items, self.docs(str(t) for t, _ in items), strict=True):
+                    yield doc.text, self.artifacts(doc), context
+            else:
+                for doc in self.docs(str(t) for t in texts):
+                    yield doc.text, self.artifacts(doc)
+
+        def artifacts(self, doc):
+            ents = doc.ents
+            entities, scores = self._get_updated_entities(
+                ents, [self.ner_model_configuration.default_score] * len(ents)
+            )
+            return LazyNlpArtifacts(entities=entities, doc=doc, nlp_engine=self, scores=scores)
+
+    class LazyNlpArtifacts(NlpArtifacts):
+        """NlpArtifacts whose per-token lists are built on first use.
+
+        Presidio reads lemmas/keywords/token indices only to enhance pattern findings with context
+        words; most chat messages have no pattern finding, so building them eagerly is wasted work.
+        """
+
+        def __init__(self, entities, doc, nlp_engine, scores):
+            # NlpArtifacts.__init__ computes keywords eagerly; set the same attributes lazily instead.
+            self.entities = entities
+            self.tokens = doc
+            self.nlp_engine = nlp_engine
+            self.scores = scores if scores else [0.85] * len(entities)
+            self._lemmas = None
+            self._indices = None
+            self._keywords = None
+
+        @property
+        def lemmas(self):
+            if self._lemmas is None:
+                self._lemmas = [token.lemma_ or token.lower_ for token in self.tokens]
+            return self._lemmas
+
+        @lemmas.setter
+        def lemmas(self, value):
+            self._lemmas = value
+
+        @property
+        def tokens_indices(self):
+            if self._indices is None:
+                self._indices = [token.idx for token in self.tokens]
+            return self._indices
+
+        @tokens_indices.setter
+        def tokens_indices(self, value):
+            self._indices = value
+
+        @property
+        def keywords(self):
+            if self._keywords is None:
+                self._keywords = self.set_keywords(self.nlp_engine, self.lemmas, LANGUAGE)
+            return self._keywords
+
+        @keywords.setter
+        def keywords(self, value):
+            self._keywords = value
+
+    class StreetAddressRecognizer(PatternRecognizer):
+        """English street addresses; Presidio ships none for English. See _STREET_PATTERNS."""
+
+        def __init__(self, supported_language: str = LANGUAGE):
+            super().__init__(
+                supported_entity="STREET_ADDRESS",
+                patterns=[Pattern(*p) for p in _STREET_PATTERNS],
+                context=list(_STREET_CONTEXT),
+                supported_language=supported_language,
+                name="StreetAddressRecognizer",
+                global_regex_flags=regex.DOTALL | regex.MULTILINE,
+            )
+
+    class PersonCueRecognizer(PatternRecognizer):
+        """Names in greeting/vocative/introduction/honorific positions ("Hi Siobhan,", "Thanks,
+        Arjun!", "Priya, can I ...", "Thanks for contacting us, Ananya.", "my name is ...", "Thabo
+        here", "Dr. Lindqvist"). spaCy's small model misses many non-Anglo first names and often calls
+        them LOCATION; these cues are unambiguous, so their score (0.9) outranks the NER's 0.85."""
+
+        def __init__(self, supported_language: str = LANGUAGE):
+            super().__init__(
+                supported_entity="PERSON",
+                patterns=[Pattern(*p) for p in _PERSON_CUE_PATTERNS],
+                supported_language=supported_language,
+                name="PersonCueRecognizer",
+                global_regex_flags=regex.MULTILINE,
+            )
+
+    class GatedPhoneRecognizer(PhoneRecognizer):
+        """Presidio's PhoneRecognizer, skipped on texts with fewer than 4 digits.
+
+        The recognizer runs libphonenumber's matcher once per supported region (8 passes) on every
+        text, which makes it the most expensive recognizer. No valid number in any supported region
+        has a national significant number shorter than 4 digits (DE's minimum; US/FR need 10/9), so
+        texts with fewer digits cannot produce a finding and results are identical.
+        """
+
+        MIN_DIGITS = 4
+
+        def analyze(self, text, entities, nlp_artifacts=None):
+            digits = 0
+            for ch in text:
+                if ch.isdigit():
+                    digits += 1
+                    if digits >= self.MIN_DIGITS:
+                        return super().analyze(text, entities, nlp_artifacts)
+            return []
+
+    builtin = {
+        "NER": lambda: SpacyRecognizer(supported_entities=sorted(NER_ENTITY_TYPES), name="SpacyRecognizer"),
+        "PERSON": PersonCueRecognizer,
+        "EMAIL_ADDRESS": EmailRecognizer,
+        "PHONE_NUMBER": lambda: GatedPhoneRecognizer(name="PhoneRecognizer"),
+        "CREDIT_CARD": CreditCardRecognizer,
+        "IBAN_CODE": IbanRecognizer,
+        "US_SSN": UsSsnRecognizer,
+        "IP_ADDRESS": IpRecognizer,
+        "STREET_ADDRESS": StreetAddressRecognizer,
+    }
+    return SimpleNamespace(
+        AnalyzerEngine=AnalyzerEngine,
+        EntityRecognizer=EntityRecognizer,
+        NerModelConfiguration=NerModelConfiguration,
+        Pattern=Pattern,
+        PatternRecognizer=PatternRecognizer,
+        RecognizerRegistry=RecognizerRegistry,
+        RECOGNIZER_NAME_KEY=RecognizerResult.RECOGNIZER_NAME_KEY,
+        SpacyNlpEngine=SpacyNlpEngine,
+        StudioNlpEngine=StudioNlpEngine,
+        StreetAddressRecognizer=StreetAddressRecognizer,
+        PersonCueRecognizer=PersonCueRecognizer,
+        builtin_recognizers=builtin,
+        phone_regions=tuple(PhoneRecognizer.DEFAULT_SUPPORTED_REGIONS),
+    )
+
+
+def __getattr__(name: str) -> Any:
+    """The studio recognizer classes live in _engine() (Presidio is imported lazily)."""
+    if name in ("StreetAddressRecognizer", "PersonCueRecognizer"):
+        return getattr(_engine(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def get_nlp() -> Language:
     """The process-wide spaCy pipeline (loaded on first use, never downloaded)."""
     global _NLP
     if _NLP is None:
+        _engine()
         with _NLP_LOCK:
             if _NLP is None:
+                import spacy
+
                 _NLP = spacy.load(SPACY_MODEL)
                 logger.info("loaded spaCy model %s (%d components)", SPACY_MODEL, len(_NLP.pipe_names))
     return _NLP
 
 
 def ner_model_configuration() -> NerModelConfiguration:
-    return NerModelConfiguration(
+    return _engine().NerModelConfiguration(
         model_to_presidio_entity_mapping=dict(_NER_LABEL_MAP),
         labels_to_ignore=list(_NER_IGNORED_LABELS),
     )
-
-
-class _StudioNlpEngine(SpacyNlpEngine):
-    """SpacyNlpEngine over the shared model that runs only what the studio needs.
-
-    ``ner=True``: NER (with its embedded tok2vec) only. ``ner=False``: tokenizer only. Lemmas are the
-    lower-cased token text whenever the lemmatizer did not run.
-    """
-
-    def __init__(self, nlp: Language, ner: bool, batch_size: int = 256):
-        super().__init__(
-            models=[{"lang_code": LANGUAGE, "model_name": SPACY_MODEL}],
-            ner_model_configuration=ner_model_configuration(),
-        )
-        self.nlp = {LANGUAGE: nlp}
-        self.ner = ner
-        self.batch_size = batch_size
-        self._disabled = [name for name in nlp.pipe_names if name in _NON_NER_COMPONENTS]
-
-    def load(self) -> None:  # the shared model is already loaded
-        return None
-
-    def docs(self, texts: Iterable[str]) -> Iterator[Doc]:
-        nlp = self.nlp[LANGUAGE]
-        if not self.ner:
-            return (nlp.make_doc(text) for text in texts)
-        return nlp.pipe(texts, batch_size=self.batch_size, disable=self._disabled)
-
-    def process_text(self, text: str, language: str) -> NlpArtifacts:
-        return self.artifacts(next(iter(self.docs([text]))))
-
-    def process_batch(self, texts, language, batch_size=1, n_process=1, as_tuples=False):  # noqa: D102
-        if as_tuples:
-            items = list(texts)
-            for (_, context), doc in zip(items, self.docs(str(t) for t, _ in items), strict=True):
-                yield doc.text, self.artifacts(doc), context
-        else:
-            for doc in self.docs(str(t) for t in texts):
-                yield doc.text, self.artifacts(doc)
-
-    def artifacts(self, doc: Doc) -> NlpArtifacts:
-        ents = doc.ents
-        entities, scores = self._get_updated_entities(
-            ents, [self.ner_model_configuration.default_score] * len(ents)
-        )
-        return _LazyNlpArtifacts(entities=entities, doc=doc, nlp_engine=self, scores=scores)
-
-
-class _LazyNlpArtifacts(NlpArtifacts):
-    """NlpArtifacts whose per-token lists are built on first use.
-
-    Presidio reads lemmas/keywords/token indices only to enhance pattern findings with context words;
-    most chat messages have no pattern finding, so building them eagerly is wasted work.
-    """
-
-    def __init__(self, entities: list, doc: Doc, nlp_engine: SpacyNlpEngine, scores: list[float]):
-        # NlpArtifacts.__init__ computes keywords eagerly; set the same public attributes lazily instead.
-        self.entities = entities
-        self.tokens = doc
-        self.nlp_engine = nlp_engine
-        self.scores = scores if scores else [0.85] * len(entities)
-        self._language = LANGUAGE
-        self._lemmas: list[str] | None = None
-        self._indices: list[int] | None = None
-        self._keywords: list[str] | None = None
-
-    @property
-    def lemmas(self) -> list[str]:  # type: ignore[override]
-        if self._lemmas is None:
-            self._lemmas = [token.lemma_ or token.lower_ for token in self.tokens]
-        return self._lemmas
-
-    @lemmas.setter
-    def lemmas(self, value: list[str]) -> None:
-        self._lemmas = value
-
-    @property
-    def tokens_indices(self) -> list[int]:  # type: ignore[override]
-        if self._indices is None:
-            self._indices = [token.idx for token in self.tokens]
-        return self._indices
-
-    @tokens_indices.setter
-    def tokens_indices(self, value: list[int]) -> None:
-        self._indices = value
-
-    @property
-    def keywords(self) -> list[str]:  # type: ignore[override]
-        if self._keywords is None:
-            self._keywords = self.set_keywords(self.nlp_engine, self.lemmas, self._language)
-        return self._keywords
-
-    @keywords.setter
-    def keywords(self, value: list[str]) -> None:
-        self._keywords = value
 
 
 def make_nlp_engine(full_pipeline: bool = False) -> SpacyNlpEngine:
@@ -538,159 +721,15 @@ def make_nlp_engine(full_pipeline: bool = False) -> SpacyNlpEngine:
     ``full_pipeline=True`` gives Presidio's stock ``SpacyNlpEngine`` behaviour (every component runs,
     one text per call) with the studio's NER label mapping; the bench uses it as the naive baseline.
     """
+    eng = _engine()
     if full_pipeline:
-        engine = SpacyNlpEngine(
+        engine = eng.SpacyNlpEngine(
             models=[{"lang_code": LANGUAGE, "model_name": SPACY_MODEL}],
             ner_model_configuration=ner_model_configuration(),
         )
         engine.nlp = {LANGUAGE: get_nlp()}
         return engine
-    return _StudioNlpEngine(get_nlp(), ner=True)
-
-
-class StreetAddressRecognizer(PatternRecognizer):
-    """English street addresses ("221B Baker Street", "1600 Pennsylvania Ave NW", "42 Elm St., Apt 5",
-    "PO Box 123"). Presidio ships none for English.
-
-    Matching is case-sensitive for the street name (capitalised words) so that phrases like
-    "2 days ago via main road" are not addresses; suffixes and unit designators ignore case.
-    """
-
-    _SUFFIX = (
-        r"(?i:street|st|avenue|ave|av|road|rd|boulevard|blvd|lane|ln|drive|dr|court|ct|place|pl|way|"
-        r"terrace|ter|parkway|pkwy|highway|hwy|circle|cir|square|sq|crescent|cres|close|row|walk|trail)"
-    )
-    _NAME_WORD = r"(?:[A-Z][a-z]+|[A-Z]{2,}|\d{1,3}(?:st|nd|rd|th))"
-    _UNIT = r"(?:,?\s+(?i:apt|apartment|suite|ste|unit|fl|floor|flat|room|rm)\.?\s*#?\s*[0-9]{1,5}[A-Za-z]?)"
-    _DIRECTION = r"(?:\s+(?:N|S|E|W|NE|NW|SE|SW)\b)"
-    PATTERNS = [
-        Pattern(
-            "street_address",
-            rf"\b\d{{1,6}}[A-Za-z]?(?:-\d{{1,4}})?\s+(?:{_NAME_WORD}\s+){{0,3}}{_NAME_WORD}\s+{_SUFFIX}\b\.?"
-            rf"{_DIRECTION}?{_UNIT}?",
-            0.85,
-        ),
-        Pattern("po_box", r"\b(?i:p\.?\s?o\.?\s*box)\s+\d{1,6}\b", 0.85),
-    ]
-    CONTEXT = ["address", "street", "ship", "deliver", "live", "mail", "send", "billing", "collect"]
-
-    def __init__(self, supported_language: str = LANGUAGE):
-        super().__init__(
-            supported_entity="STREET_ADDRESS",
-            patterns=self.PATTERNS,
-            context=self.CONTEXT,
-            supported_language=supported_language,
-            name="StreetAddressRecognizer",
-            global_regex_flags=regex.DOTALL | regex.MULTILINE,
-        )
-
-
-class PersonCueRecognizer(PatternRecognizer):
-    """Names in the positions support chats put them: greetings and thanks ("Hi Siobhan,",
-    "Thanks, Arjun!"), a vocative opening the message ("Priya, can I ..."), a vocative closing a
-    sentence ("Thanks for contacting us, Ananya."), introductions ("my name is ...", "I'm ... from",
-    "Thabo here"), honorifics ("Dr. Lindqvist") and account-holder phrases.
-
-    spaCy's small model misses many non-Anglo first names and often calls them LOCATION; these cues are
-    unambiguous, so their score (0.9) outranks the NER's 0.85 when both fire on the same span. Names
-    must be capitalised; stop lists keep "Hi there", "Thanks Team", "Sure, ..." and the like out.
-    """
-
-    _WORD = r"(?:[A-Z][a-z]+(?:['\u2019-][A-Za-z][a-z]+)?|[A-Z]['\u2019][A-Z][a-z]+)"
-    _PARTICLE = r"(?:van|von|der|den|de|da|del|della|di|du|la|le|bin|ibn|al|el|dos|das)"
-    _NAME = rf"{_WORD}(?:[ \t]+(?:{_PARTICLE}[ \t]+)*{_WORD}){{0,2}}"
-    _NOT_NAME = (
-        r"(?!(?:There|Team|Teams|All|Everyone|Everybody|Again|Guys|Folks|Both|Support|Sir|Madam|Customer|"
-        r"Agent|Service|Services|So|For|Very|Much|Thanks|Thank|Good|Morning|Afternoon|Evening|Once|In|To|"
-        r"The|A|An|We|You|It|This|That|My|Your|Our|Please|Yes|No|Ok|Okay|Sure|Just|Hi|Hello|Hey|Dear|"
-        r"Not|Sorry|Glad|Happy|Back|Here|Still|Really|Also|Anyway|Now|Mr|Mrs|Ms|Miss|Mx|Dr|Prof)\b)"
-    )
-    # Words that open a sentence followed by a comma without being a name ("Done, the parcel ...").
-    _NOT_OPENER = (
-        r"(?!(?:Done|Great|Perfect|Noted|Right|Well|Understood|Confirmed|Absolutely|Alright|Unfortunately|"
-        r"Actually|Honestly|Otherwise|However|Meanwhile|Finally|Hmm|Oh|Ah|Wow|Cool|Awesome|Excellent|Fine|"
-        r"Correct|Exactly|Apologies|Today|Yesterday|Tomorrow|Then|First|Second|Next|Lastly|Currently|"
-        r"Basically|Instead|Besides|Regards|Cheers|Kind|Best|Sincerely|Plus|But|And|Or|If|When|Since|"
-        r"Because|Although|Yep|Yeah|Nope|Agreed|Indeed|Certainly|Definitely|Of|On|At|As|By|From|With|"
-        r"After|Before|During|Unless|Sadly|Luckily|Fortunately|Ideally|Normally|Usually|Again|Oops|"
-        r"Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday|Update|Note|Reminder|Edit|Ps|Received|"
-        r"Sent|Checked|Fixed|Resolved|Closed|Updated|Booked|Cancelled|Refunded|Approved|Ready|Yes|No|Ok|"
-        r"Okay|Sure|Inc|Ltd|LLC|GmbH|Corp|Co|Plc|Team|Support)\b)"
-    )
-    _END = r"(?=[ \t]*[,.!?;:)]|[ \t]*$|[ \t]+(?:here|from|and|with|at|on|speaking)\b)"
-    _TITLE = r"(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof)\.?[ \t]+"
-    # Cues are consumed and discarded with \K (cheaper than variable-width look-behinds).
-    _GREETING = (
-        r"\b(?i:hi|hello|hey|dear|thanks|thank[ \t]+you|cheers|okay|ok|sorry|welcome|morning|"
-        r"afternoon|evening),?[ \t]+(?:" + _TITLE + r")?\K"
-    )
-    _TAIL = r"\b(?i:us|you|that|welcome|problem|course|again),?[ \t]+\K"
-    _INTRO = (
-        r"\b(?i:my[ \t]+name[ \t]+is|name[ \t]+is|i'm|i[ \t]+am|this[ \t]+is|account[ \t]+holder|"
-        r"under[ \t]+the[ \t]+name|name[ \t]+on[ \t]+the[ \t]+(?:card|account)[ \t]+is)[ \t]+\K"
-    )
-    PATTERNS = [
-        Pattern("greeting_name", _GREETING + _NOT_NAME + _NAME + _END, 0.9),
-        Pattern("vocative_tail", _TAIL + _NOT_NAME + _NAME + r"(?=[ \t]*[.!?])", 0.9),
-        # ", Name." closing any sentence: weaker (0.6) so that the NER's LOCATION wins on "Lagos, Nigeria."
-        Pattern(
-            "vocative_tail_weak",
-            r",[ \t]+\K" + _NOT_NAME + _NOT_OPENER + _NAME + r"(?=[ \t]*[.!?](?:\s|$))",
-            0.6,
-        ),
-        Pattern(
-            "vocative_opening",
-            r"^[ \t]*" + _NOT_NAME + _NOT_OPENER + r"\K" + _NAME + r"(?=,[ \t]+(?:[a-z]|I\b|I'))",
-            0.9,
-        ),
-        Pattern("introduction_name", _INTRO + _NOT_NAME + _NAME + _END, 0.9),
-        Pattern("honorific_name", r"\b" + _TITLE + r"\K" + _NOT_NAME + _NAME, 0.9),
-        Pattern("signature_name", r"(?:^|[.!?][ \t]+)\K" + _NOT_NAME + _NAME + r"(?=[ \t]+here\b)", 0.9),
-    ]
-
-    def __init__(self, supported_language: str = LANGUAGE):
-        super().__init__(
-            supported_entity="PERSON",
-            patterns=self.PATTERNS,
-            supported_language=supported_language,
-            name="PersonCueRecognizer",
-            global_regex_flags=regex.MULTILINE,
-        )
-
-
-class _GatedPhoneRecognizer(PhoneRecognizer):
-    """Presidio's PhoneRecognizer, skipped on texts with fewer than 4 digits.
-
-    The recognizer runs libphonenumber's matcher once per supported region (8 passes) on every text,
-    which makes it the most expensive recognizer. No valid number in any supported region has a
-    national significant number shorter than 4 digits (DE's minimum; US/FR need 10/9), so texts with
-    fewer digits cannot produce a finding and results are identical.
-    """
-
-    MIN_DIGITS = 4
-
-    def analyze(self, text, entities, nlp_artifacts=None):  # noqa: D102
-        digits = 0
-        for ch in text:
-            if ch.isdigit():
-                digits += 1
-                if digits >= self.MIN_DIGITS:
-                    return super().analyze(text, entities, nlp_artifacts)
-        return []
-
-
-def _builtin_recognizer(entity_type: str) -> EntityRecognizer | None:
-    factories = {
-        "EMAIL_ADDRESS": EmailRecognizer,
-        "PHONE_NUMBER": lambda: _GatedPhoneRecognizer(name="PhoneRecognizer"),
-        "CREDIT_CARD": CreditCardRecognizer,
-        "IBAN_CODE": IbanRecognizer,
-        "US_SSN": UsSsnRecognizer,
-        "IP_ADDRESS": IpRecognizer,
-        "STREET_ADDRESS": StreetAddressRecognizer,
-    }
-    factory = factories.get(entity_type)
-    return factory() if factory else None
+    return eng.StudioNlpEngine(get_nlp(), ner=True)
 
 
 # Built-in recognizers are stateless after construction (patterns compile lazily, once); share them so
@@ -699,20 +738,11 @@ _RECOGNIZER_CACHE: dict[str, EntityRecognizer] = {}
 _RECOGNIZER_LOCK = threading.Lock()
 
 
-def _shared_recognizer(key: str) -> EntityRecognizer | None:
+def _shared_recognizer(key: str) -> EntityRecognizer:
+    """key: a built-in entity type, or "NER" for spaCy's recognizer."""
     with _RECOGNIZER_LOCK:
         if key not in _RECOGNIZER_CACHE:
-            if key == "NER":
-                recognizer = SpacyRecognizer(
-                    supported_entities=sorted(NER_ENTITY_TYPES), name="SpacyRecognizer"
-                )
-            elif key == "PERSON":
-                recognizer = PersonCueRecognizer()
-            else:
-                recognizer = _builtin_recognizer(key)
-            if recognizer is None:
-                return None
-            _RECOGNIZER_CACHE[key] = recognizer
+            _RECOGNIZER_CACHE[key] = _engine().builtin_recognizers[key]()
         return _RECOGNIZER_CACHE[key]
 
 
@@ -737,6 +767,7 @@ class PiiScanner:
         errors = policy.validate()
         if errors:
             raise ValueError("invalid PII policy: " + "; ".join(errors))
+        eng = _engine()
         self.policy = policy
         self.batch_size = batch_size
         active = policy.active_types()
@@ -756,21 +787,23 @@ class PiiScanner:
             source = CUSTOM_RECOGNIZER_SOURCE_PREFIX + custom.name
             self.custom_sources.add(source)
             recognizers.append(
-                PatternRecognizer(
+                eng.PatternRecognizer(
                     supported_entity=custom.entity_type,
-                    patterns=[Pattern(custom.name, custom.regex, float(custom.score))],
+                    patterns=[eng.Pattern(custom.name, custom.regex, float(custom.score))],
                     context=list(custom.context) or None,
                     supported_language=LANGUAGE,
                     name=source,
                     global_regex_flags=_CUSTOM_REGEX_FLAGS,
                 )
             )
-        self.registry = RecognizerRegistry(recognizers=recognizers, supported_languages=[LANGUAGE])
-        self.nlp_engine = _StudioNlpEngine(get_nlp(), ner=self.uses_ner, batch_size=batch_size)
+        self.registry = eng.RecognizerRegistry(recognizers=recognizers, supported_languages=[LANGUAGE])
+        self.nlp_engine = eng.StudioNlpEngine(get_nlp(), ner=self.uses_ner, batch_size=batch_size)
         # AnalyzerEngine loads every predefined recognizer when handed an empty registry: nothing to
         # analyse means no analyzer at all.
         self.analyzer = (
-            AnalyzerEngine(registry=self.registry, nlp_engine=self.nlp_engine, supported_languages=[LANGUAGE])
+            eng.AnalyzerEngine(
+                registry=self.registry, nlp_engine=self.nlp_engine, supported_languages=[LANGUAGE]
+            )
             if recognizers
             else None
         )
@@ -821,7 +854,7 @@ class PiiScanner:
         keep_spans: list[tuple[int, int]] | None = None
         for result in results:
             meta = result.recognition_metadata or {}
-            source = str(meta.get(RecognizerResult.RECOGNIZER_NAME_KEY) or "unknown")
+            source = str(meta.get(_RECOGNIZER_NAME_KEY) or "unknown")
             start, end = result.start, result.end
             if result.entity_type in NER_ENTITY_TYPES and source == "SpacyRecognizer":
                 plausible = self._plausible_ner_span(text, start, end)
@@ -943,7 +976,8 @@ def _resolve_overlaps(
 
 _TITLE_RE = re.compile(r"^(?:mr|mrs|ms|miss|mx|dr|prof|sir|madam)\.?\s+", re.IGNORECASE)
 _EDGE_PUNCT = " \t\r\n.,;:!?\"'()[]{}<>"
-_PHONE_REGIONS = PhoneRecognizer.DEFAULT_SUPPORTED_REGIONS
+# Presidio's PhoneRecognizer.DEFAULT_SUPPORTED_REGIONS (a test keeps them in sync), tried in order.
+_PHONE_REGIONS = ("US", "GB", "DE", "FR", "IL", "IN", "CA", "BR")
 
 
 def _normalise_phone(value: str) -> str:

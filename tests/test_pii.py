@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -329,10 +331,12 @@ def test_nothing_enabled_finds_nothing():
 
 
 def test_new_policy_reuses_the_loaded_model(scanner, monkeypatch):
+    import spacy
+
     def no_load(*args, **kwargs):
         raise AssertionError("spaCy model loaded twice")
 
-    monkeypatch.setattr(pii.spacy, "load", no_load)
+    monkeypatch.setattr(spacy, "load", no_load)
     started = time.perf_counter()
     for threshold in (0.3, 0.5, 0.7):
         PiiScanner(PiiPolicy(threshold=threshold, allow_list=["x"]))
@@ -387,14 +391,35 @@ def test_tldextract_works_offline_without_network(monkeypatch):
     extractor = pii.offline_tld_extractor()
     result = extractor("mail.example.co.uk")
     assert (result.domain, result.suffix) == ("example", "co.uk")
+    scanner = PiiScanner(PiiPolicy(enabled_types=["EMAIL_ADDRESS"]))
     # Presidio's EmailRecognizer goes through the module-level extractor, which pii replaced
     assert tldextract.tldextract.TLD_EXTRACTOR.suffix_list_urls == ()
     assert tldextract.extract("jane@shop.example.com.au").suffix == "com.au"
-    scanner = PiiScanner(PiiPolicy(enabled_types=["EMAIL_ADDRESS"]))
     [found] = scanner.scan(["Write to jane.doe@example.co.uk today."])
     assert [f.text for f in found] == ["jane.doe@example.co.uk"]
     assert attempts == []
     assert time.perf_counter() - started < 10
+
+
+def test_importing_pii_does_not_load_spacy_or_presidio():
+    """Web processes import PiiPolicy/Pseudonymizer; spaCy + Presidio (~5 s, ~400 MB) load on first scan."""
+    code = (
+        "import sys, datasets_app.pii as p; p.PiiPolicy().validate(); "
+        "p.Pseudonymizer(b'k').replacement('PHONE_NUMBER', '(415) 382-1947', 'pseudonym'); "
+        "print(sorted(m for m in ('spacy', 'presidio_analyzer', 'torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_constants_mirror_presidio():
+    from presidio_analyzer import RecognizerResult
+    from presidio_analyzer.predefined_recognizers import PhoneRecognizer
+
+    assert tuple(PhoneRecognizer.DEFAULT_SUPPORTED_REGIONS) == pii._PHONE_REGIONS
+    assert pii._RECOGNIZER_NAME_KEY == RecognizerResult.RECOGNIZER_NAME_KEY
+    assert pii.StreetAddressRecognizer().name == "StreetAddressRecognizer"
+    assert pii.PersonCueRecognizer().supported_entities == ["PERSON"]
 
 
 # --------------------------------------------------------------------------------------------------
