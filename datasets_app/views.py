@@ -16,6 +16,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from studio import audit
+from studio.htmx import render_htmx
 from studio.roles import CURATOR, ENGINEER, role_required
 
 from . import forms
@@ -24,10 +25,6 @@ from .services import datasets, duplicates, imports, progress, scrub, storage, v
 from .tokens import training_estimate
 
 READERS = (CURATOR, ENGINEER)
-
-
-def _partial(request, full: str, partial: str, context: dict):
-    return render(request, partial if request.htmx else full, context)
 
 
 # --- datasets ---------------------------------------------------------------------------------------
@@ -207,7 +204,9 @@ def upload_detail(request, pk: int):
         "progress": progress.get_progress("upload", upload.pk),
         "reason_labels": _labels(),
     }
-    return _partial(request, "datasets/upload_detail.html", "datasets/partials/upload_status.html", context)
+    return render_htmx(
+        request, "datasets/upload_detail.html", "datasets/partials/upload_status.html", context
+    )
 
 
 def _labels() -> dict:
@@ -271,7 +270,7 @@ def pii_review(request, pk: int):
         "scan": progress.get_progress("scan", dataset.pk),
         "types": scrub.entity_types(scrub.policy_for(dataset)),
     }
-    return _partial(request, "datasets/pii_review.html", "datasets/partials/pii_table.html", context)
+    return render_htmx(request, "datasets/pii_review.html", "datasets/partials/pii_table.html", context)
 
 
 @role_required(CURATOR)
@@ -357,7 +356,7 @@ def example_list(request, pk: int):
         "all_tags": [t for t, _ in tags.most_common(40)],
         "splits": Example.Split.choices,
     }
-    return _partial(request, "datasets/examples.html", "datasets/partials/example_rows.html", context)
+    return render_htmx(request, "datasets/examples.html", "datasets/partials/example_rows.html", context)
 
 
 def _example_messages_from_post(example: Example, post) -> list[dict]:
@@ -489,11 +488,10 @@ def duplicate_list(request, pk: int):
 @require_POST
 def duplicate_decide(request, pk: int):
     group = get_object_or_404(DuplicateGroup.objects.select_related("dataset"), pk=pk)
-    decision = request.POST.get("decision", "")
-    if decision not in (DuplicateGroup.Decision.KEEP_ALL, DuplicateGroup.Decision.KEEP_ONE):
+    try:
+        duplicates.decide(group, request.POST.get("decision", ""), request.user)
+    except ValueError:
         messages.error(request, "Choose keep all or keep one.")
-    else:
-        duplicates.decide(group, decision, request.user)
     return redirect(reverse("datasets:duplicates", args=[group.dataset_id]))
 
 
@@ -501,11 +499,11 @@ def duplicate_decide(request, pk: int):
 @require_POST
 def duplicate_decide_all(request, pk: int):
     dataset = get_object_or_404(Dataset, pk=pk)
-    decision = request.POST.get("decision", "")
-    if decision not in (DuplicateGroup.Decision.KEEP_ALL, DuplicateGroup.Decision.KEEP_ONE):
+    try:
+        n = duplicates.decide_all(dataset, request.POST.get("decision", ""), request.user)
+    except ValueError:
         messages.error(request, "Choose keep all or keep one.")
     else:
-        n = duplicates.decide_all(dataset, decision, request.user)
         messages.success(request, f"{n} groups decided.")
     return redirect(reverse("datasets:duplicates", args=[dataset.pk]))
 

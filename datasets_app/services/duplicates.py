@@ -58,9 +58,13 @@ def recompute(dataset: Dataset) -> int:
     return len(groups)
 
 
-def decide(group: DuplicateGroup, decision: str, user) -> None:
+def _check(decision: str) -> None:
     if decision not in (Decision.KEEP_ALL, Decision.KEEP_ONE):
         raise ValueError(f"unknown decision {decision!r}")
+
+
+def decide(group: DuplicateGroup, decision: str, user) -> None:
+    _check(decision)
     with transaction.atomic():
         members = list(group.members.order_by("position"))
         if decision == Decision.KEEP_ONE:
@@ -75,6 +79,7 @@ def decide(group: DuplicateGroup, decision: str, user) -> None:
 
 
 def decide_all(dataset: Dataset, decision: str, user) -> int:
+    _check(decision)
     groups = list(DuplicateGroup.objects.filter(dataset=dataset, decision=Decision.PENDING))
     for g in groups:
         decide(g, decision, user)
