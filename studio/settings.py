@@ -206,6 +206,12 @@ STUDIO_PII_BATCH = envint("STUDIO_PII_BATCH", 256)
 STUDIO_IMPORT_BATCH = envint("STUDIO_IMPORT_BATCH", 1000)
 STUDIO_DEFAULT_BASE_MODEL = envstr("STUDIO_DEFAULT_BASE_MODEL", "SmolLM2-135M-Instruct")
 STUDIO_MODELS_DIR = DATA_DIR / "models"
+# Training jobs: a running job beats every STUDIO_JOB_HEARTBEAT_SECONDS; the watchdog requeues one whose
+# heartbeat is older than STUDIO_JOB_STALE_SECONDS, up to STUDIO_JOB_MAX_ATTEMPTS attempts in all.
+STUDIO_JOB_HEARTBEAT_SECONDS = envfloat("STUDIO_JOB_HEARTBEAT_SECONDS", 5.0)
+STUDIO_JOB_STALE_SECONDS = envfloat("STUDIO_JOB_STALE_SECONDS", 90.0)
+STUDIO_JOB_MAX_ATTEMPTS = envint("STUDIO_JOB_MAX_ATTEMPTS", 3)
+STUDIO_JOB_LOG_LINES = envint("STUDIO_JOB_LOG_LINES", 50)
 
 # --- Login rate limit -------------------------------------------------------------------------------
 STUDIO_LOGIN_MAX_ATTEMPTS = envint("STUDIO_LOGIN_MAX_ATTEMPTS", 5)

@@ -133,3 +133,68 @@ def _isolated_data_dir(settings, tmp_path):
     settings.FILE_UPLOAD_TEMP_DIR = str(tmp_path / "studio-data" / "tmp")
     (tmp_path / "studio-data" / "tmp").mkdir(parents=True)
     return settings.DATA_DIR
+
+
+# =====================================================================================================
+# Training: a tiny random-init Llama with a byte-level tokenizer, built locally once per session
+# =====================================================================================================
+
+TINY_CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tiny_model(path, *, corpus=None, hidden=64, layers=2, context=512):
+    """A tiny Llama (random weights, seeded) + byte-level BPE tokenizer with a ChatML template, as a
+    local Hugging Face directory: any text tokenizes, nothing is downloaded."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    text = corpus or [
+        "the customer asked where the parcel is and the agent said it ships tomorrow",
+        "reset the router by holding the button for ten seconds",
+        "refunds take five business days after the return arrives",
+        "user assistant system you are a helpful support agent",
+    ]
+    backend.train_from_iterator(text, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = TINY_CHATML
+    tokenizer.save_pretrained(str(path))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama") / "model")

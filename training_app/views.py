@@ -1,20 +1,29 @@
-"""Base model catalog pages (training jobs come with the training issue)."""
+"""Base model catalog and training job pages. Thin: parse, authorise, call a service, render."""
 
 from __future__ import annotations
 
 from django.contrib import messages
+from django.http import FileResponse, Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
+from studio.htmx import render_htmx
 from studio.roles import ADMIN, CURATOR, ENGINEER, role_required
 
-from . import services
-from .models import BaseModel
+from . import forms, services
+from .models import BaseModel, TrainingJob
+from .presets import PRESETS
+from .services import jobs as job_service
+
+# --- base models -------------------------------------------------------------------------------------
 
 
 @role_required(ENGINEER, CURATOR)
 def base_models(request):
-    return render(request, "training/base_models.html", {"models": BaseModel.objects.all()})
+    devices = job_service.known_devices()
+    return render(
+        request, "training/base_models.html", {"models": BaseModel.objects.all(), "devices": devices}
+    )
 
 
 @role_required(ADMIN)
@@ -28,3 +37,188 @@ def base_model_status(request, pk: int):
         services.set_status(model, status, request.user)
         messages.success(request, f"{model.name} is now {model.get_status_display().lower()}.")
     return redirect("training:base_models")
+
+
+# --- jobs --------------------------------------------------------------------------------------------
+
+
+@role_required(ENGINEER)
+def jobs(request):
+    positions = job_service.queue_positions()
+    rows = TrainingJob.objects.select_related("created_by", "base_model", "dataset_version__dataset")
+    running = list(rows.filter(state=TrainingJob.State.RUNNING).order_by("started_at"))
+    queued = sorted(rows.filter(state=TrainingJob.State.QUEUED), key=lambda j: positions.get(j.pk, 0))
+    finished = rows.filter(state__in=TrainingJob.FINAL_STATES).order_by("-finished_at", "-pk")[:50]
+    for job in queued:
+        job.position = positions.get(job.pk)
+        job.manageable = job_service.can_manage(job, request.user)
+    for job in running:
+        job.manageable = job_service.can_manage(job, request.user)
+    context = {"running": running, "queued": queued, "finished": finished}
+    return render_htmx(request, "training/jobs.html", "training/partials/job_queue.html", context)
+
+
+def _job_request(form: forms.JobForm):
+    data = form.cleaned_data
+    return job_service.JobRequest(
+        dataset_version=data["dataset_version"],
+        base_model=data["base_model"],
+        method=data["method"],
+        config=form.config(),
+        model_name=data.get("model_name") or "",
+        preset=data.get("preset") or "",
+        replay_version=data.get("replay_version"),
+        replay_percent=data.get("replay_percent") or 0.0,
+        merge=data.get("merge", False),
+    )
+
+
+@role_required(ENGINEER)
+def job_new(request):
+    if request.method == "POST":
+        form = forms.JobForm(request.POST)
+        if form.is_valid():
+            try:
+                job = job_service.create_job(_job_request(form), request.user)
+            except job_service.JobRefused as exc:
+                for problem in exc.problems:
+                    form.add_error(None, problem)
+            else:
+                messages.success(request, f"Job {job.pk} queued.")
+                return redirect(job)
+    else:
+        preset = request.GET.get("preset")
+        initial = forms.initial_for(preset)
+        if request.GET.get("dataset_version"):
+            initial["dataset_version"] = request.GET["dataset_version"]
+        form = forms.JobForm(initial=initial)
+    return render(request, "training/job_new.html", {"form": form, "presets": PRESETS})
+
+
+@role_required(ENGINEER)
+@require_POST
+def job_estimate(request):
+    """HTMX: tokens, steps and memory for the form as it stands (or what to fix first)."""
+    form = forms.JobForm(request.POST)
+    context: dict = {}
+    if form.is_valid():
+        req = _job_request(form)
+        config, problems = job_service.normalise_config(req.config)
+        problems += job_service.check_config(
+            dataset_version=req.dataset_version,
+            base_model=req.base_model,
+            method=req.method,
+            config=config,
+            replay_version=req.replay_version,
+            replay_percent=req.replay_percent,
+        )
+        context["problems"] = problems
+        if not problems:
+            context["estimate"] = job_service.estimate(
+                dataset_version=req.dataset_version,
+                base_model=req.base_model,
+                method=req.method,
+                config=config,
+                replay_version=req.replay_version,
+                replay_percent=req.replay_percent,
+            )
+    else:
+        context["problems"] = [
+            f"{form.fields[name].label or name.replace('_', ' ').capitalize()}: {' '.join(errors)}"
+            if name in form.fields
+            else " ".join(errors)
+            for name, errors in form.errors.items()
+        ]
+    return render(request, "training/partials/estimate.html", context)
+
+
+def _live_context(job: TrainingJob, request) -> dict:
+    curves: dict[str, dict[str, list]] = {"loss": {}, "lr": {}, "speed": {}}
+    names = {"loss": "train loss", "eval_loss": "eval loss"}
+    for step, name, value in job.metrics.values_list("step", "name", "value").order_by("step"):
+        if name in names:
+            curves["loss"].setdefault(names[name], []).append((step, value))
+        elif name == "learning_rate":
+            curves["lr"].setdefault("learning rate", []).append((step, value))
+        elif name == "tokens_per_second":
+            curves["speed"].setdefault("tokens/s", []).append((step, value))
+    position = job_service.queue_positions().get(job.pk) if job.state == TrainingJob.State.QUEUED else None
+    return {
+        "job": job,
+        "curves": curves,
+        "position": position,
+        "manageable": job_service.can_manage(job, request.user),
+        "artifacts": job_service.artifact_files(job),
+        "merge_possible": job.state == TrainingJob.State.SUCCEEDED and job.method != TrainingJob.Method.SFT,
+        "version": getattr(job, "model_version", None) if job.state == TrainingJob.State.SUCCEEDED else None,
+    }
+
+
+def _job(pk: int) -> TrainingJob:
+    return get_object_or_404(
+        TrainingJob.objects.select_related("base_model", "dataset_version__dataset", "created_by"), pk=pk
+    )
+
+
+@role_required(ENGINEER)
+def job_detail(request, pk: int):
+    job = _job(pk)
+    return render(request, "training/job.html", _live_context(job, request))
+
+
+@role_required(ENGINEER)
+def job_live(request, pk: int):
+    job = _job(pk)
+    return render(request, "training/partials/job_live.html", _live_context(job, request))
+
+
+@role_required(ENGINEER)
+@require_POST
+def job_cancel(request, pk: int):
+    job = _job(pk)
+    try:
+        job = job_service.cancel(job, request.user)
+    except job_service.JobRefused as exc:
+        messages.error(request, str(exc))
+    else:
+        if job.state == TrainingJob.State.CANCELLED:
+            messages.success(request, f"Job {job.pk} cancelled.")
+        else:
+            messages.success(request, f"Job {job.pk} stops after its current step and keeps its checkpoint.")
+    return redirect(job)
+
+
+@role_required(ENGINEER)
+@require_POST
+def job_priority(request, pk: int):
+    job = _job(pk)
+    delta = 1 if request.POST.get("direction") == "up" else -1
+    try:
+        job_service.set_priority(job, delta, request.user)
+    except job_service.JobRefused as exc:
+        messages.error(request, str(exc))
+    return redirect("training:jobs")
+
+
+@role_required(ENGINEER)
+@require_POST
+def job_merge(request, pk: int):
+    job = _job(pk)
+    try:
+        job_service.request_merge(job, request.user)
+    except job_service.JobRefused as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(
+            request, "Merging the adapter into a full model; it appears under Artifacts when done."
+        )
+    return redirect(job)
+
+
+@role_required(ENGINEER)
+def job_artifact(request, pk: int, name: str):
+    job = _job(pk)
+    path = job_service.artifact_path(job, name)
+    if path is None:
+        raise Http404("No such artifact.")
+    return FileResponse(open(path, "rb"), as_attachment=True, filename=path.name)

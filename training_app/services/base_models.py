@@ -10,7 +10,7 @@ from django.db import transaction
 
 from studio import audit
 
-from .models import BaseModel
+from ..models import BaseModel
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def register_local_dir(
     source: str = "",
 ) -> BaseModel:
     """Register (or refresh) a base model from a local Hugging Face directory."""
-    from .trainer.convert import describe_model_dir
+    from ..trainer.convert import describe_model_dir
 
     meta = describe_model_dir(path)
     template = ""
@@ -68,7 +68,7 @@ def register_local_dir(
 
 def register_gguf(name: str, gguf_path: Path, user, *, license: str = "") -> BaseModel:
     """Convert a GGUF file once to a safetensors checkpoint under the data dir, then register it."""
-    from .trainer.convert import convert_gguf_to_safetensors
+    from ..trainer.convert import convert_gguf_to_safetensors
 
     out = Path(settings.STUDIO_MODELS_DIR) / name
     convert_gguf_to_safetensors(gguf_path, out)
@@ -78,7 +78,7 @@ def register_gguf(name: str, gguf_path: Path, user, *, license: str = "") -> Bas
 
 
 def register_bundled_smollm2(user) -> BaseModel:
-    from .trainer.convert import find_smollm2_gguf
+    from ..trainer.convert import find_smollm2_gguf
 
     existing = BaseModel.objects.filter(name=SMOLLM2_NAME).first()
     if existing and existing.local_dir.joinpath("config.json").exists():

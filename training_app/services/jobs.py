@@ -1,0 +1,879 @@
+"""Training jobs: validation, estimates, the queue (priority, claim, cancel, watchdog) and the Celery
+adapter that runs one attempt through `training_app.trainer` and records what it reports.
+
+The database is the queue. Every launch (and every requeue) sends one `run_next` message on queue
+"gpu"; a worker receiving it claims the highest-priority queued job with a conditional UPDATE, so
+priority changes take effect without touching the broker and a job is never run twice at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import threading
+import traceback
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import F, Q
+from django.db.models.functions import Coalesce, Now
+from django.utils import timezone
+
+from datasets_app.models import Dataset, DatasetVersion
+from studio import audit
+
+from ..models import BaseModel, ComputeNode, TrainingJob, TrainingMetric
+from ..presets import COMMON, PRESETS
+
+log = logging.getLogger(__name__)
+
+State = TrainingJob.State
+Method = TrainingJob.Method
+
+CONFIG_FIELDS = tuple(COMMON)
+INT_FIELDS = {
+    "lora_r",
+    "lora_alpha",
+    "max_steps",
+    "batch_size",
+    "grad_accum",
+    "max_length",
+    "seed",
+    "eval_every",
+    "checkpoint_every",
+}
+FLOAT_FIELDS = {"lora_dropout", "learning_rate", "warmup_ratio", "epochs", "dpo_beta"}
+BOOL_FIELDS = {"packing", "assistant_only_loss", "gradient_checkpointing"}
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+
+
+class JobRefused(Exception):
+    """The job cannot be launched or changed; `problems` are plain sentences for the person."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__(" ".join(self.problems))
+
+
+# --- configuration -----------------------------------------------------------------------------------
+
+
+def normalise_config(raw: dict) -> tuple[dict, list[str]]:
+    """Coerce user-supplied values (form strings, CLI values) to typed TrainConfig fields."""
+    config: dict = {}
+    problems: list[str] = []
+    for key in CONFIG_FIELDS:
+        value = raw.get(key, COMMON[key])
+        label = key.replace("_", " ")
+        try:
+            if key == "target_modules":
+                if isinstance(value, str):
+                    value = [m.strip() for m in value.replace(",", " ").split() if m.strip()]
+                value = [str(m) for m in value or []]
+                if not value:
+                    problems.append("Target modules: name at least one module (e.g. q_proj v_proj).")
+            elif key == "max_steps":
+                value = None if value in (None, "", 0, "0") else int(value)
+            elif key in INT_FIELDS:
+                value = int(value)
+            elif key in FLOAT_FIELDS:
+                value = float(value)
+                if not math.isfinite(value):
+                    raise ValueError
+            elif key in BOOL_FIELDS:
+                value = value if isinstance(value, bool) else str(value).lower() in {"1", "true", "on", "yes"}
+            elif key == "lr_scheduler":
+                value = str(value)
+        except (TypeError, ValueError):
+            problems.append(f"{label.capitalize()}: “{value}” is not a valid number.")
+            value = COMMON[key]
+        config[key] = value
+    return config, problems
+
+
+def check_config(
+    *,
+    dataset_version: DatasetVersion | None,
+    base_model: BaseModel | None,
+    method: str,
+    config: dict,
+    replay_version: DatasetVersion | None = None,
+    replay_percent: float = 0.0,
+) -> list[str]:
+    """Every reason this job cannot run, in plain words (empty when it can)."""
+    problems: list[str] = []
+    if method not in Method.values:
+        problems.append(f"Method “{method}” is unknown; choose one of {', '.join(Method.values)}.")
+    if base_model is None:
+        problems.append("Choose a base model.")
+    elif base_model.status != BaseModel.Status.ACTIVE:
+        problems.append(f"Base model {base_model.name} is retired; choose an available one.")
+    if dataset_version is None:
+        problems.append("Choose a frozen dataset version.")
+    else:
+        counts = dataset_version.counts or {}
+        label = f"{dataset_version.dataset.name} v{dataset_version.number}"
+        if method == Method.DPO and dataset_version.kind != Dataset.Kind.PREFERENCE:
+            problems.append(
+                f"DPO needs a preference dataset version (prompt, chosen, rejected); {label} is an SFT "
+                "dataset. Choose a preference dataset or the SFT, LoRA or QLoRA method."
+            )
+        if (
+            method in (Method.SFT, Method.LORA, Method.QLORA)
+            and dataset_version.kind == Dataset.Kind.PREFERENCE
+        ):
+            problems.append(
+                f"{label} is a preference dataset; train it with DPO, or choose an SFT dataset version."
+            )
+        if not counts.get("train"):
+            problems.append(
+                f"{label} has no examples in the train split. Assign a train split on the dataset's "
+                "examples page and freeze a new version."
+            )
+        if config.get("eval_every") and not counts.get("eval"):
+            problems.append(
+                f"Evaluation every N steps needs an eval split, and {label} has none: set it to 0 or "
+                "freeze a version with an eval split."
+            )
+    if replay_version is not None:
+        if not 0 < replay_percent <= 100:
+            problems.append("Replay share must be between 1 and 100 percent.")
+        if dataset_version is not None and replay_version.pk == dataset_version.pk:
+            problems.append("Replay must come from an earlier dataset version, not the one being trained.")
+        if dataset_version is not None and replay_version.kind != dataset_version.kind:
+            problems.append(
+                "Replay examples must be of the same kind (SFT or preference) as the training set."
+            )
+    elif replay_percent:
+        problems.append("Choose the dataset version to replay examples from, or set the replay share to 0.")
+    problems.extend(_range_problems(config, base_model))
+    if method == Method.QLORA and not _bitsandbytes_available():
+        problems.append(
+            "QLoRA needs the bitsandbytes package, which is not installed on this studio: "
+            "install bitsandbytes on the workers or choose LoRA."
+        )
+    return problems
+
+
+def _range_problems(config: dict, base_model: BaseModel | None) -> list[str]:
+    problems = []
+    checks = [
+        ("lora_r", 1, 1024, "LoRA rank r"),
+        ("lora_alpha", 1, 4096, "LoRA alpha"),
+        ("batch_size", 1, 1024, "Batch size"),
+        ("grad_accum", 1, 1024, "Gradient accumulation"),
+        ("max_length", 16, 1_000_000, "Max length"),
+        ("checkpoint_every", 1, 1_000_000, "Checkpoint every"),
+        ("eval_every", 0, 1_000_000, "Eval every"),
+        ("seed", 0, 2**31 - 1, "Seed"),
+    ]
+    for key, lo, hi, label in checks:
+        value = config.get(key)
+        if value is not None and not lo <= value <= hi:
+            problems.append(f"{label} must be between {lo} and {hi} (got {value}).")
+    if not 0 < config.get("learning_rate", 0) <= 1:
+        problems.append(f"Learning rate must be above 0 and at most 1 (got {config.get('learning_rate')}).")
+    if not 0 <= config.get("lora_dropout", 0) < 1:
+        problems.append("LoRA dropout must be at least 0 and below 1.")
+    if not 0 <= config.get("warmup_ratio", 0) < 1:
+        problems.append("Warmup ratio must be at least 0 and below 1.")
+    if not 0 < config.get("dpo_beta", 0.1) <= 10:
+        problems.append("DPO beta must be above 0 and at most 10.")
+    max_steps = config.get("max_steps")
+    if max_steps is not None and max_steps < 1:
+        problems.append("Max steps must be at least 1, or empty to train by epochs.")
+    if max_steps is None and not 0 < config.get("epochs", 0) <= 100:
+        problems.append("Epochs must be above 0 and at most 100 (or set max steps).")
+    if config.get("lr_scheduler") not in SCHEDULERS:
+        problems.append(f"Scheduler must be one of {', '.join(SCHEDULERS)}.")
+    if base_model is not None and config.get("max_length", 0) > base_model.context_length:
+        problems.append(
+            f"Max length {config['max_length']} is above {base_model.name}'s context of "
+            f"{base_model.context_length} tokens; use {base_model.context_length} or less."
+        )
+    return problems
+
+
+def _bitsandbytes_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+# --- estimates ---------------------------------------------------------------------------------------
+
+
+def known_devices() -> list[dict]:
+    """Devices the gpu workers reported, newest report per worker; this machine's when none has."""
+    devices: dict[str, dict] = {}
+    for node in ComputeNode.objects.all():
+        for device in node.devices:
+            key = device.get("label") or device.get("name")
+            entry = devices.setdefault(key, {**device, "workers": []})
+            entry["workers"].append(node.hostname)
+    if devices:
+        return sorted(devices.values(), key=lambda d: (d.get("kind") != "cuda", d.get("label", "")))
+    from ..trainer.estimate import available_devices
+
+    return [{**d, "workers": []} for d in available_devices()]
+
+
+def estimate(
+    *,
+    dataset_version: DatasetVersion,
+    base_model: BaseModel,
+    method: str,
+    config: dict,
+    replay_version: DatasetVersion | None = None,
+    replay_percent: float = 0.0,
+    device: dict | None = None,
+) -> dict:
+    """Tokens, steps and epochs of the run and its memory against the target device."""
+    from ..trainer.estimate import estimate_memory
+
+    lengths = list(dataset_version.examples.filter(split="train").values_list("token_count", flat=True))
+    if replay_version is not None and replay_percent:
+        replay_lengths = list(
+            replay_version.examples.filter(split="train").values_list("token_count", flat=True)
+        )
+        extra = round(len(lengths) * replay_percent / 100)
+        if replay_lengths and extra:
+            mean = sum(replay_lengths) / len(replay_lengths)
+            lengths += [round(mean)] * extra
+    max_length = config["max_length"]
+    truncated = [min(n, max_length) for n in lengths]
+    if config.get("packing") and method != Method.DPO:
+        rows = max(1, math.ceil(sum(truncated) / max_length))
+    else:
+        rows = len(lengths)
+    per_step = config["batch_size"] * config["grad_accum"]
+    steps_per_epoch = max(1, math.ceil(math.ceil(rows / config["batch_size"]) / config["grad_accum"]))
+    if config.get("max_steps"):
+        steps = config["max_steps"]
+        epochs = steps / steps_per_epoch
+    else:
+        epochs = config["epochs"]
+        steps = math.ceil(steps_per_epoch * epochs)
+    tokens_per_epoch = sum(truncated)
+    figures = {
+        "examples": len(lengths),
+        "rows": rows,
+        "truncated_examples": sum(1 for n in lengths if n > max_length),
+        "tokens_per_epoch": tokens_per_epoch,
+        "tokens_total": round(tokens_per_epoch * epochs),
+        "effective_batch_size": per_step,
+        "steps_per_epoch": steps_per_epoch,
+        "steps": steps,
+        "epochs": round(epochs, 3),
+    }
+    devices = known_devices()
+    target = device or devices[0]
+    memory = estimate_memory(
+        model_config=_model_config(base_model),
+        n_params=base_model.parameters,
+        method=method,
+        batch_size=config["batch_size"],
+        max_length=max_length,
+        lora_r=config["lora_r"],
+        target_modules=config["target_modules"],
+        gradient_checkpointing=config["gradient_checkpointing"],
+        device=target,
+    )
+    figures["memory"] = memory.as_dict()
+    figures["devices"] = [
+        {"label": d.get("label") or d.get("name"), "kind": d.get("kind"), "total_bytes": d.get("total_bytes")}
+        for d in devices
+    ]
+    return figures
+
+
+def _model_config(base_model: BaseModel) -> dict:
+    try:
+        return json.loads((base_model.local_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# --- launching and the queue ----------------------------------------------------------------------------
+
+
+@dataclass
+class JobRequest:
+    dataset_version: DatasetVersion | None
+    base_model: BaseModel | None
+    method: str
+    config: dict
+    model_name: str = ""
+    preset: str = ""
+    replay_version: DatasetVersion | None = None
+    replay_percent: float = 0.0
+    merge: bool = False
+    priority: int = 0
+
+
+def create_job(request: JobRequest, user, *, enqueue: bool = True) -> TrainingJob:
+    """Validate and queue a job (one `run_next` message once the row is committed, unless the caller
+    runs it itself, as `manage.py train --wait` does)."""
+    config, problems = normalise_config(request.config)
+    problems += check_config(
+        dataset_version=request.dataset_version,
+        base_model=request.base_model,
+        method=request.method,
+        config=config,
+        replay_version=request.replay_version,
+        replay_percent=request.replay_percent,
+    )
+    if request.preset and request.preset not in PRESETS:
+        problems.append(f"Preset “{request.preset}” is unknown; choose one of {', '.join(PRESETS)}.")
+    model_name = (request.model_name or "").strip() or _default_model_name(request.dataset_version)
+    from django.utils.text import slugify
+
+    if slugify(model_name) != model_name:
+        problems.append(
+            f"Model line “{model_name}” may only hold lowercase letters, digits and hyphens "
+            f"(e.g. “{slugify(model_name) or 'support-assistant'}”)."
+        )
+    if problems:
+        raise JobRefused(problems)
+    figures = estimate(
+        dataset_version=request.dataset_version,
+        base_model=request.base_model,
+        method=request.method,
+        config=config,
+        replay_version=request.replay_version,
+        replay_percent=request.replay_percent,
+    )
+    with transaction.atomic():
+        job = TrainingJob.objects.create(
+            dataset_version=request.dataset_version,
+            base_model=request.base_model,
+            method=request.method,
+            preset=request.preset,
+            model_name=model_name,
+            config=config,
+            estimate=figures,
+            replay_version=request.replay_version,
+            replay_percent=request.replay_percent if request.replay_version else 0.0,
+            merge_requested=request.merge,
+            priority=request.priority,
+            created_by=user,
+            queued_at=timezone.now(),
+            total_steps=figures["steps"],
+        )
+        audit.record(
+            user,
+            "training.job.create",
+            job,
+            method=job.method,
+            dataset_version=job.dataset_version_id,
+            base_model=job.base_model.name,
+            steps=figures["steps"],
+        )
+        if enqueue:
+            transaction.on_commit(_enqueue)
+    log.info("training job %s queued by user %s", job.pk, user.pk)
+    return job
+
+
+def _default_model_name(dataset_version: DatasetVersion | None) -> str:
+    from django.utils.text import slugify
+
+    if dataset_version is None:
+        return ""
+    return slugify(dataset_version.dataset.name)[:90] or "model"
+
+
+def _enqueue() -> None:
+    from ..tasks import run_next
+
+    run_next.delay()
+
+
+def queue_order():
+    return TrainingJob.objects.filter(state=State.QUEUED).order_by("-priority", "queued_at", "id")
+
+
+def queue_positions() -> dict[int, int]:
+    return {pk: i + 1 for i, pk in enumerate(queue_order().values_list("pk", flat=True))}
+
+
+def can_manage(job: TrainingJob, user) -> bool:
+    from studio.roles import ADMIN, has_role
+
+    return job.created_by_id == user.pk or has_role(user, ADMIN)
+
+
+def set_priority(job: TrainingJob, delta: int, user) -> TrainingJob:
+    if not can_manage(job, user):
+        raise JobRefused("Only the job's owner or an admin can change its priority.")
+    updated = TrainingJob.objects.filter(pk=job.pk, state=State.QUEUED).update(priority=F("priority") + delta)
+    if not updated:
+        raise JobRefused("Only queued jobs can be moved; this one has already started or finished.")
+    job.refresh_from_db()
+    audit.record(user, "training.job.priority", job, priority=job.priority)
+    return job
+
+
+def cancel(job: TrainingJob, user) -> TrainingJob:
+    """Queued: cancelled at once. Running: the trainer stops within one step and keeps its checkpoint."""
+    if not can_manage(job, user):
+        raise JobRefused("Only the job's owner or an admin can cancel it.")
+    now = timezone.now()
+    if TrainingJob.objects.filter(pk=job.pk, state=State.QUEUED).update(
+        state=State.CANCELLED, finished_at=now, cancel_requested=True
+    ):
+        outcome = "cancelled"
+    elif TrainingJob.objects.filter(pk=job.pk, state=State.RUNNING).update(cancel_requested=True):
+        outcome = "cancel requested"
+    else:
+        raise JobRefused("This job has already finished.")
+    job.refresh_from_db()
+    audit.record(user, "training.job.cancel", job, outcome=outcome)
+    return job
+
+
+def claim_next(worker: str) -> TrainingJob | None:
+    """Claim the highest-priority queued job for this worker (conditional UPDATE: exactly one wins)."""
+    for _ in range(20):
+        candidate = queue_order().values_list("pk", flat=True).first()
+        if candidate is None:
+            return None
+        job = claim(candidate, worker)
+        if job is not None:
+            return job
+    return None
+
+
+def claim(job_id: int, worker: str) -> TrainingJob | None:
+    """Claim one queued job; None when another worker got it first (or it is no longer queued)."""
+    token = uuid.uuid4().hex
+    now = timezone.now()
+    won = TrainingJob.objects.filter(pk=job_id, state=State.QUEUED).update(
+        state=State.RUNNING,
+        attempt=F("attempt") + 1,
+        claim_token=token,
+        worker=worker,
+        heartbeat_at=now,
+        attempt_started_at=now,
+        started_at=Coalesce(F("started_at"), Now()),
+    )
+    if not won:
+        return None
+    job = TrainingJob.objects.get(pk=job_id)
+    audit.record(None, "training.job.start", job, attempt=job.attempt, worker=worker)
+    return job
+
+
+def requeue_stale() -> dict[str, list[int]]:
+    """Running jobs whose heartbeat stopped: requeue (resume from the checkpoint) or fail after max attempts."""
+    cutoff = timezone.now() - timezone.timedelta(seconds=settings.STUDIO_JOB_STALE_SECONDS)
+    requeued, failed, cancelled = [], [], []
+    stale = TrainingJob.objects.filter(state=State.RUNNING).filter(
+        Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True)
+    )
+    for job in stale:
+        base = TrainingJob.objects.filter(pk=job.pk, state=State.RUNNING, claim_token=job.claim_token)
+        now = timezone.now()
+        if job.cancel_requested:
+            if base.update(state=State.CANCELLED, finished_at=now):
+                cancelled.append(job.pk)
+                audit.record(None, "training.job.cancelled", job, reason="worker lost after cancel")
+        elif job.attempt >= settings.STUDIO_JOB_MAX_ATTEMPTS:
+            message = (
+                f"The worker running this job stopped responding {job.attempt} times "
+                f"(limit {settings.STUDIO_JOB_MAX_ATTEMPTS})."
+            )
+            if base.update(
+                state=State.FAILED,
+                finished_at=now,
+                error_code="worker_lost",
+                error_message=message,
+                error_suggestion="Check the gpu workers' logs (killed for memory?) and launch the job again.",
+            ):
+                failed.append(job.pk)
+                audit.record(None, "training.job.fail", job, reason="worker_lost", attempts=job.attempt)
+        elif base.update(state=State.QUEUED, claim_token="", worker="", queued_at=now):
+            requeued.append(job.pk)
+            audit.record(None, "training.job.requeue", job, attempt=job.attempt, step=job.step)
+            transaction.on_commit(_enqueue)
+    if requeued or failed or cancelled:
+        log.warning("job watchdog: requeued %s failed %s cancelled %s", requeued, failed, cancelled)
+    return {"requeued": requeued, "failed": failed, "cancelled": cancelled}
+
+
+def report_devices(hostname: str, devices: list[dict]) -> None:
+    ComputeNode.objects.update_or_create(
+        hostname=hostname, defaults={"devices": devices, "last_seen": timezone.now()}
+    )
+
+
+# --- running one attempt (called by the Celery task) ----------------------------------------------------
+
+
+def write_data_files(job: TrainingJob) -> tuple[Path, Path | None]:
+    """The version's train (+ replay) and eval splits as JSONL for the trainer, rewritten per attempt."""
+    from ..trainer.data import mix_replay
+
+    data_dir = job.output_dir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    train = _rows(job.dataset_version, "train")
+    if job.replay_version_id and job.replay_percent:
+        train = mix_replay(
+            train, _rows(job.replay_version, "train"), job.replay_percent, job.config.get("seed", 42)
+        )
+    train_path = data_dir / "train.jsonl"
+    _write_jsonl(train_path, train)
+    eval_rows = _rows(job.dataset_version, "eval")
+    eval_path = None
+    if eval_rows:
+        eval_path = data_dir / "eval.jsonl"
+        _write_jsonl(eval_path, eval_rows)
+    return train_path, eval_path
+
+
+def _rows(version: DatasetVersion, split: str) -> list[dict]:
+    rows = []
+    for ex in version.examples.filter(split=split).order_by("position").iterator(chunk_size=2000):
+        if version.kind == Dataset.Kind.PREFERENCE:
+            rows.append({"messages": ex.messages, "chosen": ex.chosen, "rejected": ex.rejected})
+        else:
+            rows.append({"messages": ex.messages})
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def trainer_config(job: TrainingJob, train_path: Path, eval_path: Path | None):
+    from ..trainer.config import TrainConfig
+
+    values = dict(job.config)
+    if not eval_path:
+        values["eval_every"] = 0
+    return TrainConfig(
+        method=job.method,
+        model_dir=str(job.base_model.local_dir),
+        output_dir=str(job.output_dir),
+        train_path=str(train_path),
+        eval_path=str(eval_path) if eval_path else None,
+        merge=job.merge_requested,
+        **{k: v for k, v in values.items() if k in CONFIG_FIELDS},
+    )
+
+
+class JobReporter:
+    """Bridges trainer callbacks to the database: metrics, progress, log tail, heartbeat and cancel."""
+
+    def __init__(self, job: TrainingJob, echo=None):
+        from ..trainer.callbacks import Reporter
+
+        self.job = job
+        self.echo = echo
+        self.token = job.claim_token
+        self.lost = False
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, name=f"job-{job.pk}-heartbeat", daemon=True)
+        reporter = self
+
+        class _Bridge(Reporter):
+            def on_start(self, **kw):
+                reporter.on_start(**kw)
+
+            def on_step(self, **kw):
+                reporter.on_step(**kw)
+
+            def on_eval(self, **kw):
+                reporter.on_eval(**kw)
+
+            def on_checkpoint(self, **kw):
+                reporter.on_checkpoint(**kw)
+
+            def on_log(self, line):
+                reporter.on_log(line)
+
+            def should_stop(self):
+                return reporter.should_stop()
+
+        self.bridge = _Bridge()
+
+    def _mine(self):
+        return TrainingJob.objects.filter(pk=self.job.pk, state=State.RUNNING, claim_token=self.token)
+
+    # heartbeat thread: independent of step length, stops when the process dies
+    def start(self) -> None:
+        self._beat.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._beat.join(timeout=30)
+
+    def _heartbeat(self) -> None:
+        try:
+            while not self._stop.wait(settings.STUDIO_JOB_HEARTBEAT_SECONDS):
+                if not self._mine().update(heartbeat_at=timezone.now()):
+                    self.lost = True  # requeued by the watchdog or finished elsewhere: stop this attempt
+        except Exception:  # the main thread notices a broken database on its next write
+            log.exception("job %s heartbeat failed", self.job.pk)
+        finally:
+            connection.close()
+
+    def on_start(self, *, total_steps, start_step, device, train_tokens, examples):
+        # the curve continues from the checkpoint: drop points a dead attempt logged after it
+        TrainingMetric.objects.filter(job=self.job, step__gt=start_step).delete()
+        self._mine().update(
+            total_steps=total_steps,
+            step=start_step,
+            attempt_started_step=start_step,
+            attempt_started_at=timezone.now(),
+            device=device[:100],
+            heartbeat_at=timezone.now(),
+        )
+        resumed = f", resumed from step {start_step}" if start_step else ""
+        self.on_log(
+            f"attempt {self.job.attempt} on {device}: {examples} examples, {train_tokens} tokens, "
+            f"{total_steps} steps{resumed}"
+        )
+
+    def _record(self, step: int, metrics: dict) -> None:
+        rows = [
+            TrainingMetric(
+                job=self.job, step=step, name=name[:40], value=float(value), attempt=self.job.attempt
+            )
+            for name, value in metrics.items()
+            if isinstance(value, int | float) and math.isfinite(value)
+        ]
+        TrainingMetric.objects.filter(job=self.job, step=step, name__in=[r.name for r in rows]).delete()
+        TrainingMetric.objects.bulk_create(rows)
+
+    def on_step(self, *, step, total_steps, metrics):
+        with transaction.atomic():
+            self._record(step, metrics)
+            updated = self._mine().update(
+                step=step,
+                total_steps=total_steps,
+                tokens_per_second=float(metrics.get("tokens_per_second") or 0.0),
+                heartbeat_at=timezone.now(),
+            )
+        if not updated:
+            self.lost = True
+        if self.echo:
+            shown = " ".join(
+                f"{k}={v:.4g}"
+                for k, v in metrics.items()
+                if k in ("loss", "learning_rate", "tokens_per_second")
+            )
+            self.echo(f"step {step}/{total_steps} {shown}")
+
+    def on_eval(self, *, step, metrics):
+        self._record(step, metrics)
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))
+        self.on_log(f"step {step}: {shown}")
+
+    def on_checkpoint(self, *, step, path):
+        self._mine().update(last_checkpoint=str(path)[:500], checkpoint_step=step)
+        self.on_log(f"step {step}: checkpoint saved")
+
+    def on_log(self, line: str):
+        stamp = timezone.now().strftime("%H:%M:%S")
+        entry = f"{stamp} {line}"[:500]
+        with transaction.atomic():
+            row = TrainingJob.objects.select_for_update().filter(pk=self.job.pk).values("log_tail").first()
+            tail = (row or {}).get("log_tail") or []
+            tail = (tail + [entry])[-settings.STUDIO_JOB_LOG_LINES :]
+            TrainingJob.objects.filter(pk=self.job.pk).update(log_tail=tail)
+        if self.echo:
+            self.echo(line)
+
+    def should_stop(self) -> bool:
+        if self.lost:
+            return True
+        return TrainingJob.objects.filter(pk=self.job.pk, cancel_requested=True).exists()
+
+
+def run_claimed(job: TrainingJob, echo=None) -> TrainingJob:
+    """Run one attempt of a claimed job to its end state. Never raises for training failures."""
+    from ..trainer.errors import explain
+    from ..trainer.run import run_training
+
+    reporter = JobReporter(job, echo=echo)
+    reporter.start()
+    try:
+        train_path, eval_path = write_data_files(job)
+        config = trainer_config(job, train_path, eval_path)
+        result = run_training(config, reporter.bridge)
+    except BaseException as exc:
+        reporter.close()
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            raise  # worker shutdown: the watchdog requeues the job from its last checkpoint
+        error = explain(exc)
+        _fail(job, reporter.token, error.code, error.message, error.suggestion, traceback.format_exc())
+        return TrainingJob.objects.get(pk=job.pk)
+    reporter.close()
+    if result.status == "completed":
+        _succeed(job, reporter.token, result)
+    elif reporter.lost:
+        log.warning("job %s attempt %s lost its claim; leaving it to the new attempt", job.pk, job.attempt)
+    else:
+        updated = reporter._mine().update(
+            state=State.CANCELLED,
+            finished_at=timezone.now(),
+            step=result.steps,
+            last_checkpoint=result.last_checkpoint or "",
+        )
+        if updated:
+            audit.record(None, "training.job.cancelled", job, step=result.steps)
+    return TrainingJob.objects.get(pk=job.pk)
+
+
+def _fail(job: TrainingJob, token: str, code: str, message: str, suggestion: str, tb: str) -> None:
+    updated = TrainingJob.objects.filter(pk=job.pk, state=State.RUNNING, claim_token=token).update(
+        state=State.FAILED,
+        finished_at=timezone.now(),
+        error_code=code[:40],
+        error_message=message,
+        error_suggestion=suggestion,
+        error_traceback=tb,
+    )
+    if updated:
+        log.warning("training job %s failed: %s", job.pk, code)
+        audit.record(None, "training.job.fail", job, reason=code)
+
+
+def _succeed(job: TrainingJob, token: str, result) -> None:
+    from eval_app.services import register_job_result
+
+    job.refresh_from_db()
+    final = Path(result.artifacts_dir)
+    try:
+        write_model_card(job, final, result.final_metrics)
+    except OSError as exc:
+        from ..trainer.errors import explain
+
+        error = explain(exc)
+        _fail(job, token, error.code, error.message, error.suggestion, traceback.format_exc())
+        return
+    with transaction.atomic():
+        updated = TrainingJob.objects.filter(pk=job.pk, state=State.RUNNING, claim_token=token).update(
+            state=State.SUCCEEDED,
+            finished_at=timezone.now(),
+            step=result.steps,
+            final_metrics=_finite(result.final_metrics),
+            artifacts_dir=str(final),
+        )
+        if not updated:
+            return
+        job.refresh_from_db()
+        version = register_job_result(job)
+        audit.record(None, "training.job.succeed", job, model_version=version.pk, steps=result.steps)
+    log.info("training job %s succeeded: model version %s", job.pk, version.pk)
+
+
+def _finite(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
+
+
+def write_model_card(job: TrainingJob, final: Path, metrics: dict) -> Path:
+    version = job.dataset_version
+    lines = [
+        f"# {job.model_name} — training job {job.pk}",
+        "",
+        f"Fine-tuned from **{job.base_model.name}** ({job.base_model.parameters_label} parameters, "
+        f"context {job.base_model.context_length}, license {job.base_model.license or 'see base model'}).",
+        "",
+        "## Data",
+        f"- Dataset: {version.dataset.name} version {version.number} (id {version.pk})",
+        f"- SHA-256: `{version.sha256}`",
+        f"- Examples: {version.counts.get('train', 0)} train, {version.counts.get('eval', 0)} eval",
+    ]
+    if job.replay_version_id:
+        rv = job.replay_version
+        lines.append(
+            f"- Replay: {job.replay_percent:g}% from {rv.dataset.name} version {rv.number} "
+            f"(id {rv.pk}, SHA-256 `{rv.sha256}`)"
+        )
+    lines += [
+        "",
+        "## Method",
+        f"- {job.get_method_display()}" + (f" (preset {job.preset})" if job.preset else ""),
+    ]
+    lines += [f"- {k}: {json.dumps(v)}" for k, v in sorted(job.config.items())]
+    lines += ["", "## Final metrics"]
+    lines += [f"- {k}: {v:.6g}" for k, v in sorted(_finite(metrics).items())] or ["- (none)"]
+    lines += ["", "## Changelog of the dataset version", version.changelog or "(none)", ""]
+    lines += [
+        "## Provenance",
+        f"- Trained by {job.created_by.get_username()} on {job.device or 'unknown device'}, "
+        f"{job.attempt} attempt(s), finished {timezone.now():%Y-%m-%d %H:%M UTC}",
+        "",
+    ]
+    path = final / "model_card.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def artifact_files(job: TrainingJob) -> list[dict]:
+    """Downloadable files under the job's final artifacts dir (relative paths, sizes)."""
+    if not job.artifacts_dir:
+        return []
+    root = Path(job.artifacts_dir)
+    if not root.is_dir():
+        return []
+    files = []
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            files.append({"name": str(path.relative_to(root)), "size": path.stat().st_size})
+    return files
+
+
+def artifact_path(job: TrainingJob, name: str) -> Path | None:
+    """Resolve a requested artifact strictly inside the job's artifacts dir, or None."""
+    if not job.artifacts_dir:
+        return None
+    root = Path(job.artifacts_dir).resolve()
+    target = (root / name).resolve()
+    if root not in target.parents or not target.is_file():
+        return None
+    return target
+
+
+def request_merge(job: TrainingJob, user) -> None:
+    if job.state != State.SUCCEEDED:
+        raise JobRefused("Only a succeeded job's adapter can be merged.")
+    if job.method == Method.SFT:
+        raise JobRefused("A full fine-tune already is a complete model; there is no adapter to merge.")
+    if (Path(job.artifacts_dir) / "merged").is_dir():
+        raise JobRefused("The merged model already exists.")
+    audit.record(user, "training.job.merge", job)
+    from ..tasks import merge_job
+
+    transaction.on_commit(lambda: merge_job.delay(job.pk))
+
+
+def merge(job: TrainingJob) -> Path:
+    from ..trainer.run import merge_adapter
+
+    final = Path(job.artifacts_dir)
+    out = final / "merged"
+    tmp = final / f".merged-{uuid.uuid4().hex[:8]}"
+    try:
+        merge_adapter(str(job.base_model.local_dir), str(final), str(tmp))
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def hostname() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
