@@ -60,6 +60,13 @@ _POLY_MULTIPLIER = np.uint64(0x100000001B3)  # FNV-1 64-bit prime; any odd 64-bi
 def _normalise_text(value: Any) -> str:
     if value is None:
         return ""
+    if type(value) is str and value.isascii():
+        # Same result as below, in C: NFKC leaves ASCII unchanged and casefold() is lower() there; the
+        # only printable ASCII whitespace is " ", so without "  " there is no run to collapse.
+        text = value.lower()
+        if not text.isprintable() or "  " in text:
+            text = " ".join(text.split())
+        return text.strip(_ASCII_EDGE_JUNK)
     if isinstance(value, list):  # multi-part content: keep the text parts
         value = " ".join(str(p.get("text", "")) for p in value if isinstance(p, dict))
     text = unicodedata.normalize("NFKC", str(value)).casefold()
@@ -74,6 +81,12 @@ def _normalise_text(value: Any) -> str:
 
 def _is_edge_junk(char: str) -> bool:
     return char.isspace() or unicodedata.category(char).startswith("P")
+
+
+_ASCII_EDGE_JUNK = "".join(c for c in map(chr, range(128)) if _is_edge_junk(c))
+
+
+_HASH_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # json.dumps(..., same options)
 
 
 def normalise_for_hash(messages: list[dict], chosen: str | None = None, rejected: str | None = None) -> str:
@@ -91,7 +104,7 @@ def normalise_for_hash(messages: list[dict], chosen: str | None = None, rejected
         parts.append(["chosen", _normalise_text(chosen)])
     if rejected is not None:
         parts.append(["rejected", _normalise_text(rejected)])
-    return json.dumps(parts, ensure_ascii=False, separators=(",", ":"))
+    return _HASH_JSON.encode(parts)
 
 
 def content_hash(messages: list[dict], chosen: str | None = None, rejected: str | None = None) -> str:

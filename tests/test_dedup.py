@@ -236,3 +236,27 @@ def test_invalid_input_is_rejected():
     with pytest.raises(ValueError):
         find_duplicate_groups([], threshold=0)
     assert find_duplicate_groups([]) == []
+
+
+def _normalise_text_reference(value) -> str:
+    """The general (Unicode) normalisation, written out, to check the ASCII shortcut against."""
+    import unicodedata
+
+    text = " ".join(unicodedata.normalize("NFKC", str(value)).casefold().split())
+    start, end = 0, len(text)
+    while start < end and (text[start].isspace() or unicodedata.category(text[start]).startswith("P")):
+        start += 1
+    while end > start and (text[end - 1].isspace() or unicodedata.category(text[end - 1]).startswith("P")):
+        end -= 1
+    return text[start:end]
+
+
+def test_ascii_shortcut_normalises_like_the_unicode_path():
+    from datasets_app.dedup import _normalise_text
+
+    rng = random.Random(7)
+    pool = [chr(i) for i in range(128)] + [" "] * 40 + list("aZ?.!-_\t\n\x1f") * 4
+    samples = ["", " ", "  Hello,   World!! ", "?!", "a\t\tb", "x\x1cy", "(tel: 555) ", "ÄRGER über", "ﬁne …"]
+    samples += ["".join(rng.choice(pool) for _ in range(rng.randint(0, 16))) for _ in range(50_000)]
+    for text in samples:
+        assert _normalise_text(text) == _normalise_text_reference(text), repr(text)
