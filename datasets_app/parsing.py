@@ -30,6 +30,8 @@ from itertools import chain, islice, pairwise
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
+import orjson
+
 __all__ = [
     "FILE_ERROR_CODES",
     "FORMAT_KIND",
@@ -544,8 +546,70 @@ class _JsonFormat(ABC):
         """Format-specific part of :meth:`normalise`."""
 
 
+def _holds_containers(obj: dict, skip: tuple[str, ...]) -> bool:
+    return any(type(v) is dict or type(v) is list for k, v in obj.items() if k not in skip)
+
+
 class _OpenAIFormat(_JsonFormat):
     name = "openai"
+
+    @staticmethod
+    def fast_record(data: bytes, line: int) -> Record | None:
+        """The record of a plainly valid line, or None to take the general path.
+
+        Only for records the general path would accept unchanged (exact role names, alternating
+        turns, string tags), so the result is always the same as ``_finish(normalise(...))``; any
+        doubt (orjson refusing the text, unusual roles, a problem to report) returns None.
+        """
+        if b"\x00" in data:
+            return None
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return None
+        if type(obj) is not dict or "chosen" in obj or "rejected" in obj:
+            return None
+        items, tags = obj.get("messages"), obj.get("tags")
+        if type(items) is not list:
+            return None
+        if len(obj) > 1 + ("tags" in obj) and _holds_containers(obj, ("messages", "tags")):
+            return None  # extra keys holding lists/objects: leave the nesting check to the general path
+        messages = []
+        expect, dialogue = "user", 0
+        for item in items:
+            if type(item) is not dict:
+                return None
+            role, content = item.get("role"), item.get("content")
+            if type(role) is not str or type(content) is not str:
+                return None
+            if len(item) > 2 and _holds_containers(item, ("role", "content")):
+                return None
+            if role == expect:
+                expect = "assistant" if expect == "user" else "user"
+                dialogue += 1
+            elif role != "system" or messages:
+                return None
+            if (
+                not content
+                or content.isspace()
+                or "\x00" in content
+                or (not content.isascii() and _SURROGATE.search(content))
+            ):
+                return None
+            messages.append({"role": role, "content": content})
+        if not dialogue or expect != "user":
+            return None
+        if tags is None:
+            return Record(line, messages, [])
+        if type(tags) is not list:
+            return None
+        kept: dict[str, None] = {}
+        for tag in tags:
+            if type(tag) is not str or "\x00" in tag or (not tag.isascii() and _SURROGATE.search(tag)):
+                return None
+            if tag := tag.strip():
+                kept[tag] = None
+        return Record(line, messages, list(kept))
 
     def _normalise(self, obj: dict) -> _Example:
         turns = _read_turns(_require(obj, "messages", self.name), "messages", _OPENAI_SCHEME)
@@ -1376,7 +1440,12 @@ def _finish(example: _Example, line: int, raw: bytes, opts: _Options) -> Record 
 def _parse_json_units(
     units: Iterator[_Unit], fmt: _JsonFormat, opts: _Options, in_array: bool
 ) -> Iterator[Record | Rejection]:
+    # Common case first: a valid OpenAI chat record without a token limit to apply.
+    fast = getattr(fmt, "fast_record", None) if opts.max_tokens is None else None
     for unit in units:
+        if fast is not None and unit.problem is None and (record := fast(unit.data, unit.line)):
+            yield record
+            continue
         try:
             if unit.problem:
                 raise _unit_problem(unit, opts.max_line_bytes, in_array)

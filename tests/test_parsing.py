@@ -718,3 +718,85 @@ def test_public_constants():
     assert required <= REJECTION_CODES.keys()
     tested = {code for *_, expected, _ in BAD_CASES for _, code in expected}
     assert tested | {"too_long"} == REJECTION_CODES.keys()
+
+
+# --------------------------------------------------------------------------- fast path
+
+
+FAST_PATH_LINES = [
+    '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}',
+    '{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}, '
+    '{"role": "assistant", "content": "4"}], "tags": [" math ", "math", "", "Math"]}',
+    '{"tags": null, "messages": [{"content": "a", "role": "user"}, {"role": "assistant", "content": "b", "x": 1}]}',
+    '{"messages": [{"role": "user", "content": "caf\\u00e9 \\ud83d\\ude00 \\"q\\" \\\\"}, {"role": "assistant", '
+    '"content": "é\\n\\t"}], "meta": {"source": "x"}, "id": 12345678901234567890123}',
+    '{"messages": [{"role": "user", "content": "\\u00fcber \\ud83d\\ude00"}, {"role": "assistant", "content": "ß"}], '
+    '"id": 12345678901234567890123, "score": 0.5}',
+    '{"messages": [{"role": "User", "content": "a"}, {"role": "assistant", "content": "b"}]}',
+    '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}]}',
+    '{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}',
+    '{"messages": [{"role": "user", "content": "a"}]}',
+    '{"messages": [{"role": "system", "content": "s"}]}',
+    '{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}',
+    '{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "s"}, '
+    '{"role": "assistant", "content": "b"}]}',
+    '{"messages": [{"role": "user", "content": "a\\u0000"}, {"role": "assistant", "content": "b"}]}',
+    '{"messages": [{"role": "user", "content": "a\\ud800"}, {"role": "assistant", "content": "b"}]}',
+    '{"messages": [{"role": "user", "content": "a\x01"}, {"role": "assistant", "content": "b"}]}',
+    '{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "b"}]}',
+    '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "tags": "x"}',
+    '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "tags": [1e400]}',
+    '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "tags": '
+    "[12345678901234567890123456789]}",
+    '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "chosen": "c"}',
+    '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "deep": '
+    + "[" * 70
+    + "]" * 70
+    + "}",
+    '{"messages": [{"role": "user", "content": "a", "parts": '
+    + "[" * 70
+    + "]" * 70
+    + '}, {"role": "assistant", "content": "b"}]}',
+    '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "x": NaN}',
+    '{"messages": [], "tags": []}',
+    '{"messages": "hi"}',
+    '{"conversations": []}',
+    "[1, 2]",
+    "",
+    "   ",
+    "not json",
+    '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],}',
+]
+
+
+@pytest.mark.parametrize("container", ["jsonl", "array"])
+def test_fast_path_gives_the_same_records_and_rejections(tmp_path, monkeypatch, container):
+    """The OpenAI fast path (orjson + inline checks) never changes a result: every line parses to the
+    same Record or Rejection as through the general json.loads path."""
+    path = tmp_path / f"mixed.{container}"
+    lines = [line.encode() for line in FAST_PATH_LINES] + [
+        b'{"messages": [{"role": "user", "content": "caf\xc3\xa9"}, {"role": "assistant", "content": "b"}]}',
+        b'{"messages": [{"role": "user", "content": "caf\xe9"}, {"role": "assistant", "content": "b"}]}',
+        b'{"messages": [{"role": "user", "content": "\xed\xa0\x80"}, {"role": "assistant", "content": "b"}]}',
+        b'{"messages": [{"role": "user", "content": "\xc0\xaf"}, {"role": "assistant", "content": "b"}]}',
+        b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\x00',
+    ]
+    if container == "jsonl":
+        path.write_bytes(b"\n".join(lines) + b"\n")
+    else:
+        path.write_bytes(b"[\n" + b",\n".join(line for line in lines if line.strip()) + b"\n]\n")
+    taken = []
+    real = parsing._OpenAIFormat.fast_record
+
+    def spy(data: bytes, line: int):
+        record = real(data, line)
+        taken.append(record is not None)
+        return record
+
+    monkeypatch.setattr(parsing._OpenAIFormat, "fast_record", staticmethod(spy))
+    fast = list(parse_file(path, fmt="openai"))
+    assert sum(taken) == 5  # lines 1-3, the non-ASCII one and the valid UTF-8 bytes
+    monkeypatch.setattr(parsing._OpenAIFormat, "fast_record", None)
+    general = list(parse_file(path, fmt="openai"))
+    assert fast == general
+    assert sum(isinstance(item, Record) for item in fast) == 9
