@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.db import IntegrityError, connection
 from django.urls import reverse
 
+from datasets_app import parsing
+from datasets_app.dedup import content_hash
 from datasets_app.models import Dataset, DatasetVersion, DuplicateGroup, Example, PiiFinding, Upload
 from datasets_app.services import datasets, duplicates, imports, scrub, storage, versions
 from studio.models import AuditEvent
@@ -99,21 +102,135 @@ def test_failure_midway_leaves_nothing_half_imported(dataset, tmp_path, monkeypa
     settings.STUDIO_IMPORT_BATCH = 1
     path = write_jsonl(tmp_path / "f.jsonl", GOOD)
     calls = {"n": 0}
-    real = Example.objects.bulk_create
+    real = imports._insert_examples  # the batch insert (executemany / COPY)
 
-    def flaky(objs, *args, **kwargs):
+    def flaky(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError("disk went away")
-        return real(objs, *args, **kwargs)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(Example.objects, "bulk_create", flaky)
+    monkeypatch.setattr(imports, "_insert_examples", flaky)
     with pytest.raises(OSError):
         import_file(dataset, path)
+    assert calls["n"] == 2  # the first batch was written, then rolled back
     assert Example.objects.count() == 0
     upload = Upload.objects.get()
     assert upload.status == Upload.Status.FAILED
     assert "nothing was added" in upload.error
+
+
+def test_database_error_in_a_batch_rolls_back_the_whole_import(dataset, tmp_path, settings):
+    """A failing INSERT/COPY (here: a position already taken) leaves nothing half imported."""
+    settings.STUDIO_IMPORT_BATCH = 2
+    Example.objects.create(dataset=dataset, position=2, messages=GOOD[0]["messages"], content_hash="x")
+    path = write_jsonl(tmp_path / "f.jsonl", GOOD)
+    with pytest.raises(IntegrityError):
+        import_file(dataset, path)
+    assert list(Example.objects.values_list("position", flat=True)) == [2]
+    assert Upload.objects.get().status == Upload.Status.FAILED
+    assert Dataset.objects.get(pk=dataset.pk).next_position == 0
+
+
+COLUMNS = (
+    "position, source_line, messages, chosen, rejected, tags, tags_text, search_text, split, content_hash, "
+    "minhash, token_count, pii_status, dropped, duplicate_group_id, edited, kept_digests"
+)
+
+
+def _stored_rows(dataset: Dataset) -> list[tuple]:
+    """The examples' columns as the database holds them (JSON as stored text on SQLite)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {COLUMNS} FROM datasets_app_example WHERE dataset_id = %s ORDER BY position",  # noqa: S608
+            [dataset.pk],
+        )
+        return cursor.fetchall()
+
+
+def _bulk_create_reference(dataset: Dataset, upload: Upload, path: Path) -> None:
+    """What the import wrote before the fast path: model instances through bulk_create."""
+    records = [r for r in parsing.parse_file(path, kind=dataset.kind) if isinstance(r, parsing.Record)]
+    Example.objects.bulk_create(
+        Example(
+            dataset=dataset,
+            upload=upload,
+            position=i,
+            source_line=rec.line,
+            messages=rec.messages,
+            chosen=rec.chosen,
+            rejected=rec.rejected,
+            tags=rec.tags,
+            tags_text=imports.tags_text(rec.tags),
+            search_text=imports.search_text(rec.messages, rec.chosen, rec.rejected),
+            content_hash=content_hash(rec.messages, rec.chosen, rec.rejected),
+            token_count=0,
+        )
+        for i, rec in enumerate(records)
+    )
+
+
+FAST_PATH_FILES = {
+    "openai.jsonl": (
+        "sft",
+        "\n".join(
+            [json.dumps(r) for r in GOOD]
+            + [
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "system", "content": "Réponds en français, s'il te plaît."},
+                            {"role": "user", "content": '  Où est ma commande ?\tORD-1 😀 "quoted" \\ '},
+                            {"role": "assistant", "content": "Elle arrive demain.\nMerci !"},
+                        ],
+                        "tags": [" billing ", "billing", "Überweisung", ""],
+                    },
+                    ensure_ascii=False,
+                ),
+                '{"messages": [{"role": "User", "content": "Hi"}, {"role": "ASSISTANT", "content": "Hello"}]}',
+                '{"messages": [{"role": "user", "content": "x"}]}',
+                "not json",
+                json.dumps({"messages": GOOD[0]["messages"], "tags": ["a" * 600, "b" * 600]}),
+            ]
+        ),
+    ),
+    "pairs.jsonl": (
+        "preference",
+        "\n".join(
+            json.dumps(r, ensure_ascii=False)
+            for r in [
+                {"prompt": "Which is better? ünïcödé", "chosen": "This one.", "rejected": "That one."},
+                {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello!", "rejected": "Go away"},
+            ]
+        ),
+    ),
+    "qa.csv": (
+        "sft",
+        'question,answer,tags\nWhere is my parcel?,"On its way, today.","shipping; b"\nAnd the bill?,Sent.,\n',
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAST_PATH_FILES))
+def test_import_writes_the_same_rows_as_bulk_create(curator, tmp_path, name):
+    """The batch insert (executemany on SQLite, COPY on PostgreSQL) stores exactly what
+    Example.objects.bulk_create stored for the same file: same columns, same JSON text."""
+    kind, text = FAST_PATH_FILES[name]
+    path = tmp_path / name
+    path.write_text(text + "\n", encoding="utf-8")
+    fast = datasets.create_dataset("fast", kind, curator)
+    result = import_file(fast, path, curator)
+    assert result.imported >= 2
+    reference = datasets.create_dataset("reference", kind, curator)
+    _bulk_create_reference(reference, result.upload, path)
+    assert _stored_rows(fast) == _stored_rows(reference)
+    examples = list(fast.examples.all())
+    assert {ex.upload_id for ex in examples} == {result.upload.pk}
+    assert all(ex.created_at and ex.updated_at for ex in examples)
+    assert Dataset.objects.get(pk=fast.pk).next_position == len(examples) == result.imported
+    if connection.vendor == "sqlite":  # JSON columns hold json.dumps text, byte for byte
+        row = _stored_rows(fast)[0]
+        assert row[2] == json.dumps(examples[0].messages) and row[5] == json.dumps(examples[0].tags)
 
 
 def test_upload_size_limit(dataset, settings):

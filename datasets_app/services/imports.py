@@ -19,8 +19,8 @@ from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
-from django.db import transaction
-from django.db.models import F, Q
+from django.db import connections, router, transaction
+from django.db.models import F, JSONField, Q
 from django.utils import timezone
 
 from studio import audit
@@ -183,6 +183,24 @@ def search_text(messages: list[dict], chosen: str | None, rejected: str | None) 
     return "\n".join(parts).lower()
 
 
+_json_string = json.encoder.encode_basestring_ascii  # what json.dumps writes for a str
+
+
+def messages_json(messages: list[dict]) -> str:
+    """``json.dumps(messages)``, the text a JSONField stores, written directly for the usual
+    ``[{"role": ..., "content": ...}, ...]`` turns of a parsing.Record (about twice as fast)."""
+    if all(type(m) is dict and len(m) == 2 and next(iter(m)) == "role" for m in messages):
+        try:
+            turns = [
+                f'{{"role": {_json_string(m["role"])}, "content": {_json_string(m["content"])}}}'
+                for m in messages
+            ]
+            return "[" + ", ".join(turns) + "]"
+        except (KeyError, TypeError):
+            pass
+    return json.dumps(messages)
+
+
 def tags_text(tags: list[str]) -> str:
     return ("|" + "|".join(tags) + "|")[:1000] if tags else ""
 
@@ -219,25 +237,90 @@ def _record_bytes(rec: parsing.Record) -> bytes:
     return json.dumps(body, ensure_ascii=False).encode()
 
 
-def _build_examples(
-    dataset: Dataset, upload: Upload, records: list[parsing.Record], start: int
-) -> list[Example]:
-    return [
-        Example(
-            dataset=dataset,
-            upload=upload,
-            position=start + i,
-            source_line=rec.line,
-            messages=rec.messages,
-            chosen=rec.chosen,
-            rejected=rec.rejected,
-            tags=rec.tags,
-            tags_text=tags_text(rec.tags),
-            search_text=search_text(rec.messages, rec.chosen, rec.rejected),
-            content_hash=content_hash(rec.messages, rec.chosen, rec.rejected),
+# Columns that vary per example, in the order _insert_examples puts them; every other column of
+# Example gets its default (auto_now/auto_now_add: the batch's time), prepared once per batch.
+_ROW_COLUMNS = (
+    "position",
+    "source_line",
+    "messages",
+    "chosen",
+    "rejected",
+    "tags",
+    "tags_text",
+    "search_text",
+    "content_hash",
+    "token_count",
+)
+
+
+def _fixed_columns(dataset: Dataset, upload: Upload, connection) -> tuple[list[str], tuple]:
+    """(column names, database values) of the columns every example of a batch shares."""
+    now = timezone.now()
+    columns, values = [], []
+    for field in Example._meta.concrete_fields:
+        if field.primary_key or field.attname in _ROW_COLUMNS:
+            continue
+        if field.attname == "dataset_id":
+            value = dataset.pk
+        elif field.attname == "upload_id":
+            value = upload.pk
+        elif getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False):
+            value = now
+        else:
+            value = field.get_default()
+        if isinstance(field, JSONField):
+            value = None if value is None else json.dumps(value, cls=field.encoder)
+        else:
+            value = field.get_db_prep_save(value, connection)
+        columns.append(field.column)
+        values.append(value)
+    return columns, tuple(values)
+
+
+def _insert_examples(
+    dataset: Dataset, upload: Upload, records: list[parsing.Record], start: int, token_counts: list[int]
+) -> None:
+    """Insert the examples of a batch, in order, with the values ``Example.objects.bulk_create`` would
+    write (JSON as ``json.dumps`` text), but without building model instances: one ``executemany`` on
+    SQLite, ``COPY`` on PostgreSQL. Runs inside the import's transaction."""
+    if not records:
+        return
+    connection = connections[router.db_for_write(Example)]
+    fixed_names, fixed = _fixed_columns(dataset, upload, connection)
+    tag_columns: dict[tuple[str, ...], tuple[str, str]] = {}  # tags -> (JSON, tags_text): few distinct ones
+    rows = []
+    for i, (rec, n) in enumerate(zip(records, token_counts, strict=True)):
+        key = tuple(rec.tags)
+        tag_values = tag_columns.get(key)
+        if tag_values is None:
+            tag_values = tag_columns[key] = (json.dumps(rec.tags), tags_text(rec.tags))
+        rows.append(
+            (
+                start + i,
+                rec.line,
+                messages_json(rec.messages),
+                rec.chosen,
+                rec.rejected,
+                *tag_values,
+                search_text(rec.messages, rec.chosen, rec.rejected),
+                content_hash(rec.messages, rec.chosen, rec.rejected),
+                n,
+                *fixed,
+            )
         )
-        for i, rec in enumerate(records)
-    ]
+    qn = connection.ops.quote_name
+    names = [Example._meta.get_field(name).column for name in _ROW_COLUMNS] + fixed_names
+    table, column_list = qn(Example._meta.db_table), ", ".join(qn(c) for c in names)
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            sql = f"COPY {table} ({column_list}) FROM STDIN"
+            with connection.wrap_database_errors, cursor.cursor.copy(sql) as copy:
+                for row in rows:
+                    copy.write_row(row)
+        else:
+            placeholders = ", ".join(["%s"] * len(names))
+            sql = f"INSERT INTO {table} ({column_list}) VALUES ({placeholders})"  # noqa: S608 - model names only
+            cursor.executemany(sql, rows)
 
 
 def process(upload_id: int) -> ImportResult | None:
@@ -285,10 +368,7 @@ def process(upload_id: int) -> ImportResult | None:
                         continue
                     good.append(rec)
                     good_counts.append(n)
-                examples = _build_examples(locked, upload, good, position)
-                for ex, n in zip(examples, good_counts, strict=True):
-                    ex.token_count = n
-                Example.objects.bulk_create(examples, batch_size=batch_size)
+                _insert_examples(locked, upload, good, position, good_counts)
                 position += len(good)
                 imported += len(good)
                 pending.clear()
