@@ -195,6 +195,162 @@ def build_tiny_model(path, *, corpus=None, hidden=64, layers=2, context=512):
     return path
 
 
+QA = [
+    ("where is my parcel", "it ships tomorrow"),
+    ("how do i reset the router", "hold the button for ten seconds"),
+    ("when do refunds arrive", "five business days after the return arrives"),
+    ("can i change my plan", "yes from the account page"),
+]
+
+
+def make_version(user, *, kind="sft", name="support", train=8, eval_=2, base=None):
+    """A frozen dataset version of short support conversations (SFT) or preference pairs."""
+    from datasets_app.models import Example
+    from datasets_app.services import versions
+    from datasets_app.services.datasets import create_dataset
+
+    dataset = create_dataset(name, kind, user, base_model=base)
+    position = 0
+    for split, n in (("train", train), ("eval", eval_)):
+        for i in range(n):
+            q, a = QA[(position) % len(QA)]
+            messages = [{"role": "user", "content": f"{q} {i}"}]
+            fields = {}
+            if kind == "preference":
+                fields = {"chosen": a, "rejected": "no idea"}
+            else:
+                messages.append({"role": "assistant", "content": a})
+            Example.objects.create(
+                dataset=dataset,
+                position=position,
+                messages=messages,
+                split=split,
+                content_hash=f"{position:064d}",
+                token_count=12 + position,
+                pii_status=Example.Pii.CLEAN,
+                **fields,
+            )
+            position += 1
+    return versions.freeze(dataset, user, changelog="test data")
+
+
+def smoke_request(version, base, **config):
+    """A job request from the "smoke test" preset with `config` overrides."""
+    from training_app.services import jobs
+
+    method, preset = "lora", dict(jobs.PRESETS["smoke"]["config"])
+    preset.update(config)
+    return jobs.JobRequest(
+        dataset_version=version, base_model=base, method=method, config=preset, preset="smoke"
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama") / "model")
+
+
+# =====================================================================================================
+# Real Celery worker processes (integration tests)
+# =====================================================================================================
+
+
+def database_url() -> str:
+    from django.db import connection
+
+    sd = connection.settings_dict
+    if sd["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{sd['NAME']}"
+    host = sd["HOST"] or "127.0.0.1"
+    return f"postgres://{sd['USER']}:{sd['PASSWORD']}@{host}:{sd['PORT'] or 5432}/{sd['NAME']}"
+
+
+def _reset_producers(app) -> None:
+    if app._pool is not None:
+        app._pool.force_close_all()
+        app._pool = None
+    app.amqp._producer_pool = None
+
+
+@pytest.fixture
+def start_worker(settings, tmp_path):
+    """Factory: start a real `celery worker` process on a queue, sharing the test database, data dir and
+    broker (a per-test folder for the filesystem broker). Returns a dict with proc, log, log_dir and a
+    `stop()`; every worker still running is stopped at teardown. Several calls give several workers."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from studio.celery import app
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ)
+    env.update(
+        DATABASE_URL=database_url(),
+        STUDIO_DATA_DIR=str(settings.DATA_DIR),
+        STUDIO_LOG_DIR=str(tmp_path / "worker-log"),
+        PYTHONUNBUFFERED="1",
+    )
+    old_options = app.conf.broker_transport_options
+    if settings.CELERY_BROKER_URL == "filesystem://":
+        broker = tmp_path / "broker"
+        env["STUDIO_BROKER_DIR"] = str(broker)
+        for d in ("out", "control", "processed"):
+            (broker / d).mkdir(parents=True, exist_ok=True)
+        app.conf.broker_transport_options = {
+            "data_folder_in": str(broker / "out"),
+            "data_folder_out": str(broker / "out"),
+            "control_folder": str(broker / "control"),
+            "processed_folder": str(broker / "processed"),
+            "store_processed": False,
+        }
+        _reset_producers(app)
+    started = []
+
+    def start(queue: str, **extra_env) -> dict:
+        n = len(started) + 1
+        log_path = tmp_path / f"worker-{n}.out"
+        worker_env = {**env, **{k: str(v) for k, v in extra_env.items()}}
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "studio", "worker", "-Q", queue,
+                 "--concurrency", "1", "--pool", "prefork", "--without-gossip", "--without-mingle",
+                 "--without-heartbeat", "-n", f"test-{n}-{uuid.uuid4().hex[:8]}@%h", "--loglevel", "INFO"],
+                cwd=root, env=worker_env, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+        def stop(sig=None):
+            if proc.poll() is None:
+                if sig is not None:
+                    proc.send_signal(sig)
+                else:
+                    proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+        worker = {"proc": proc, "log": log_path, "log_dir": tmp_path / "worker-log", "stop": stop}
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker["stop"]()
+    app.conf.broker_transport_options = old_options
+    _reset_producers(app)
+
+
+def wait_for(predicate, worker, timeout=180, what="the worker"):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if worker["proc"].poll() is not None:
+            pytest.fail(f"worker exited: {worker['log'].read_text()[-3000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}; worker log:\n{worker['log'].read_text()[-3000:]}")

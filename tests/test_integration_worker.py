@@ -6,15 +6,11 @@ data dir and the logs afterwards."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-import time
-import uuid
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 from django.apps import apps
 from django.db import connection
 from django.urls import reverse
@@ -33,94 +29,10 @@ CANARIES = {
 }
 
 
-def database_url() -> str:
-    sd = connection.settings_dict
-    if sd["ENGINE"].endswith("sqlite3"):
-        return f"sqlite:///{sd['NAME']}"
-    return f"postgres://{sd['USER']}:{sd['PASSWORD']}@{sd['HOST'] or '127.0.0.1'}:{sd['PORT'] or 5432}/{sd['NAME']}"
-
-
 @pytest.fixture
-def worker(settings, tmp_path):
+def worker(start_worker):
     """A real `celery worker` process on queue "curation" sharing the test database and data dir."""
-    from studio.celery import app
-
-    env = dict(os.environ)
-    env.update(
-        DATABASE_URL=database_url(),
-        STUDIO_DATA_DIR=str(settings.DATA_DIR),
-        STUDIO_LOG_DIR=str(tmp_path / "worker-log"),
-        PYTHONUNBUFFERED="1",
-    )
-    old_options = app.conf.broker_transport_options
-    if settings.CELERY_BROKER_URL == "filesystem://":
-        broker = tmp_path / "broker"
-        env["STUDIO_BROKER_DIR"] = str(broker)
-        for d in ("out", "control", "processed"):
-            (broker / d).mkdir(parents=True)
-        app.conf.broker_transport_options = {
-            "data_folder_in": str(broker / "out"),
-            "data_folder_out": str(broker / "out"),
-            "control_folder": str(broker / "control"),
-            "processed_folder": str(broker / "processed"),
-            "store_processed": False,
-        }
-        _reset_producers(app)
-    log_path = tmp_path / "worker.out"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "studio",
-                "worker",
-                "-Q",
-                "curation",
-                "--concurrency",
-                "1",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-                "-n",
-                f"test-{uuid.uuid4().hex[:8]}@%h",
-                "--loglevel",
-                "INFO",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield {"proc": proc, "log": log_path, "log_dir": tmp_path / "worker-log"}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        app.conf.broker_transport_options = old_options
-        _reset_producers(app)
-
-
-def _reset_producers(app) -> None:
-    if app._pool is not None:
-        app._pool.force_close_all()
-        app._pool = None
-    app.amqp._producer_pool = None
-
-
-def wait_for(predicate, worker, timeout=180, what="the worker"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if worker["proc"].poll() is not None:
-            pytest.fail(f"worker exited: {worker['log'].read_text()[-3000:]}")
-        time.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}; worker log:\n{worker['log'].read_text()[-3000:]}")
+    return start_worker("curation")
 
 
 def upload_rows() -> list[dict]:

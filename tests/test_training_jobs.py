@@ -7,52 +7,17 @@ from io import StringIO
 from pathlib import Path
 
 import pytest
+from conftest import make_version, smoke_request
 from django.core.management import CommandError, call_command
 from django.urls import reverse
 from django.utils import timezone
 
-from datasets_app.models import Example
-from datasets_app.services import versions
-from datasets_app.services.datasets import create_dataset
 from eval_app.models import ModelVersion
 from studio.models import AuditEvent
 from training_app.models import BaseModel, TrainingJob, TrainingMetric
 from training_app.services import jobs, register_local_dir
 
 pytestmark = pytest.mark.django_db
-
-QA = [
-    ("where is my parcel", "it ships tomorrow"),
-    ("how do i reset the router", "hold the button for ten seconds"),
-    ("when do refunds arrive", "five business days after the return arrives"),
-    ("can i change my plan", "yes from the account page"),
-]
-
-
-def make_version(user, *, kind="sft", name="support", train=8, eval_=2, base=None) -> object:
-    dataset = create_dataset(name, kind, user, base_model=base)
-    position = 0
-    for split, n in (("train", train), ("eval", eval_)):
-        for i in range(n):
-            q, a = QA[(position) % len(QA)]
-            messages = [{"role": "user", "content": f"{q} {i}"}]
-            fields = {}
-            if kind == "preference":
-                fields = {"chosen": a, "rejected": "no idea"}
-            else:
-                messages.append({"role": "assistant", "content": a})
-            Example.objects.create(
-                dataset=dataset,
-                position=position,
-                messages=messages,
-                split=split,
-                content_hash=f"{position:064d}",
-                token_count=12 + position,
-                pii_status=Example.Pii.CLEAN,
-                **fields,
-            )
-            position += 1
-    return versions.freeze(dataset, user, changelog="test data")
 
 
 @pytest.fixture(autouse=True)
@@ -70,14 +35,6 @@ def tiny_base(tiny_model_dir, admin_user):
 @pytest.fixture
 def sft_version(curator, tiny_base):
     return make_version(curator)
-
-
-def smoke_request(version, base, **config):
-    method, preset = "lora", dict(jobs.PRESETS["smoke"]["config"])
-    preset.update(config)
-    return jobs.JobRequest(
-        dataset_version=version, base_model=base, method=method, config=preset, preset="smoke"
-    )
 
 
 # --- validation -----------------------------------------------------------------------------------------

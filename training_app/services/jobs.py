@@ -683,7 +683,6 @@ class JobReporter:
 
     def on_checkpoint(self, *, step, path):
         self._mine().update(last_checkpoint=str(path)[:500], checkpoint_step=step)
-        self.on_log(f"step {step}: checkpoint saved")
 
     def on_log(self, line: str):
         stamp = timezone.now().strftime("%H:%M:%S")
