@@ -206,6 +206,8 @@ STUDIO_PII_BATCH = envint("STUDIO_PII_BATCH", 256)
 STUDIO_IMPORT_BATCH = envint("STUDIO_IMPORT_BATCH", 1000)
 STUDIO_DEFAULT_BASE_MODEL = envstr("STUDIO_DEFAULT_BASE_MODEL", "SmolLM2-135M-Instruct")
 STUDIO_MODELS_DIR = DATA_DIR / "models"
+# Adding a base model by hub id only where a hub or mirror is reachable (HF_ENDPOINT for a mirror).
+STUDIO_HUB_ENABLED = envbool("STUDIO_HUB_ENABLED", False)
 # Training jobs: a running job beats every STUDIO_JOB_HEARTBEAT_SECONDS; the watchdog requeues one whose
 # heartbeat is older than STUDIO_JOB_STALE_SECONDS, up to STUDIO_JOB_MAX_ATTEMPTS attempts in all.
 STUDIO_JOB_HEARTBEAT_SECONDS = envfloat("STUDIO_JOB_HEARTBEAT_SECONDS", 5.0)

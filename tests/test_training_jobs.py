@@ -422,3 +422,53 @@ def test_role_matrix_job_actions(client_for, make_user, engineer, sft_version, t
     assert job.state == "queued" and job.priority == 0
     # GET on a state-changing URL is refused
     assert client_for(engineer).get(reverse("training:job_cancel", args=[job.pk])).status_code == 405
+
+
+# --- base models: admins add them in the UI -----------------------------------------------------------
+
+
+def test_admin_adds_local_dir_base_model(client_for, admin_user, tiny_model_dir):
+    client = client_for(admin_user)
+    data = {"name": "tiny-two", "source_kind": "local_dir", "source": str(tiny_model_dir), "license": "MIT"}
+    response = client.post(reverse("training:base_model_add"), data)
+    assert response.status_code == 302
+    model = BaseModel.objects.get(name="tiny-two")
+    assert model.status == "active" and model.context_length == 512 and model.parameters > 0
+    assert AuditEvent.objects.filter(verb="base_model.register", object_id=str(model.pk)).exists()
+
+
+def test_add_base_model_refusals_are_explained(client_for, admin_user, tmp_path, settings):
+    client = client_for(admin_user)
+    url = reverse("training:base_model_add")
+    cases = [
+        ({"source_kind": "local_dir", "source": str(tmp_path)}, "is not a Hugging Face model directory"),
+        (
+            {"source_kind": "gguf", "source": str(tmp_path / "missing.gguf")},
+            "is not a .gguf file on this server",
+        ),
+        ({"source_kind": "hub", "source": "org/model"}, "does not reach a model hub"),
+        ({"name": "bad name!", "source_kind": "local_dir", "source": str(tmp_path)}, "Name: use letters"),
+    ]
+    for extra, message in cases:
+        response = client.post(url, {"name": "m1", **extra})
+        assert response.status_code == 200 and message.encode() in response.content, message
+    settings.STUDIO_HUB_ENABLED = True
+    response = client.post(url, {"name": "m1", "source_kind": "hub", "source": "not a hub id"})
+    assert b"a hub id looks like organisation/model-name" in response.content
+    assert not BaseModel.objects.exists()
+
+
+def test_gguf_base_model_is_prepared_by_a_worker_and_failure_is_recorded(admin_user, tmp_path):
+    from training_app.services.base_models import add_base_model, prepare
+
+    bogus = tmp_path / "broken.gguf"
+    bogus.write_bytes(b"not a gguf file")
+    model = add_base_model("broken", "gguf", str(bogus), admin_user)
+    assert model.status == "preparing"
+    model = prepare(model)
+    assert model.status == "failed" and model.error
+
+
+def test_only_admins_add_base_models(client_for, engineer, curator):
+    for user in (engineer, curator):
+        assert client_for(user).get(reverse("training:base_model_add")).status_code == 403

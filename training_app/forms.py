@@ -73,3 +73,14 @@ def initial_for(preset: str | None) -> dict:
     initial = {**config, "method": method, "preset": preset or "", "replay_percent": 0}
     initial["target_modules"] = " ".join(config["target_modules"])
     return initial
+
+
+class BaseModelForm(forms.Form):
+    name = forms.CharField(max_length=100, help_text="e.g. Llama-3.1-8B-Instruct")
+    source_kind = forms.ChoiceField(choices=BaseModel.Source.choices, label="Source")
+    source = forms.CharField(
+        max_length=500,
+        label="Path or hub id",
+        help_text="Absolute directory or .gguf path on the server, or organisation/model for a hub.",
+    )
+    license = forms.CharField(max_length=100, required=False)

@@ -17,6 +17,8 @@ class BaseModel(models.Model):
     class Status(models.TextChoices):
         ACTIVE = "active", "Available"
         RETIRED = "retired", "Retired"
+        PREPARING = "preparing", "Preparing"  # a worker converts the GGUF file / fetches from the hub
+        FAILED = "failed", "Failed to prepare"
 
     name = models.CharField(max_length=100, unique=True)
     source_kind = models.CharField(max_length=16, choices=Source.choices)
@@ -24,12 +26,13 @@ class BaseModel(models.Model):
     path = models.CharField(
         max_length=500, blank=True, help_text="Local safetensors directory used at run time"
     )
-    context_length = models.PositiveIntegerField()
+    context_length = models.PositiveIntegerField(default=0)
     parameters = models.BigIntegerField(default=0)
     license = models.CharField(max_length=100, blank=True)
     chat_template = models.TextField(blank=True)
     architecture = models.CharField(max_length=100, blank=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
+    error = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
 

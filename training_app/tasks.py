@@ -31,6 +31,14 @@ def merge_job(job_id: int) -> None:
     jobs.merge(TrainingJob.objects.get(pk=job_id))
 
 
+@shared_task(acks_late=True)
+def prepare_base_model(model_id: int) -> str:
+    from .models import BaseModel
+    from .services.base_models import prepare
+
+    return prepare(BaseModel.objects.get(pk=model_id)).status
+
+
 @worker_ready.connect
 def _report_devices(sender=None, **kwargs) -> None:
     """gpu workers tell the studio which devices they hold (engineers see them on the job form)."""

@@ -5,6 +5,7 @@ from . import views
 app_name = "training"
 urlpatterns = [
     path("base-models/", views.base_models, name="base_models"),
+    path("base-models/add/", views.base_model_add, name="base_model_add"),
     path("base-models/<int:pk>/status/", views.base_model_status, name="base_model_status"),
     path("jobs/", views.jobs, name="jobs"),
     path("jobs/new/", views.job_new, name="job_new"),

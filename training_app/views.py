@@ -21,9 +21,30 @@ from .services import jobs as job_service
 @role_required(ENGINEER, CURATOR)
 def base_models(request):
     devices = job_service.known_devices()
-    return render(
-        request, "training/base_models.html", {"models": BaseModel.objects.all(), "devices": devices}
-    )
+    context = {"models": BaseModel.objects.all(), "devices": devices, "form": forms.BaseModelForm()}
+    return render(request, "training/base_models.html", context)
+
+
+@role_required(ADMIN)
+def base_model_add(request):
+    form = forms.BaseModelForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        try:
+            model = services.add_base_model(
+                data["name"], data["source_kind"], data["source"], request.user, license=data["license"]
+            )
+        except services.BaseModelRefused as exc:
+            form.add_error(None, str(exc))
+        else:
+            if model.status == BaseModel.Status.ACTIVE:
+                messages.success(request, f"{model.name} is available for training.")
+            else:
+                messages.success(
+                    request, f"{model.name} is being prepared by a worker; it appears here when done."
+                )
+            return redirect("training:base_models")
+    return render(request, "training/base_model_add.html", {"form": form})
 
 
 @role_required(ADMIN)
@@ -31,7 +52,7 @@ def base_models(request):
 def base_model_status(request, pk: int):
     model = get_object_or_404(BaseModel, pk=pk)
     status = request.POST.get("status")
-    if status not in BaseModel.Status.values:
+    if status not in (BaseModel.Status.ACTIVE, BaseModel.Status.RETIRED):
         messages.error(request, "Unknown status.")
     else:
         services.set_status(model, status, request.user)

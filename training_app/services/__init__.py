@@ -2,10 +2,20 @@
 
 from .base_models import (
     SMOLLM2_NAME,
+    BaseModelRefused,
+    add_base_model,
     register_bundled_smollm2,
     register_gguf,
     register_local_dir,
     set_status,
 )
 
-__all__ = ["SMOLLM2_NAME", "register_bundled_smollm2", "register_gguf", "register_local_dir", "set_status"]
+__all__ = [
+    "SMOLLM2_NAME",
+    "BaseModelRefused",
+    "add_base_model",
+    "register_bundled_smollm2",
+    "register_gguf",
+    "register_local_dir",
+    "set_status",
+]

@@ -51,6 +51,7 @@ def register_local_dir(
                 "license": license,
                 "chat_template": template if isinstance(template, str) else "",
                 "status": BaseModel.Status.ACTIVE,
+                "error": "",
             },
         )
         if created:
@@ -91,3 +92,86 @@ def set_status(model: BaseModel, status: str, user) -> None:
         model.status = status
         model.save(update_fields=["status"])
         audit.record(user, f"base_model.{status}", model)
+
+
+class BaseModelRefused(Exception):
+    """The base model cannot be added as asked; the message says what to do instead."""
+
+
+def add_base_model(name: str, kind: str, source: str, user, *, license: str = "") -> BaseModel:
+    """Admin UI: a local directory registers at once; a GGUF file (converted once) or a hub id (only
+    where a hub or mirror is reachable) is prepared by a worker and becomes available when done."""
+    import re
+
+    name, source = name.strip(), source.strip()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+        raise BaseModelRefused("Name: use letters, digits, dots, hyphens and underscores (max 100).")
+    if BaseModel.objects.filter(name=name).exists():
+        raise BaseModelRefused(f"Name: a base model called {name} already exists.")
+    if kind == BaseModel.Source.LOCAL_DIR:
+        path = Path(source)
+        if not path.is_absolute() or not (path / "config.json").is_file():
+            raise BaseModelRefused(
+                f"Source: {source} is not a Hugging Face model directory on this server (an absolute path "
+                "holding config.json, safetensors weights and the tokenizer)."
+            )
+        if not any(path.glob("*.safetensors")):
+            raise BaseModelRefused(f"Source: {source} holds no .safetensors weights.")
+        try:
+            return register_local_dir(name, path, user, license=license)
+        except Exception as exc:  # unreadable config/weights: say which, keep nothing half-written
+            raise BaseModelRefused(f"Source: {source} could not be read as a model ({exc}).")
+    if kind == BaseModel.Source.GGUF:
+        path = Path(source)
+        if not path.is_absolute() or path.suffix.lower() != ".gguf" or not path.is_file():
+            raise BaseModelRefused(
+                f"Source: {source} is not a .gguf file on this server (use an absolute path)."
+            )
+    elif kind == BaseModel.Source.HUB:
+        if not settings.STUDIO_HUB_ENABLED:
+            raise BaseModelRefused(
+                "This studio does not reach a model hub (STUDIO_HUB_ENABLED is off). Download the model "
+                "where a hub is reachable, copy its directory to this server and add it as a local directory."
+            )
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", source):
+            raise BaseModelRefused("Source: a hub id looks like organisation/model-name.")
+    else:
+        raise BaseModelRefused(f"Source kind “{kind}” is unknown.")
+    with transaction.atomic():
+        model = BaseModel.objects.create(
+            name=name,
+            source_kind=kind,
+            source=source,
+            license=license,
+            status=BaseModel.Status.PREPARING,
+            created_by=user if getattr(user, "is_authenticated", False) else None,
+        )
+        audit.record(user, "base_model.add", model, kind=kind)
+        from ..tasks import prepare_base_model
+
+        transaction.on_commit(lambda: prepare_base_model.delay(model.pk))
+    return model
+
+
+def prepare(model: BaseModel) -> BaseModel:
+    """Worker side of add_base_model: convert or fetch into the models dir, then register; a failure
+    leaves the row marked failed with the reason (and nothing half-written in the models dir)."""
+    out = Path(settings.STUDIO_MODELS_DIR) / model.name
+    try:
+        if model.source_kind == BaseModel.Source.GGUF:
+            return register_gguf(model.name, Path(model.source), model.created_by, license=model.license)
+        from huggingface_hub import snapshot_download
+
+        tmp = out.with_name(f".{out.name}.download")
+        snapshot_download(model.source, local_dir=str(tmp))
+        tmp.replace(out)
+        return register_local_dir(
+            model.name, out, model.created_by, license=model.license, source_kind=model.source_kind,
+            source=model.source,
+        )  # fmt: skip
+    except Exception as exc:
+        log.exception("base model %s could not be prepared", model.pk)
+        BaseModel.objects.filter(pk=model.pk).update(status=BaseModel.Status.FAILED, error=str(exc)[:2000])
+        audit.record(None, "base_model.fail", model)
+        model.refresh_from_db()
+        return model
