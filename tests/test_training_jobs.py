@@ -227,6 +227,13 @@ def test_run_creates_candidate_version_with_lineage_and_artifacts(engineer, sft_
     card = (final / "model_card.md").read_text()
     assert sft_version.sha256 in card and "tiny-llama" in card and "LoRA" in card
     assert "train_loss" in job.final_metrics
+    # a merged full model on request (the Celery task calls jobs.merge)
+    jobs.request_merge(job, engineer)
+    merged = jobs.merge(job)
+    assert (merged / "config.json").is_file() and list(merged.glob("*.safetensors"))
+    assert "merged/config.json" in {f["name"] for f in jobs.artifact_files(job)}
+    with pytest.raises(jobs.JobRefused, match="already exists"):
+        jobs.request_merge(job, engineer)
 
 
 def test_cancel_flag_stops_running_job_and_keeps_checkpoint(engineer, sft_version, tiny_base):
