@@ -479,3 +479,18 @@ def test_gguf_base_model_is_prepared_by_a_worker_and_failure_is_recorded(admin_u
 def test_only_admins_add_base_models(client_for, engineer, curator):
     for user in (engineer, curator):
         assert client_for(user).get(reverse("training:base_model_add")).status_code == 403
+
+
+def test_corrupt_checkpoint_on_resume_fails_the_job_with_its_name(engineer, sft_version, tiny_base):
+    job = jobs.create_job(smoke_request(sft_version, tiny_base, max_steps=50, checkpoint_every=1), engineer)
+    claimed = jobs.claim(job.pk, "test")
+    TrainingJob.objects.filter(pk=job.pk).update(cancel_requested=True)
+    job = jobs.run_claimed(claimed)
+    checkpoint = Path(job.last_checkpoint)
+    for weights in checkpoint.glob("*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:100])  # truncated, as a crash mid-copy would leave it
+    TrainingJob.objects.filter(pk=job.pk).update(state="queued", cancel_requested=False)
+    job = jobs.run_claimed(jobs.claim(job.pk, "test"))
+    assert job.state == "failed" and job.error_code == "corrupt_checkpoint"
+    assert checkpoint.name in job.error_message
+    assert job.error_suggestion
