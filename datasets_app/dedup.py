@@ -61,10 +61,11 @@ def _normalise_text(value: Any) -> str:
     if value is None:
         return ""
     if type(value) is str and value.isascii():
-        # Same result as below, in C: NFKC leaves ASCII unchanged and casefold() is lower() there; the
-        # only printable ASCII whitespace is " ", so without "  " there is no run to collapse.
+        # Same result as below, in C: NFKC leaves ASCII unchanged and casefold() is lower() there;
+        # without "  " or another whitespace character there is no run to collapse.
         text = value.lower()
-        if not text.isprintable() or "  " in text:
+        raw = text.encode("ascii")
+        if "  " in text or len(raw.translate(None, _ASCII_OTHER_SPACE)) != len(raw):
             text = " ".join(text.split())
         return text.strip(_ASCII_EDGE_JUNK)
     if isinstance(value, list):  # multi-part content: keep the text parts
@@ -84,9 +85,8 @@ def _is_edge_junk(char: str) -> bool:
 
 
 _ASCII_EDGE_JUNK = "".join(c for c in map(chr, range(128)) if _is_edge_junk(c))
-
-
-_HASH_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # json.dumps(..., same options)
+_ASCII_OTHER_SPACE = bytes(i for i in range(128) if chr(i).isspace() and i != 32)  # \t \n ... \x1f
+_json_string = json.encoder.encode_basestring  # a str as json.dumps(..., ensure_ascii=False) writes it
 
 
 def normalise_for_hash(messages: list[dict], chosen: str | None = None, rejected: str | None = None) -> str:
@@ -97,14 +97,13 @@ def normalise_for_hash(messages: list[dict], chosen: str | None = None, rejected
     Text is NFKC-normalised, casefolded, whitespace runs collapsed to one space, and leading and
     trailing punctuation runs removed; punctuation inside the text is kept.
     """
-    parts: list[list[str]] = [
-        [_normalise_text(m.get("role")), _normalise_text(m.get("content"))] for m in messages
-    ]
+    parts = [(_normalise_text(m.get("role")), _normalise_text(m.get("content"))) for m in messages]
     if chosen is not None:
-        parts.append(["chosen", _normalise_text(chosen)])
+        parts.append(("chosen", _normalise_text(chosen)))
     if rejected is not None:
-        parts.append(["rejected", _normalise_text(rejected)])
-    return _HASH_JSON.encode(parts)
+        parts.append(("rejected", _normalise_text(rejected)))
+    # json.dumps(parts, ensure_ascii=False, separators=(",", ":")), written out (every item is a str)
+    return "[" + ",".join([f"[{_json_string(a)},{_json_string(b)}]" for a, b in parts]) + "]"
 
 
 def content_hash(messages: list[dict], chosen: str | None = None, rejected: str | None = None) -> str:

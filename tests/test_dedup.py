@@ -260,3 +260,32 @@ def test_ascii_shortcut_normalises_like_the_unicode_path():
     samples += ["".join(rng.choice(pool) for _ in range(rng.randint(0, 16))) for _ in range(50_000)]
     for text in samples:
         assert _normalise_text(text) == _normalise_text_reference(text), repr(text)
+
+
+def test_normalise_for_hash_is_the_compact_json_of_the_normalised_parts():
+    import json
+
+    rng = random.Random(11)
+    alphabet = list('aZ ?!."\\/\t\n\x00\x1f\x7féΣςﬁÅ') + ["\U0001f600"] + [" "] * 5
+
+    def text() -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+
+    def reference(value) -> str:
+        return "" if value is None else _normalise_text_reference(value)
+
+    for _ in range(3000):
+        messages = [
+            {
+                "role": rng.choice(["user", "Assistant ", None]),
+                "content": rng.choice([text(), text(), None, 3]),
+            }
+            for _ in range(rng.randint(0, 3))
+        ]
+        chosen, rejected = rng.choice([(None, None), (text(), text()), (text(), None)])
+        expected = [[reference(m["role"]), reference(m["content"])] for m in messages]
+        expected += [
+            [name, reference(v)] for name, v in (("chosen", chosen), ("rejected", rejected)) if v is not None
+        ]
+        got = normalise_for_hash(messages, chosen, rejected)
+        assert got == json.dumps(expected, ensure_ascii=False, separators=(",", ":"))
