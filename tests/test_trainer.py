@@ -448,6 +448,16 @@ def test_packed_lora_run_trains_all_tokens_without_padding(model_dir, tmp_path):
     assert any("packed 8 examples" in line for line in recorder.lines)
 
 
+def test_gradient_checkpointing_gives_the_same_losses(model_dir, tmp_path):
+    runs = []
+    for name, checkpointing in (("plain", False), ("gc", True)):
+        recorder = Recorder()
+        config = make_config(model_dir, tmp_path / name, max_steps=2, gradient_checkpointing=checkpointing)
+        assert run_training(config, recorder).status == "completed"
+        runs.append([m["loss"] for _, _, m in recorder.steps])
+    assert runs[1] == pytest.approx(runs[0], rel=1e-4)
+
+
 def test_qlora_trains_through_bitsandbytes_4bit_on_cpu(model_dir, tmp_path):
     bnb = pytest.importorskip("bitsandbytes")
     from training_app.trainer.run import _load_model
