@@ -123,26 +123,7 @@ def job_estimate(request):
     form = forms.JobForm(request.POST)
     context: dict = {}
     if form.is_valid():
-        req = _job_request(form)
-        config, problems = job_service.normalise_config(req.config)
-        problems += job_service.check_config(
-            dataset_version=req.dataset_version,
-            base_model=req.base_model,
-            method=req.method,
-            config=config,
-            replay_version=req.replay_version,
-            replay_percent=req.replay_percent,
-        )
-        context["problems"] = problems
-        if not problems:
-            context["estimate"] = job_service.estimate(
-                dataset_version=req.dataset_version,
-                base_model=req.base_model,
-                method=req.method,
-                config=config,
-                replay_version=req.replay_version,
-                replay_percent=req.replay_percent,
-            )
+        _config, _name, context["problems"], context["estimate"] = job_service.preview(_job_request(form))
     else:
         context["problems"] = [
             f"{form.fields[name].label or name.replace('_', ' ').capitalize()}: {' '.join(errors)}"

@@ -318,9 +318,10 @@ class JobRequest:
     priority: int = 0
 
 
-def create_job(request: JobRequest, user, *, enqueue: bool = True) -> TrainingJob:
-    """Validate and queue a job (one `run_next` message once the row is committed, unless the caller
-    runs it itself, as `manage.py train --wait` does)."""
+def preview(request: JobRequest) -> tuple[dict, str, list[str], dict | None]:
+    """What launching `request` would do: (typed config, model line, problems, estimate or None)."""
+    from django.utils.text import slugify
+
     config, problems = normalise_config(request.config)
     problems += check_config(
         dataset_version=request.dataset_version,
@@ -333,15 +334,13 @@ def create_job(request: JobRequest, user, *, enqueue: bool = True) -> TrainingJo
     if request.preset and request.preset not in PRESETS:
         problems.append(f"Preset “{request.preset}” is unknown; choose one of {', '.join(PRESETS)}.")
     model_name = (request.model_name or "").strip() or _default_model_name(request.dataset_version)
-    from django.utils.text import slugify
-
     if slugify(model_name) != model_name:
         problems.append(
             f"Model line “{model_name}” may only hold lowercase letters, digits and hyphens "
             f"(e.g. “{slugify(model_name) or 'support-assistant'}”)."
         )
     if problems:
-        raise JobRefused(problems)
+        return config, model_name, problems, None
     figures = estimate(
         dataset_version=request.dataset_version,
         base_model=request.base_model,
@@ -350,6 +349,15 @@ def create_job(request: JobRequest, user, *, enqueue: bool = True) -> TrainingJo
         replay_version=request.replay_version,
         replay_percent=request.replay_percent,
     )
+    return config, model_name, [], figures
+
+
+def create_job(request: JobRequest, user, *, enqueue: bool = True) -> TrainingJob:
+    """Validate and queue a job (one `run_next` message once the row is committed, unless the caller
+    runs it itself, as `manage.py train --wait` does)."""
+    config, model_name, problems, figures = preview(request)
+    if problems:
+        raise JobRefused(problems)
     with transaction.atomic():
         job = TrainingJob.objects.create(
             dataset_version=request.dataset_version,
