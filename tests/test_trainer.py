@@ -2,14 +2,13 @@
 random-init Llama built in the test, checkpoints/stop/resume, validation, memory estimate, error mapping.
 
 Everything is built locally (word-level tokenizer + tiny Llama) so the tests run on a machine without any
-model files.  One slow test trains the real SmolLM2 from ``STUDIO_TEST_MODEL_DIR`` (skipped when unset).
+model files.  One slow test trains the real SmolLM2 (``STUDIO_TEST_MODEL_DIR``, or converted once from the package).
 """
 
 from __future__ import annotations
 
 import errno
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -749,10 +748,8 @@ def test_explain_maps_raw_errors_to_plain_ones():
 
 # --------------------------------------------------------------------------------------- real model
 @pytest.mark.slow
-def test_real_smollm2_lora_steps(tmp_path):
-    model_path = os.environ.get("STUDIO_TEST_MODEL_DIR")
-    if not model_path or not os.path.isfile(os.path.join(model_path, "config.json")):
-        pytest.skip("STUDIO_TEST_MODEL_DIR is not set to a local SmolLM2 folder")
+def test_real_smollm2_lora_steps(tmp_path, smollm2_dir):
+    model_path = str(smollm2_dir)
     config = make_config(model_path, tmp_path, max_steps=3, batch_size=2, max_length=256, learning_rate=1e-3)
     recorder = Recorder()
     result = run_training(config, recorder)
