@@ -494,3 +494,23 @@ def test_corrupt_checkpoint_on_resume_fails_the_job_with_its_name(engineer, sft_
     assert job.state == "failed" and job.error_code == "corrupt_checkpoint"
     assert checkpoint.name in job.error_message
     assert job.error_suggestion
+
+
+def test_catalog_shows_which_devices_each_model_fits(client_for, engineer, tiny_base):
+    from training_app.models import ComputeNode
+
+    ComputeNode.objects.create(
+        hostname="gpu0@node1",
+        devices=[{"name": "cuda:0", "kind": "cuda", "label": "toy GPU", "total_bytes": 1_000}],
+        last_seen=timezone.now(),
+    )
+    ComputeNode.objects.create(
+        hostname="gpu0@node2",
+        devices=[{"name": "cuda:0", "kind": "cuda", "label": "big GPU", "total_bytes": 80 * 2**30}],
+        last_seen=timezone.now(),
+    )
+    body = client_for(engineer).get(reverse("training:base_models")).content.decode()
+    assert "gpu0@node1" in body and "gpu0@node2" in body
+    fit = jobs.device_fit(tiny_base, jobs.known_devices())
+    assert {(f["device"], f["fits"]) for f in fit} == {("toy GPU", False), ("big GPU", True)}
+    assert "too large" in body and "fits" in body

@@ -21,7 +21,11 @@ from .services import jobs as job_service
 @role_required(ENGINEER, CURATOR)
 def base_models(request):
     devices = job_service.known_devices()
-    context = {"models": BaseModel.objects.all(), "devices": devices, "form": forms.BaseModelForm()}
+    models = list(BaseModel.objects.all())
+    for model in models:
+        ready = model.status == BaseModel.Status.ACTIVE and model.parameters
+        model.fit = job_service.device_fit(model, devices) if ready else []
+    context = {"models": models, "devices": devices}
     return render(request, "training/base_models.html", context)
 
 

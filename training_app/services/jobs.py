@@ -294,6 +294,29 @@ def estimate(
     return figures
 
 
+def device_fit(base_model: BaseModel, devices: list[dict], method: str = "lora") -> list[dict]:
+    """For the catalog: does the model train with the LoRA standard preset on each reported device?"""
+    from ..trainer.estimate import estimate_memory
+
+    config = PRESETS["lora_standard"]["config"]
+    rows = []
+    for device in devices:
+        memory = estimate_memory(
+            model_config=_model_config(base_model),
+            n_params=base_model.parameters,
+            method=method,
+            batch_size=config["batch_size"],
+            max_length=min(config["max_length"], base_model.context_length or config["max_length"]),
+            lora_r=config["lora_r"],
+            target_modules=config["target_modules"],
+            gradient_checkpointing=False,
+            device=device,
+        )
+        label = device.get("label") or device.get("name")
+        rows.append({"device": label, "fits": memory.fits, "suggestion": memory.suggestion})
+    return rows
+
+
 def _model_config(base_model: BaseModel) -> dict:
     try:
         return json.loads((base_model.local_dir / "config.json").read_text())
