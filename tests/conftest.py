@@ -266,10 +266,15 @@ def database_url() -> str:
 
 
 def _reset_producers(app) -> None:
+    """Drop the app's broker connections and producer pools (and kombu's global registry of them, which
+    would otherwise hand back a pool closed here) so the next send uses the current transport options."""
+    from kombu import pools
+
     if app._pool is not None:
         app._pool.force_close_all()
         app._pool = None
     app.amqp._producer_pool = None
+    pools.reset()
 
 
 @pytest.fixture
@@ -339,8 +344,9 @@ def start_worker(settings, tmp_path):
     yield start
     for worker in started:
         worker["stop"]()
-    app.conf.broker_transport_options = old_options
-    _reset_producers(app)
+    if settings.CELERY_BROKER_URL == "filesystem://":
+        app.conf.broker_transport_options = old_options
+        _reset_producers(app)
 
 
 def wait_for(predicate, worker, timeout=180, what="the worker"):
