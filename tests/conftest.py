@@ -148,9 +148,8 @@ TINY_CHATML = (
 def build_tiny_model(path, *, corpus=None, hidden=64, layers=2, context=512):
     """A tiny Llama (random weights, seeded) + byte-level BPE tokenizer with a ChatML template, as a
     local Hugging Face directory: any text tokenizes, nothing is downloaded."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     path.mkdir(parents=True, exist_ok=True)
     backend = Tokenizer(models.BPE())
@@ -177,11 +176,18 @@ def build_tiny_model(path, *, corpus=None, hidden=64, layers=2, context=512):
     )
     tokenizer.chat_template = TINY_CHATML
     tokenizer.save_pretrained(str(path))
-    torch.manual_seed(0)
+    return save_tiny_llama(path, tokenizer, hidden=hidden, layers=layers, context=context)
+
+
+def save_tiny_llama(path, tokenizer, *, hidden=64, intermediate=None, layers=2, context=512, seed=0, **extra):
+    """A random-init (seeded) Llama sized for `tokenizer`, saved as safetensors beside it in `path`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
-        intermediate_size=hidden * 2,
+        intermediate_size=intermediate or hidden * 2,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -190,7 +196,9 @@ def build_tiny_model(path, *, corpus=None, hidden=64, layers=2, context=512):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        **extra,
     )
+    torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(str(path), safe_serialization=True)
     return path
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_llama
 
 from training_app.trainer.callbacks import Reporter
 from training_app.trainer.config import TrainConfig
@@ -139,27 +140,15 @@ def build_tokenizer_dir(path: Path) -> Path:
 
 
 def build_model_dir(path: Path, *, hidden=64, intermediate=128, layers=2, max_positions=256, seed=0) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     build_tokenizer_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    config = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=max_positions,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        tie_word_embeddings=True,
-        initializer_range=0.2,  # frozen (tied) embeddings large enough for LoRA to move the logits
-    )
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(str(path), safe_serialization=True)
-    return path
+    # initializer_range 0.2: frozen (tied) embeddings large enough for LoRA to move the logits
+    return save_tiny_llama(
+        path, tokenizer, hidden=hidden, intermediate=intermediate, layers=layers, context=max_positions,
+        seed=seed, initializer_range=0.2,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

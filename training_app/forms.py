@@ -61,9 +61,7 @@ class JobForm(forms.Form):
     CONFIG_KEYS = tuple(COMMON)
 
     def config(self) -> dict:
-        data = self.cleaned_data
-        values = {k: data.get(k) for k in self.CONFIG_KEYS}
-        return values
+        return {k: self.cleaned_data.get(k) for k in self.CONFIG_KEYS}
 
 
 def initial_for(preset: str | None) -> dict:

@@ -31,6 +31,8 @@ from studio import audit
 
 from ..models import BaseModel, ComputeNode, TrainingJob, TrainingMetric
 from ..presets import COMMON, PRESETS
+from ..trainer.callbacks import Reporter
+from ..trainer.data import steps_per_epoch as trainer_steps_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +238,6 @@ def estimate(
     device: dict | None = None,
 ) -> dict:
     """Tokens, steps and epochs of the run and its memory against the target device."""
-    from ..trainer.estimate import estimate_memory
 
     lengths = list(dataset_version.examples.filter(split="train").values_list("token_count", flat=True))
     if replay_version is not None and replay_percent:
@@ -254,7 +255,7 @@ def estimate(
     else:
         rows = len(lengths)
     per_step = config["batch_size"] * config["grad_accum"]
-    steps_per_epoch = max(1, math.ceil(math.ceil(rows / config["batch_size"]) / config["grad_accum"]))
+    steps_per_epoch = trainer_steps_per_epoch(rows, config["batch_size"], config["grad_accum"])
     if config.get("max_steps"):
         steps = config["max_steps"]
         epochs = steps / steps_per_epoch
@@ -275,17 +276,7 @@ def estimate(
     }
     devices = known_devices()
     target = device or devices[0]
-    memory = estimate_memory(
-        model_config=_model_config(base_model),
-        n_params=base_model.parameters,
-        method=method,
-        batch_size=config["batch_size"],
-        max_length=max_length,
-        lora_r=config["lora_r"],
-        target_modules=config["target_modules"],
-        gradient_checkpointing=config["gradient_checkpointing"],
-        device=target,
-    )
+    memory = _memory(base_model, method, config, target)
     figures["memory"] = memory.as_dict()
     figures["devices"] = [
         {"label": d.get("label") or d.get("name"), "kind": d.get("kind"), "total_bytes": d.get("total_bytes")}
@@ -296,25 +287,34 @@ def estimate(
 
 def device_fit(base_model: BaseModel, devices: list[dict], method: str = "lora") -> list[dict]:
     """For the catalog: does the model train with the LoRA standard preset on each reported device?"""
-    from ..trainer.estimate import estimate_memory
 
-    config = PRESETS["lora_standard"]["config"]
+    preset = PRESETS["lora_standard"]["config"]
+    config = {
+        **preset,
+        "max_length": min(preset["max_length"], base_model.context_length or preset["max_length"]),
+    }
     rows = []
     for device in devices:
-        memory = estimate_memory(
-            model_config=_model_config(base_model),
-            n_params=base_model.parameters,
-            method=method,
-            batch_size=config["batch_size"],
-            max_length=min(config["max_length"], base_model.context_length or config["max_length"]),
-            lora_r=config["lora_r"],
-            target_modules=config["target_modules"],
-            gradient_checkpointing=False,
-            device=device,
-        )
+        memory = _memory(base_model, method, config, device)
         label = device.get("label") or device.get("name")
         rows.append({"device": label, "fits": memory.fits, "suggestion": memory.suggestion})
     return rows
+
+
+def _memory(base_model: BaseModel, method: str, config: dict, device: dict):
+    from ..trainer.estimate import estimate_memory
+
+    return estimate_memory(
+        model_config=_model_config(base_model),
+        n_params=base_model.parameters,
+        method=method,
+        batch_size=config["batch_size"],
+        max_length=config["max_length"],
+        lora_r=config["lora_r"],
+        target_modules=config["target_modules"],
+        gradient_checkpointing=config["gradient_checkpointing"],
+        device=device,
+    )
 
 
 def _model_config(base_model: BaseModel) -> dict:
@@ -604,40 +604,16 @@ def trainer_config(job: TrainingJob, train_path: Path, eval_path: Path | None):
     )
 
 
-class JobReporter:
-    """Bridges trainer callbacks to the database: metrics, progress, log tail, heartbeat and cancel."""
+class JobReporter(Reporter):
+    """Trainer callbacks → the database: metrics, progress, log tail, heartbeat and cancel."""
 
     def __init__(self, job: TrainingJob, echo=None):
-        from ..trainer.callbacks import Reporter
-
         self.job = job
         self.echo = echo
         self.token = job.claim_token
         self.lost = False
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, name=f"job-{job.pk}-heartbeat", daemon=True)
-        reporter = self
-
-        class _Bridge(Reporter):
-            def on_start(self, **kw):
-                reporter.on_start(**kw)
-
-            def on_step(self, **kw):
-                reporter.on_step(**kw)
-
-            def on_eval(self, **kw):
-                reporter.on_eval(**kw)
-
-            def on_checkpoint(self, **kw):
-                reporter.on_checkpoint(**kw)
-
-            def on_log(self, line):
-                reporter.on_log(line)
-
-            def should_stop(self):
-                return reporter.should_stop()
-
-        self.bridge = _Bridge()
 
     def _mine(self):
         return TrainingJob.objects.filter(pk=self.job.pk, state=State.RUNNING, claim_token=self.token)
@@ -682,8 +658,7 @@ class JobReporter:
             TrainingMetric(
                 job=self.job, step=step, name=name[:40], value=float(value), attempt=self.job.attempt
             )
-            for name, value in metrics.items()
-            if isinstance(value, int | float) and math.isfinite(value)
+            for name, value in _finite(metrics).items()
         ]
         TrainingMetric.objects.filter(job=self.job, step=step, name__in=[r.name for r in rows]).delete()
         TrainingMetric.objects.bulk_create(rows)
@@ -742,7 +717,7 @@ def run_claimed(job: TrainingJob, echo=None) -> TrainingJob:
     try:
         train_path, eval_path = write_data_files(job)
         config = trainer_config(job, train_path, eval_path)
-        result = run_training(config, reporter.bridge)
+        result = run_training(config, reporter)
     except BaseException as exc:
         reporter.close()
         if isinstance(exc, KeyboardInterrupt | SystemExit):
