@@ -215,6 +215,21 @@ STUDIO_JOB_STALE_SECONDS = envfloat("STUDIO_JOB_STALE_SECONDS", 90.0)
 STUDIO_JOB_MAX_ATTEMPTS = envint("STUDIO_JOB_MAX_ATTEMPTS", 3)
 STUDIO_JOB_LOG_LINES = envint("STUDIO_JOB_LOG_LINES", 50)
 
+# --- Evaluation, voting, approval gate, serving ----------------------------------------------------------
+STUDIO_EVAL_MAX_NEW_TOKENS = envint("STUDIO_EVAL_MAX_NEW_TOKENS", 128)
+STUDIO_EVAL_BATCH_SIZE = envint("STUDIO_EVAL_BATCH_SIZE", 16)
+STUDIO_MODEL_CACHE_SIZE = envint("STUDIO_MODEL_CACHE_SIZE", 2)  # loaded models kept per process
+STUDIO_VOTES_PER_COMPARISON = envint("STUDIO_VOTES_PER_COMPARISON", 1)  # K
+STUDIO_VOTE_OVERLAP_SHARE = envfloat("STUDIO_VOTE_OVERLAP_SHARE", 0.2)  # share voted by two reviewers
+STUDIO_VOTE_EXCLUDE_TRAINERS = envbool("STUDIO_VOTE_EXCLUDE_TRAINERS", True)  # no votes on own models
+STUDIO_VOTE_CLAIM_MINUTES = envint("STUDIO_VOTE_CLAIM_MINUTES", 30)  # a claimed slot returns after this
+STUDIO_GATE_MIN_VOTES = envint("STUDIO_GATE_MIN_VOTES", 30)
+STUDIO_GATE_MIN_WIN_RATE_LOW = envfloat("STUDIO_GATE_MIN_WIN_RATE_LOW", 0.5)  # 95% interval lower bound
+STUDIO_GATE_MAX_LOSS_REGRESSION = envfloat("STUDIO_GATE_MAX_LOSS_REGRESSION", 5.0)  # % vs production
+STUDIO_WEBHOOK_URLS = [u for u in envstr("STUDIO_WEBHOOK_URLS", "").split(",") if u.strip()]
+STUDIO_WEBHOOK_SECRET = envstr("STUDIO_WEBHOOK_SECRET", "")  # HMAC-SHA256 key; falls back to SECRET_KEY
+STUDIO_WEBHOOK_MAX_ATTEMPTS = envint("STUDIO_WEBHOOK_MAX_ATTEMPTS", 8)
+
 # --- Login rate limit -------------------------------------------------------------------------------
 STUDIO_LOGIN_MAX_ATTEMPTS = envint("STUDIO_LOGIN_MAX_ATTEMPTS", 5)
 STUDIO_LOGIN_WINDOW_SECONDS = envint("STUDIO_LOGIN_WINDOW_SECONDS", 300)
@@ -270,10 +285,15 @@ CELERY_TASK_ROUTES = {
     "datasets_app.tasks.*": {"queue": "curation"},
     "studio.tasks.*": {"queue": "curation"},
     "training_app.tasks.*": {"queue": "gpu"},
+    "eval_app.tasks.deliver_webhooks": {"queue": "curation"},
     "eval_app.tasks.*": {"queue": "gpu"},
 }
 CELERY_BEAT_SCHEDULE = {
     "watchdog": {"task": "studio.tasks.watchdog", "schedule": envint("STUDIO_WATCHDOG_SECONDS", 30)},
+    "webhooks": {
+        "task": "eval_app.tasks.deliver_webhooks",
+        "schedule": envint("STUDIO_WEBHOOK_POLL_SECONDS", 30),
+    },
 }
 
 # --- Production hardening -------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from django.db.models import Max
 
 from studio import audit
 
-from .models import ModelVersion, RegisteredModel
+from ..models import ModelVersion, RegisteredModel
 
 
 def register_job_result(job) -> ModelVersion:

@@ -1,0 +1,179 @@
+"""Loading models for evaluation and serving, and batched generation.
+
+A model is a base model directory, optionally with a LoRA adapter (a training job's artifacts) or a full
+fine-tuned checkpoint.  Loaded models are cached per process (LRU, ``STUDIO_MODEL_CACHE_SIZE``), so the
+API and evaluation tasks load base + adapter once.  Generation is batched: prompts are rendered with the
+tokenizer's chat template, sorted by length, left-padded and generated together; temperature 0 is greedy.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.conf import settings
+
+
+class ModelUnavailable(Exception):
+    """The model's files are missing or cannot be loaded; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load: the base directory and, optionally, an adapter or a full checkpoint directory."""
+
+    key: str  # cache key, e.g. "version:12" or "base:3"
+    label: str  # shown to people, e.g. "support-assistant/2"
+    base_dir: str
+    adapter_dir: str = ""  # a PEFT adapter directory, applied on top of base_dir
+    full_dir: str = ""  # a complete fine-tuned model directory (full SFT or merged), used instead of base_dir
+
+    @property
+    def weights_dir(self) -> str:
+        return self.full_dir or self.base_dir
+
+
+def spec_for_base(base_model) -> ModelSpec:
+    return ModelSpec(key=f"base:{base_model.pk}", label=base_model.name, base_dir=str(base_model.local_dir))
+
+
+def spec_for_version(version) -> ModelSpec:
+    """A registry version: merged model if present, else base + adapter, else a full checkpoint."""
+    base_dir = str(version.base_model.local_dir)
+    artifacts = Path(version.artifacts_dir) if version.artifacts_dir else None
+    label = str(version)
+    if artifacts is None:
+        return ModelSpec(key=f"version:{version.pk}", label=label, base_dir=base_dir)
+    if (artifacts / "merged" / "config.json").is_file():
+        return ModelSpec(f"version:{version.pk}", label, base_dir, full_dir=str(artifacts / "merged"))
+    if (artifacts / "adapter_config.json").is_file():
+        return ModelSpec(f"version:{version.pk}", label, base_dir, adapter_dir=str(artifacts))
+    if (artifacts / "config.json").is_file():
+        return ModelSpec(f"version:{version.pk}", label, base_dir, full_dir=str(artifacts))
+    raise ModelUnavailable(
+        f"The artifacts of {label} ({artifacts}) hold neither an adapter nor a model; "
+        "check the data dir or retrain the job."
+    )
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt_tokens: int
+    output_tokens: int
+
+
+class LoadedModel:
+    """A tokenizer and a model in eval mode on one device; ``generate`` is serialised by a lock."""
+
+    def __init__(self, spec: ModelSpec, device: str | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.spec = spec
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        for path in {spec.weights_dir, spec.adapter_dir} - {""}:
+            if not Path(path).is_dir():
+                raise ModelUnavailable(
+                    f"{spec.label}: the directory {path} does not exist; re-register the model or restore the data dir."
+                )
+        dtype = torch.bfloat16 if self.device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(spec.weights_dir, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(spec.weights_dir, local_files_only=True, dtype=dtype)
+            if spec.adapter_dir:
+                from peft import PeftModel
+
+                model = PeftModel.from_pretrained(model, spec.adapter_dir)
+                model = model.merge_and_unload()  # one fused model: same outputs, faster generation
+        except (OSError, ValueError) as exc:
+            raise ModelUnavailable(f"{spec.label} could not be loaded: {exc}") from exc
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        self.tokenizer = tokenizer
+        self.model = model.to(self.device).eval()
+        self.model.config.use_cache = True
+        self.lock = threading.Lock()
+        stop = {tokenizer.eos_token_id}
+        end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
+            stop.add(end_of_turn)
+        self.stop_ids = sorted(i for i in stop if i is not None)
+
+    def render(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def generate(
+        self,
+        conversations: list[list[dict]],
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        batch_size: int = 16,
+    ) -> list[GenerationResult]:
+        """Answers for many chat prompts, in input order, generated ``batch_size`` at a time."""
+        import torch
+
+        prompts = [self.render(messages) for messages in conversations]
+        encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
+        results: list[GenerationResult | None] = [None] * len(prompts)
+        with self.lock, torch.inference_mode():
+            torch.manual_seed(seed)
+            for start in range(0, len(order), max(1, batch_size)):
+                chunk = order[start : start + batch_size]
+                batch = self.tokenizer.pad(
+                    {"input_ids": [encoded[i] for i in chunk]}, padding=True, return_tensors="pt"
+                ).to(self.device)
+                kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id}
+                if temperature > 0:
+                    kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+                else:
+                    kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+                out = self.model.generate(**batch, eos_token_id=self.stop_ids, **kwargs)
+                new = out[:, batch["input_ids"].shape[1] :]
+                for row, index in enumerate(chunk):
+                    ids = new[row].tolist()
+                    length = len(ids)
+                    for n, token in enumerate(ids):
+                        if token in self.stop_ids:
+                            length = n
+                            break
+                    text = self.tokenizer.decode(ids[:length], skip_special_tokens=True).strip()
+                    results[index] = GenerationResult(text, len(encoded[index]), length)
+        return results  # type: ignore[return-value]
+
+
+_cache: OrderedDict[str, LoadedModel] = OrderedDict()
+_cache_lock = threading.Lock()
+_load_locks: dict[str, threading.Lock] = {}
+
+
+def get_model(spec: ModelSpec) -> LoadedModel:
+    """The cached model for ``spec``, loading it on first use (one load per key even under concurrency)."""
+    with _cache_lock:
+        if spec.key in _cache and _cache[spec.key].spec == spec:
+            _cache.move_to_end(spec.key)
+            return _cache[spec.key]
+        load_lock = _load_locks.setdefault(spec.key, threading.Lock())
+    with load_lock:
+        with _cache_lock:
+            if spec.key in _cache and _cache[spec.key].spec == spec:
+                return _cache[spec.key]
+        loaded = LoadedModel(spec)
+        with _cache_lock:
+            _cache[spec.key] = loaded
+            _cache.move_to_end(spec.key)
+            while len(_cache) > max(1, getattr(settings, "STUDIO_MODEL_CACHE_SIZE", 2)):
+                _cache.popitem(last=False)
+    return loaded
+
+
+def clear_cache() -> None:
+    with _cache_lock:
+        _cache.clear()
