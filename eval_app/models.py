@@ -388,6 +388,8 @@ class WebhookEvent(models.Model):
     delivered_at = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True)
     gave_up = models.BooleanField(default=False)
+    # short SHA-256 digests of the configured URLs that accepted it (a retry skips them; URLs may hold tokens)
+    delivered_to = models.JSONField(default=list)
 
     class Meta:
         ordering = ["-created_at", "-id"]

@@ -33,6 +33,7 @@ class Migration(migrations.Migration):
                 ("delivered_at", models.DateTimeField(blank=True, null=True)),
                 ("last_error", models.TextField(blank=True)),
                 ("gave_up", models.BooleanField(default=False)),
+                ("delivered_to", models.JSONField(default=list)),
             ],
             options={
                 "ordering": ["-created_at", "-id"],
