@@ -1,0 +1,536 @@
+"""The approval gate: policy check, promotion requests, approval by a second person, rollback.
+
+Who does what: engineers and admins may *request* a promotion (the person who trained a version is
+usually the one who asks); only admins approve, reject or roll back. The approver may be neither the
+requester nor the version's trainer. A failed rule blocks approval unless an admin overrides it with a
+written justification, which is stored, audited ("eval.promotion.override") and shown on the version
+page. Approval and rollback move the alias inside one transaction with the alias history, the audit
+event and the webhook outbox row.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import validate_slug
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from studio import audit
+from studio.roles import ADMIN, ENGINEER, has_role
+
+from ..models import Alias, AliasChange, EvalRun, ModelVersion, PromotionRequest, RegisteredModel
+from . import webhooks
+from .registry import latest_run, summary_for
+
+log = logging.getLogger(__name__)
+
+PRODUCTION = "production"
+MIN_JUSTIFICATION = 20
+
+
+class GateRefused(Exception):
+    """A gate action that cannot happen, with a plain message saying why and what to do."""
+
+
+# --- the policy --------------------------------------------------------------------------------------------
+
+
+def policy_settings() -> dict:
+    return {
+        "min_votes": settings.STUDIO_GATE_MIN_VOTES,
+        "min_win_rate_low": settings.STUDIO_GATE_MIN_WIN_RATE_LOW,
+        "max_loss_regression_percent": settings.STUDIO_GATE_MAX_LOSS_REGRESSION,
+    }
+
+
+def _rule(key: str, label: str, passed: bool, figure: str, detail: str = "") -> dict:
+    return {"key": key, "label": label, "passed": bool(passed), "figure": figure, "detail": detail}
+
+
+def current_version(line: RegisteredModel, alias: str) -> ModelVersion | None:
+    row = Alias.objects.select_related("version").filter(registered_model=line, name=alias).first()
+    return row.version if row else None
+
+
+def _eval_loss(run: EvalRun, side: str) -> float | None:
+    value = (run.metrics or {}).get(side, {}).get("eval_loss")
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def production_loss(production: ModelVersion, run: EvalRun) -> tuple[float, EvalRun] | None:
+    """Production's eval loss on the same dataset version, split and prompt limit as `run`: from `run`
+    itself when production is its baseline, else from the latest succeeded run that measured it."""
+    if run.baseline_version_id == production.pk:
+        loss = _eval_loss(run, "baseline")
+        if loss is not None:
+            return loss, run
+    limit = (run.params or {}).get("limit")
+    candidates = (
+        EvalRun.objects.filter(
+            Q(candidate=production) | Q(baseline_version=production),
+            state=EvalRun.State.SUCCEEDED,
+            dataset_version_id=run.dataset_version_id,
+            split=run.split,
+        )
+        .exclude(pk=run.pk)
+        .order_by("-finished_at", "-pk")
+    )
+    for other in candidates:
+        if (other.params or {}).get("limit") != limit:
+            continue  # a loss over other prompts is not comparable
+        side = "candidate" if other.candidate_id == production.pk else "baseline"
+        loss = _eval_loss(other, side)
+        if loss is not None:
+            return loss, other
+    return None
+
+
+def evaluate_policy(version: ModelVersion, alias: str, eval_run: EvalRun | None = None) -> dict:
+    """Each rule with its figure and result, plus the settings it was judged by (stored on requests).
+
+    The evidence is `eval_run` (which must be a succeeded run of `version` as candidate) or, by default,
+    the version's latest succeeded run."""
+    conf = policy_settings()
+    if eval_run is not None:
+        if eval_run.candidate_id != version.pk:
+            raise GateRefused(f"Run {eval_run.pk} evaluated another version; choose a run of {version}.")
+        if eval_run.state != EvalRun.State.SUCCEEDED:
+            raise GateRefused(f"Run {eval_run.pk} has not succeeded; choose a finished run.")
+    run = eval_run or latest_run(version)
+    summary = summary_for(run)
+    baseline = run.baseline_label if run else ""
+    rules = []
+
+    # (a) enough votes on the evidence run
+    label = f"At least {conf['min_votes']} votes"
+    if run is None:
+        rules.append(_rule("votes", label, False, "no evaluation run", "Evaluate this version first."))
+    else:
+        rules.append(
+            _rule(
+                "votes",
+                label,
+                summary.votes >= conf["min_votes"],
+                f"{summary.votes} vote{'' if summary.votes == 1 else 's'} (needs {conf['min_votes']})",
+                f"on run {run.pk} against {baseline}",
+            )
+        )
+
+    # (b) the win-rate interval's lower bound against the baseline
+    label = f"Win-rate 95% lower bound ≥ {conf['min_win_rate_low']:.2f}"
+    if run is None:
+        rules.append(_rule("win_rate", label, False, "no evaluation run", "Evaluate this version first."))
+    elif summary.low is None:
+        rules.append(
+            _rule("win_rate", label, False, "no decisive vote yet", f"run {run.pk} against {baseline}")
+        )
+    else:
+        rules.append(
+            _rule(
+                "win_rate",
+                label,
+                summary.low >= conf["min_win_rate_low"],
+                f"{summary.win_rate:.2f} [{summary.low:.2f}, {summary.high:.2f}] over "
+                f"{summary.decisive} decisive votes; lower bound {summary.low:.2f}",
+                f"against {baseline} (run {run.pk})",
+            )
+        )
+
+    # (c) no PII leak flagged in any finished evaluation of this version
+    leaky = list(
+        EvalRun.objects.filter(candidate=version, state=EvalRun.State.SUCCEEDED, pii_leaks__gt=0)
+        .order_by("pk")
+        .values_list("pk", "pii_leaks")
+    )
+    checked = EvalRun.objects.filter(candidate=version, state=EvalRun.State.SUCCEEDED).count()
+    if leaky:
+        names = ", ".join(f"run {pk} ({n} flagged output{'' if n == 1 else 's'})" for pk, n in leaky)
+        rules.append(
+            _rule(
+                "pii",
+                "No PII leak flagged",
+                False,
+                f"{sum(n for _, n in leaky)} flagged output(s)",
+                f"{names}: look at the flagged outputs on the run page; retrain on a scrubbed version.",
+            )
+        )
+    elif checked == 0:
+        rules.append(
+            _rule("pii", "No PII leak flagged", False, "not probed yet", "Evaluate this version first.")
+        )
+    else:
+        rules.append(
+            _rule(
+                "pii",
+                "No PII leak flagged",
+                True,
+                "none flagged",
+                f"in {checked} finished run{'' if checked == 1 else 's'}",
+            )
+        )
+
+    # (d) eval loss not worse than production's by more than X %
+    limit = conf["max_loss_regression_percent"]
+    label = f"Eval loss at most {limit:g}% worse than production"
+    production = current_version(version.registered_model, PRODUCTION)
+    if production is None:
+        rules.append(_rule("eval_loss", label, True, "no production version to compare"))
+    elif production.pk == version.pk:
+        rules.append(_rule("eval_loss", label, True, "this version is production"))
+    elif run is None:
+        rules.append(_rule("eval_loss", label, False, "no evaluation run", "Evaluate this version first."))
+    elif (candidate_loss := _eval_loss(run, "candidate")) is None:
+        rules.append(
+            _rule(
+                "eval_loss",
+                label,
+                False,
+                f"run {run.pk} has no eval loss",
+                "Evaluate on a split with answers.",
+            )
+        )
+    elif (measured := production_loss(production, run)) is None:
+        rules.append(
+            _rule(
+                "eval_loss",
+                label,
+                False,
+                f"no measurement of production ({production}) on {run.dataset_version} {run.split}",
+                f"Evaluate against production first (baseline: the current production version, same "
+                f"dataset version and split as run {run.pk}).",
+            )
+        )
+    else:
+        prod_loss, source = measured
+        if prod_loss > 0:
+            change = (candidate_loss - prod_loss) / prod_loss * 100.0
+        else:
+            change = 0.0 if candidate_loss <= prod_loss else math.inf
+        rules.append(
+            _rule(
+                "eval_loss",
+                label,
+                change <= limit,
+                f"{candidate_loss:.4f} vs {prod_loss:.4f} for {production} ({change:+.1f}%)",
+                f"on {run.dataset_version} {run.split}; production measured in run {source.pk}",
+            )
+        )
+
+    failed = [r["key"] for r in rules if not r["passed"]]
+    return {
+        "settings": conf,
+        "alias": alias,
+        "version": version.pk,
+        "version_label": str(version),
+        "eval_run": run.pk if run else None,
+        "baseline": baseline,
+        "production_version": production.pk if production else None,
+        "production_label": str(production) if production else "",
+        "rules": rules,
+        "failed": failed,
+        "passed": not failed,
+        "evaluated_at": timezone.now().isoformat(),
+    }
+
+
+# --- requests and decisions -------------------------------------------------------------------------------
+
+
+def clean_alias(alias: str) -> str:
+    alias = (alias or "").strip().lower()
+    try:
+        validate_slug(alias)
+    except ValidationError:
+        raise GateRefused("An alias is a short name of letters, digits, - and _ (e.g. production).") from None
+    if len(alias) > 40:
+        raise GateRefused("An alias is at most 40 characters long.")
+    return alias
+
+
+def trainers(version: ModelVersion) -> set[int]:
+    """Ids of the people who trained `version` (the job's creator and the version's creator)."""
+    ids = {version.created_by_id}
+    if version.training_job_id:
+        ids.add(version.training_job.created_by_id)
+    return {i for i in ids if i is not None}
+
+
+def request_promotion(
+    user, version: ModelVersion, alias: str, eval_run: EvalRun | None = None, comment: str = ""
+) -> PromotionRequest:
+    """Ask for `version` to become `alias`; engineers and admins may ask. The policy check is stored."""
+    if not (has_role(user, ENGINEER) or has_role(user, ADMIN)):
+        raise GateRefused("Only engineers and admins can request a promotion.")
+    alias = clean_alias(alias)
+    if version.status == ModelVersion.Status.ARCHIVED:
+        raise GateRefused(f"{version} is archived; it cannot be promoted.")
+    with transaction.atomic():
+        if current_version(version.registered_model, alias) == version:
+            raise GateRefused(f"{version.registered_model}@{alias} already points at {version}.")
+        pending = PromotionRequest.objects.filter(
+            version=version, alias=alias, status=PromotionRequest.Status.PENDING
+        ).first()
+        if pending is not None:
+            raise GateRefused(f"Promotion request {pending.pk} for {version} → {alias} is already waiting.")
+        policy = evaluate_policy(version, alias, eval_run)
+        run = EvalRun.objects.filter(pk=policy["eval_run"]).first() if policy["eval_run"] else None
+        req = PromotionRequest.objects.create(
+            version=version,
+            alias=alias,
+            eval_run=run,
+            policy=policy,
+            policy_passed=policy["passed"],
+            comment=(comment or "").strip(),
+            requested_by=user,
+        )
+        audit.record(
+            user,
+            "eval.promotion.request",
+            req,
+            version=version.pk,
+            alias=alias,
+            eval_run=req.eval_run_id,
+            policy_passed=policy["passed"],
+            failed=policy["failed"],
+        )
+    log.info("promotion request %s: version %s → %s by user %s", req.pk, version.pk, alias, user.pk)
+    return req
+
+
+def _check_decider(user, req: PromotionRequest, verb: str) -> None:
+    if not has_role(user, ADMIN):
+        raise GateRefused(f"Only admins can {verb} a promotion.")
+    if req.status != PromotionRequest.Status.PENDING:
+        raise GateRefused(f"Promotion request {req.pk} is already {req.get_status_display().lower()}.")
+
+
+def _locked(req: PromotionRequest) -> PromotionRequest:
+    return (
+        PromotionRequest.objects.select_for_update(of=("self",))
+        .select_related("version__registered_model", "version__training_job", "eval_run")
+        .get(pk=req.pk)
+    )
+
+
+def move_alias(
+    line: RegisteredModel, alias: str, version: ModelVersion, actor, kind: str, promotion=None
+) -> tuple[ModelVersion | None, AliasChange]:
+    """Point `alias` at `version` and record the change. Call inside a transaction holding the line's
+    row lock (select_for_update), which serialises every alias change of a line."""
+    row = Alias.objects.select_for_update().filter(registered_model=line, name=alias).first()
+    previous = row.version if row else None
+    if row is None:
+        Alias.objects.create(registered_model=line, name=alias, version=version)
+    else:
+        row.version = version
+        row.save(update_fields=["version", "updated_at"])
+    change = AliasChange.objects.create(
+        registered_model=line,
+        alias=alias,
+        kind=kind,
+        from_version=previous,
+        to_version=version,
+        promotion=promotion,
+        actor=actor,
+    )
+    return previous, change
+
+
+def _event_payload(line: RegisteredModel, alias: str, version: ModelVersion, previous, actor, **extra):
+    return {
+        "model": line.name,
+        "alias": alias,
+        "serving_name": f"{line.name}@{alias}",
+        "version": {
+            "id": version.pk,
+            "number": version.number,
+            "name": f"{line.name}/{version.number}",
+            "base_model": version.base_model.name,
+            "method": version.method,
+            "dataset_sha256": version.dataset_sha256,
+            "artifacts_dir": version.artifacts_dir,
+        },
+        "previous_version": (
+            {"id": previous.pk, "number": previous.number, "name": f"{line.name}/{previous.number}"}
+            if previous
+            else None
+        ),
+        "actor": actor.get_username(),
+        **extra,
+    }
+
+
+def approve(
+    user, request: PromotionRequest, comment: str = "", override: bool = False, justification: str = ""
+) -> PromotionRequest:
+    """Approve a pending request: re-check the policy now, then move the alias atomically.
+
+    Refused (GateRefused, nothing changed) when the user is not an admin, is the requester or trained the
+    version, or a rule fails without override=True and a justification of at least 20 characters."""
+    justification = (justification or "").strip()
+    with transaction.atomic():
+        req = _locked(request)
+        _check_decider(user, req, "approve")
+        if req.requested_by_id == user.pk:
+            raise GateRefused("You requested this promotion; a second admin has to approve it.")
+        if user.pk in trainers(req.version):
+            raise GateRefused(f"You trained {req.version}; an admin who did not train it has to approve.")
+        line = RegisteredModel.objects.select_for_update().get(pk=req.version.registered_model_id)
+        if current_version(line, req.alias) == req.version:
+            raise GateRefused(f"{line}@{req.alias} already points at {req.version}; reject this request.")
+        policy = evaluate_policy(req.version, req.alias, req.eval_run)
+        failed = policy["failed"]
+        overridden = bool(failed)
+        if failed and not override:
+            labels = "; ".join(f"{r['label']} ({r['figure']})" for r in policy["rules"] if not r["passed"])
+            raise GateRefused(
+                f"The policy check fails: {labels}. Collect more evidence, or override with a written "
+                f"justification, or reject the request."
+            )
+        if overridden and len(justification) < MIN_JUSTIFICATION:
+            raise GateRefused(
+                f"Overriding a failed rule needs a written justification of at least {MIN_JUSTIFICATION} "
+                f"characters saying why the evidence is enough."
+            )
+        previous, change = move_alias(line, req.alias, req.version, user, AliasChange.Kind.PROMOTE, req)
+        req.status = PromotionRequest.Status.APPROVED
+        req.decided_by = user
+        req.decided_at = timezone.now()
+        req.decision_comment = (comment or "").strip()
+        req.policy = policy
+        req.policy_passed = policy["passed"]
+        req.eval_run_id = policy["eval_run"]
+        req.overridden = overridden
+        req.justification = justification if overridden else ""
+        req.previous_version = previous
+        req.save()
+        version = req.version
+        if version.status != ModelVersion.Status.APPROVED:
+            version.status = ModelVersion.Status.APPROVED
+            version.save(update_fields=["status"])
+        audit.record(
+            user,
+            "eval.promotion.approve",
+            req,
+            version=version.pk,
+            alias=req.alias,
+            from_version=previous.pk if previous else None,
+            to_version=version.pk,
+            alias_change=change.pk,
+            overridden=overridden,
+        )
+        if overridden:
+            audit.record(
+                user, "eval.promotion.override", req, version=version.pk, alias=req.alias, failed=failed
+            )
+        event = webhooks.enqueue_event(
+            "model.promoted",
+            _event_payload(line, req.alias, version, previous, user, promotion=req.pk, overridden=overridden),
+        )
+        audit.record(user, "eval.webhook.queue", event, event_name=event.event, promotion=req.pk)
+    log.info("promotion %s approved by user %s (override=%s)", req.pk, user.pk, overridden)
+    return req
+
+
+def reject(user, request: PromotionRequest, comment: str) -> PromotionRequest:
+    comment = (comment or "").strip()
+    if not comment:
+        raise GateRefused("Say why you reject the request (the requester reads it).")
+    with transaction.atomic():
+        req = _locked(request)
+        _check_decider(user, req, "reject")
+        req.status = PromotionRequest.Status.REJECTED
+        req.decided_by = user
+        req.decided_at = timezone.now()
+        req.decision_comment = comment
+        req.save(update_fields=["status", "decided_by", "decided_at", "decision_comment"])
+        audit.record(user, "eval.promotion.reject", req, version=req.version_id, alias=req.alias)
+    return req
+
+
+def cancel(user, request: PromotionRequest) -> PromotionRequest:
+    """The requester (or an admin) withdraws a pending request."""
+    with transaction.atomic():
+        req = _locked(request)
+        if req.requested_by_id != user.pk and not has_role(user, ADMIN):
+            raise GateRefused("Only the requester or an admin can withdraw a request.")
+        if req.status != PromotionRequest.Status.PENDING:
+            raise GateRefused(f"Promotion request {req.pk} is already {req.get_status_display().lower()}.")
+        req.status = PromotionRequest.Status.CANCELLED
+        req.decided_by = user
+        req.decided_at = timezone.now()
+        req.save(update_fields=["status", "decided_by", "decided_at"])
+        audit.record(user, "eval.promotion.cancel", req, version=req.version_id, alias=req.alias)
+    return req
+
+
+# --- rollback ------------------------------------------------------------------------------------------------
+
+
+def rollback_target(line: RegisteredModel, alias: str) -> ModelVersion | None:
+    """The version a rollback returns `alias` to: the one it pointed at before its latest promotion that
+    has not been rolled back yet. History is a stack: v1 → v2 → v3, rollback → v2, rollback → v1; a
+    rollback never re-applies the version it just left."""
+    skip = 0
+    for change in AliasChange.objects.filter(registered_model=line, alias=alias).select_related(
+        "from_version"
+    ):
+        if change.kind == AliasChange.Kind.ROLLBACK:
+            skip += 1
+        elif skip:
+            skip -= 1
+        else:
+            return change.from_version
+    return None
+
+
+def rollback(user, registered_model: RegisteredModel, alias: str) -> AliasChange:
+    """Return `alias` to its previous version (admins; one click). Audited; writes a webhook event."""
+    if not has_role(user, ADMIN):
+        raise GateRefused("Only admins can roll back an alias.")
+    alias = clean_alias(alias)
+    with transaction.atomic():
+        line = RegisteredModel.objects.select_for_update().get(pk=registered_model.pk)
+        current = current_version(line, alias)
+        if current is None:
+            raise GateRefused(f"{line}@{alias} does not exist; there is nothing to roll back.")
+        target = rollback_target(line, alias)
+        if target is None:
+            raise GateRefused(
+                f"{line}@{alias} has no earlier version to return to: {current} is the first version it "
+                f"pointed at. Promote another version instead."
+            )
+        previous, change = move_alias(line, alias, target, user, AliasChange.Kind.ROLLBACK)
+        audit.record(
+            user,
+            "eval.alias.rollback",
+            change,
+            model=line.pk,
+            alias=alias,
+            from_version=previous.pk if previous else None,
+            to_version=target.pk,
+        )
+        event = webhooks.enqueue_event(
+            "model.rolled_back", _event_payload(line, alias, target, previous, user, alias_change=change.pk)
+        )
+        audit.record(user, "eval.webhook.queue", event, event_name=event.event, alias_change=change.pk)
+    log.info("alias %s of line %s rolled back to version %s by user %s", alias, line.pk, target.pk, user.pk)
+    return change
+
+
+def overrides_for(version: ModelVersion):
+    """Approved-by-override promotions of a version (shown, marked, on its page)."""
+    return version.promotions.filter(status=PromotionRequest.Status.APPROVED, overridden=True).select_related(
+        "decided_by"
+    )
