@@ -1,0 +1,74 @@
+"""Re-encrypt every encrypted file under the data dir with the first key of STUDIO_ENCRYPTION_KEY.
+
+Rotation: put the new key first and keep the old one after it (`STUDIO_ENCRYPTION_KEY=new,old`), restart
+web and workers, run this command, then drop the old key.  Files already under the new key are skipped, so
+the command can be re-run after an interruption; each file is replaced atomically.
+"""
+
+import struct
+import sys
+from pathlib import Path
+
+from cryptography.fernet import Fernet, InvalidToken
+from django.conf import settings
+from django.core.management.base import BaseCommand
+
+from datasets_app.services.storage import MAGIC, DecryptionError, decrypt_chunks, reencrypt_file
+
+
+def encrypted_files(root: Path):
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.is_symlink() and not path.name.endswith(".part"):
+            with open(path, "rb") as fh:
+                if fh.read(len(MAGIC)) == MAGIC:
+                    yield path
+
+
+def under_primary_key(path: Path, primary: Fernet) -> bool:
+    with open(path, "rb") as fh:
+        fh.read(len(MAGIC))
+        while header := fh.read(4):
+            (length,) = struct.unpack(">I", header)
+            try:
+                primary.decrypt(fh.read(length))
+            except InvalidToken:
+                return False
+    return True
+
+
+class Command(BaseCommand):
+    help = "Re-encrypt the data dir's encrypted files with the first configured STUDIO_ENCRYPTION_KEY."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--check", action="store_true", help="only report files still under an old key")
+
+    def handle(self, *args, check=False, **options):
+        keys = [k.strip() for k in settings.STUDIO_ENCRYPTION_KEY.split(",") if k.strip()]
+        primary = Fernet(keys[0].encode())
+        root = Path(settings.DATA_DIR)
+        current = rotated = stale = 0
+        failed = []
+        for path in encrypted_files(root):
+            name = path.relative_to(root)
+            if under_primary_key(path, primary):
+                current += 1
+                continue
+            if check:
+                stale += 1
+                self.stdout.write(f"old key: {name}")
+                continue
+            try:
+                list(decrypt_chunks(path))  # every frame must decrypt before anything is replaced
+                reencrypt_file(path)
+                rotated += 1
+            except DecryptionError:
+                failed.append(str(name))
+        summary = f"{current} file(s) already under the first key"
+        summary += f", {stale} still under an old key" if check else f", {rotated} re-encrypted"
+        self.stdout.write(summary + ".")
+        for name in failed:
+            self.stderr.write(
+                f"{name}: no configured key decrypts it; add the key it was written with to STUDIO_ENCRYPTION_KEY."
+            )
+        if failed or (check and stale):
+            sys.exit(1)
