@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from django.db.models import Count
 from django.shortcuts import get_object_or_404, render
-from django.template import TemplateDoesNotExist
-from django.template.loader import get_template
 from django.urls import NoReverseMatch, reverse
 
 from studio.roles import ADMIN, ENGINEER, has_role, role_required
 
 from .models import Alias, EvalRun, ModelVersion, PromotionRequest, RegisteredModel
 from .services import gate, registry
+from .stats import leaderboard
 
 
 def url_or_blank(name: str, *args) -> str:
@@ -24,14 +23,6 @@ def url_or_blank(name: str, *args) -> str:
         return reverse(name, args=args)
     except NoReverseMatch:
         return ""
-
-
-def _template_exists(name: str) -> bool:
-    try:
-        get_template(name)
-    except TemplateDoesNotExist:
-        return False
-    return True
 
 
 def _with_summary(run: EvalRun | None):
@@ -58,11 +49,7 @@ def model_list(request):
             if line.production and line.production != line.latest
             else None
         )
-    return render(
-        request,
-        "eval/registry/models.html",
-        {"lines": lines, "has_winrate": _template_exists("eval/partials/winrate.html")},
-    )
+    return render(request, "eval/registry/models.html", {"lines": lines})
 
 
 @role_required(ENGINEER)
@@ -78,19 +65,12 @@ def model_detail(request, pk: int):
     aliases = list(line.aliases.select_related("version").order_by("name"))
     for alias in aliases:
         alias.rollback_to = gate.rollback_target(line, alias.name)
-    try:
-        from .stats import leaderboard
-
-        board = leaderboard(line)
-    except ImportError:  # the votes area is not installed yet
-        board = None
     context = {
         "line": line,
         "versions": versions,
         "aliases": aliases,
         "history": registry.alias_history(line),
-        "leaderboard": board,
-        "has_leaderboard": board is not None and _template_exists("eval/partials/leaderboard.html"),
+        "leaderboard": leaderboard(line),
         "is_admin": has_role(request.user, ADMIN),
         "pending": line_pending(line),
     }
@@ -153,7 +133,6 @@ def version_detail(request, pk: int):
         "can_request": has_role(request.user, ENGINEER) and version.status != ModelVersion.Status.ARCHIVED,
         "evaluate_url": f"{evaluate_url}?version={version.pk}" if evaluate_url else "",
         "job_url": version.training_job.get_absolute_url() if version.training_job_id else "",
-        "has_winrate": _template_exists("eval/partials/winrate.html"),
     }
     return render(request, "eval/registry/version.html", context)
 
