@@ -11,8 +11,10 @@ from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import wait_for
 from django.db import connection
 from django.utils import timezone
+from test_gate import World
 
 from eval_app.models import WebhookEvent
 from eval_app.services import webhooks
@@ -50,7 +52,7 @@ class Receiver:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     def url(self, path="/hook") -> str:
@@ -231,3 +233,29 @@ def test_receiver_example_from_the_readme_accepts_a_real_delivery(receiver, sett
 
     assert verify(SECRET.encode(), body, signature)
     assert json.loads(body)["data"]["serving_name"] == "support@production"
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_an_approval_is_delivered_by_a_real_worker(start_worker, receiver, settings, make_user, curator):
+    """Approve → the outbox row commits with the alias move → on commit the delivery task goes to the
+    broker → a real `celery worker` on queue "curation" POSTs the signed event to a live receiver."""
+    server = receiver()
+    settings.STUDIO_WEBHOOK_URLS = [server.url("/deploy")]
+    worker = start_worker("curation", STUDIO_WEBHOOK_URLS=server.url("/deploy"), STUDIO_WEBHOOK_SECRET=SECRET)
+    world = World(make_user, curator)
+    version = world.version()
+    world.good_run(version)
+    req = world.promote(version)
+    event = WebhookEvent.objects.get()
+    wait_for(lambda: server.requests, worker, timeout=120, what="the webhook delivery")
+    (request,) = server.requests
+    assert request["path"] == "/deploy" and request["body"] == event.body.encode()
+    assert webhooks.verify_signature(SECRET, request["body"], request["headers"]["X-Studio-Signature"])
+    assert json.loads(request["body"])["data"]["promotion"] == req.pk
+    wait_for(
+        lambda: WebhookEvent.objects.filter(pk=event.pk, delivered_at__isnull=False).exists(),
+        worker,
+        timeout=30,
+        what="the worker to mark the event delivered",
+    )
