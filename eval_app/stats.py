@@ -331,8 +331,9 @@ class RunSummary:
         kappa = self.agreement
         if kappa is None:
             return ""
+        if kappa < 0:
+            return "poor"
         for limit, words in (
-            (0.0, "poor"),
             (0.2, "slight"),
             (0.4, "fair"),
             (0.6, "moderate"),

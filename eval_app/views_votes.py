@@ -171,20 +171,25 @@ def review_done(request, pk: int):
 # --- statistics (engineers, admins) ------------------------------------------------------------------
 
 
-def _curves(summary: stats.RunSummary) -> tuple[dict, dict]:
-    """Votes over time (cumulative, by hours since the first vote) and the running win-rate by vote."""
+def _curves(summary: stats.RunSummary) -> tuple[dict, dict, str]:
+    """Votes over time (cumulative, since the first vote, in minutes, hours or days by the span), the
+    running win-rate by vote, and the time unit."""
     if not summary.timeline:
-        return {}, {}
+        return {}, {}, "hours"
     start = summary.timeline[0][0]
+    span = (summary.timeline[-1][0] - start).total_seconds()
+    unit, seconds = (
+        ("minutes", 60) if span < 7200 else ("hours", 3600) if span < 3 * 86400 else ("days", 86400)
+    )
     cumulative, running = [], []
     wins = decisive = 0.0
     for n, (at, outcome) in enumerate(summary.timeline, start=1):
-        cumulative.append(((at - start).total_seconds() / 3600, n))
+        cumulative.append(((at - start).total_seconds() / seconds, n))
         if outcome != "both_bad":
             decisive += 1
             wins += {"candidate": 1.0, "tie": 0.5}.get(outcome, 0.0)
             running.append((n, wins / decisive))
-    return {"votes": cumulative}, ({"win-rate": running} if running else {})
+    return {"votes": cumulative}, ({"win-rate": running} if running else {}), unit
 
 
 @role_required(ENGINEER, ADMIN)
@@ -196,12 +201,13 @@ def run_stats(request, pk: int):
         pk=pk,
     )
     summary = stats.run_summary(run)
-    votes_curve, winrate_curve = _curves(summary)
+    votes_curve, winrate_curve, unit = _curves(summary)
     context = {
         "run": run,
         "summary": summary,
         "votes_curve": votes_curve,
         "winrate_curve": winrate_curve,
+        "time_axis": f"{unit} since the first vote",
         "rows": stats.leaderboard(run.candidate.registered_model),
         "line": run.candidate.registered_model,
     }

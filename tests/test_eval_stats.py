@@ -162,6 +162,9 @@ def test_cohen_kappa_on_a_hand_computed_table():
     assert stats.cohen_kappa([("a", "a"), ("b", "b")]) == pytest.approx(1.0)
     assert stats.cohen_kappa([]) is None
     assert stats.cohen_kappa([("tie", "tie")] * 3) is None  # chance agreement is certain: 0/0
+    # Landis & Koch's words on the page
+    words = {k: stats.RunSummary(agreement=k).agreement_label for k in (-0.1, 0.0, 0.4, 0.5, 0.9)}
+    assert words == {-0.1: "poor", 0.0: "slight", 0.4: "fair", 0.5: "moderate", 0.9: "almost perfect"}
 
 
 def test_krippendorff_alpha_hand_computed():
