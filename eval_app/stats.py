@@ -316,6 +316,7 @@ class RunSummary:
     slots: int = 0  # Σ votes_wanted
     reviewers: int = 0
     timeline: list[tuple] = field(default_factory=list)  # (created_at, outcome) in vote order
+    run_id: int | None = None  # set by run_summary(): the partial links to the run's statistics page
 
     @property
     def both_bad_rate(self) -> float | None:
@@ -438,6 +439,7 @@ def run_summary(run) -> RunSummary:
     tags = {pk: t for pk, t in comparisons.exclude(tags=[]).values_list("pk", "tags") if t}
     summary = summarise(votes, tags)
     counts = comparisons.aggregate(n=Count("id"), slots=Sum("votes_wanted"))
+    summary.run_id = run.pk
     summary.comparisons = counts["n"] or 0
     summary.slots = counts["slots"] or 0
     return summary

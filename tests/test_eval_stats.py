@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from django.template.loader import render_to_string
+from django.urls import reverse
 
 from datasets_app.models import Dataset, DatasetVersion
 from eval_app import stats
@@ -310,7 +312,15 @@ def test_run_summary_reads_votes_of_the_run(world, make_user):
     assert s.overlap_items == 1 and s.observed_agreement == 1.0
     assert {t.tag: t.votes for t in s.per_tag} == {"a": 3, "b": 1}
     assert (s.comparisons, s.slots, s.reviewers) == (4, 5, 2)
-    assert stats.run_summary(world.run(v1, n=2)).win_rate is None
+    # the partial other pages include: the figures, both-bad apart, and a link to the full statistics
+    html = render_to_string("eval/partials/winrate.html", {"summary": s})
+    assert s.bar.text in html and s.bar.interval_text in html and "2 / 1 / 1" in html
+    assert reverse("eval:run_stats", args=[run.pk]) in html
+    empty = stats.run_summary(world.run(v1, n=2))
+    assert empty.win_rate is None and empty.low is None
+    assert "No votes yet: 2 votes wanted on 2 comparisons" in render_to_string(
+        "eval/partials/winrate.html", {"summary": empty}
+    )
 
 
 def test_leaderboard_ranks_versions_and_the_base_model(world, make_user):
