@@ -11,11 +11,12 @@ log = logging.getLogger(__name__)
 
 @shared_task
 def watchdog() -> dict:
-    """Requeue imports and training jobs whose worker died, so a killed worker costs minutes, not the job."""
+    """Requeue imports, training jobs and evaluation runs whose worker died (a lost worker costs minutes)."""
     from datasets_app.services.imports import requeue_stale
+    from eval_app.services.evaluation import requeue_stale as requeue_stale_evals
     from training_app.services.jobs import requeue_stale as requeue_stale_jobs
 
     requeued = requeue_stale()
     if requeued:
         log.warning("watchdog requeued uploads %s", requeued)
-    return {"uploads": requeued, "jobs": requeue_stale_jobs()}
+    return {"uploads": requeued, "jobs": requeue_stale_jobs(), "evals": requeue_stale_evals()}
