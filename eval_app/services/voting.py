@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Case, Count, F, IntegerField, OuterRef, Q, Subquery, Value, When
+from django.db.models import Count, Exists, F, IntegerField, OuterRef, Q, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -80,44 +81,61 @@ def trained_by(run: EvalRun, user) -> bool:
     return False
 
 
-def eligible_comparisons(reviewer, run=None):
-    """Comparisons of succeeded runs that `reviewer` may still vote on (open slots not considered):
-    not voted, not skipped, and — with STUDIO_VOTE_EXCLUDE_TRAINERS — not of models they trained."""
-    qs = Comparison.objects.filter(run__state=EvalRun.State.SUCCEEDED)
+def runs_open_to(reviewer, run=None) -> list[int]:
+    """Ids of the succeeded runs `reviewer` may vote on: with STUDIO_VOTE_EXCLUDE_TRAINERS, not those
+    whose candidate or baseline version they trained or registered. (One small query on runs, so the
+    per-comparison queries below need no joins.)"""
+    runs = EvalRun.objects.filter(state=EvalRun.State.SUCCEEDED)
     if run is not None:
-        qs = qs.filter(run=run)
-    skipped = Assignment.objects.filter(reviewer=reviewer, skipped=True).values("comparison")
-    qs = qs.exclude(votes__reviewer=reviewer).exclude(pk__in=skipped)
+        runs = runs.filter(pk=run.pk)
     if getattr(settings, "STUDIO_VOTE_EXCLUDE_TRAINERS", True):
-        qs = (
-            qs.exclude(run__candidate__created_by=reviewer)
-            .exclude(run__candidate__training_job__created_by=reviewer)
-            .exclude(run__baseline_version__created_by=reviewer)
-            .exclude(run__baseline_version__training_job__created_by=reviewer)
+        runs = (
+            runs.exclude(candidate__created_by=reviewer)
+            .exclude(candidate__training_job__created_by=reviewer)
+            .exclude(baseline_version__created_by=reviewer)
+            .exclude(baseline_version__training_job__created_by=reviewer)
         )
-    return qs
+    return list(runs.values_list("pk", flat=True))
 
 
-def open_comparisons(reviewer, run=None, now=None):
-    """Eligible comparisons with an open slot, in claim order: partly voted or partly claimed items first
-    (so overlap items get their second vote and agreement can be measured), then older runs first, then
-    the run's own order."""
+def eligible_comparisons(reviewer, run=None):
+    """Comparisons of the runs open to `reviewer` that they may still vote on (open slots not
+    considered): not voted and not skipped by them."""
+    skipped = Assignment.objects.filter(reviewer=reviewer, skipped=True).values("comparison")
+    return (
+        Comparison.objects.filter(run_id__in=runs_open_to(reviewer, run))
+        .exclude(votes__reviewer=reviewer)
+        .exclude(pk__in=skipped)
+    )
+
+
+def _open_phases(reviewer, run=None, now=None):
+    """Eligible comparisons with an open slot, as two disjoint querysets in claim order.
+
+    1. started: already voted or claimed by someone (partly filled overlap items, and slots coming back
+       from expired claims), so that overlap items get their second vote and agreement can be measured;
+    2. fresh: no vote and no active claim — open by definition, found with a cheap anti-join instead of
+       counting claims row by row.
+    Each is ordered older runs first (lower id), then the run's own order."""
     now = now or timezone.now()
     held = _active_assignments(now).filter(reviewer=reviewer).values("comparison")
-    return (
-        eligible_comparisons(reviewer, run)
-        .exclude(pk__in=held)
+    base = eligible_comparisons(reviewer, run).exclude(pk__in=held)
+    claimed = Exists(_active_assignments(now).filter(comparison=OuterRef("pk")))
+    order = ("run_id", "position")  # the (run, position) unique index
+    started = (
+        base.filter(Q(votes_count__gt=0) | claimed)
         .annotate(active=_active_count_subquery(now))
         .filter(votes_count__lt=F("votes_wanted") - F("active"))
-        .annotate(
-            started=Case(
-                When(Q(votes_count__gt=0) | Q(active__gt=0), then=Value(0)),
-                default=Value(1),
-                output_field=IntegerField(),
-            )
-        )
-        .order_by("started", "run__created_at", "run_id", "position")
+        .order_by(*order)
     )
+    fresh = base.filter(votes_count=0, votes_wanted__gt=0).exclude(claimed).order_by(*order)
+    return started, fresh
+
+
+def open_count(reviewer, run=None) -> int:
+    """How many comparisons `reviewer` could still claim (the one they hold now not counted)."""
+    started, fresh = _open_phases(reviewer, run)
+    return started.count() + fresh.count()
 
 
 def current_assignment(reviewer, run=None) -> Assignment | None:
@@ -155,12 +173,14 @@ def claim_next(reviewer, run=None) -> Comparison | None:
     tried: list[int] = []
     with transaction.atomic():
         for attempt in range(MAX_CLAIM_TRIES):
-            candidates = open_comparisons(reviewer, run, now)
-            if tried:
-                candidates = candidates.exclude(pk__in=tried)
-            comparison = candidates.select_for_update(skip_locked=True, of=("self",)).first()
+            phases = [qs.exclude(pk__in=tried) if tried else qs for qs in _open_phases(reviewer, run, now)]
+            comparison = None
+            for candidates in phases:
+                comparison = candidates.select_for_update(skip_locked=True, of=("self",)).first()
+                if comparison is not None:
+                    break
             if comparison is None:
-                if not candidates.exists():
+                if not any(candidates.exists() for candidates in phases):
                     return None
                 # every open comparison is locked by a claim in progress right now (milliseconds):
                 # wait for those claims to commit, then look again (each statement sees new commits)
@@ -334,7 +354,7 @@ def progress(reviewer, run=None) -> Progress:
     votes = Vote.objects.filter(reviewer=reviewer)
     if run is not None:
         votes = votes.filter(comparison__run=run)
-    return Progress(done=votes.count(), available=open_comparisons(reviewer, run).count())
+    return Progress(done=votes.count(), available=open_count(reviewer, run))
 
 
 @dataclass
@@ -352,13 +372,11 @@ class QueueRow:
 def queue(reviewer) -> list[QueueRow]:
     """Succeeded runs where the reviewer has voted or can still vote, with their progress (oldest first)."""
     now = timezone.now()
-    open_by_run = dict(
-        open_comparisons(reviewer, now=now)
-        .order_by()
-        .values("run")
-        .annotate(n=Count("id", distinct=True))
-        .values_list("run", "n")
-    )
+    open_by_run: Counter = Counter()
+    for phase in _open_phases(reviewer, now=now):
+        open_by_run.update(
+            dict(phase.order_by().values("run").annotate(n=Count("id")).values_list("run", "n"))
+        )
     done_by_run = dict(
         Vote.objects.filter(reviewer=reviewer, comparison__run__state=EvalRun.State.SUCCEEDED)
         .order_by()
