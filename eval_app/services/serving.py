@@ -35,7 +35,8 @@ from studio import audit
 from studio.roles import ADMIN, ENGINEER, has_role
 
 from ..inference import LoadedModel, ModelUnavailable, get_model, spec_for_version
-from ..models import Alias, ApiKey, ModelVersion, RegisteredModel
+from ..models import ApiKey, ModelVersion, RegisteredModel
+from .registry import resolve_model_name  # "<line>@<alias>" / "<line>/<number>" → ModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -214,32 +215,6 @@ def servable_models() -> list[Servable]:
                 Servable(f"{line.name}/{version.number}", version, int(version.created_at.timestamp()))
             )
     return out
-
-
-def resolve_model_name(name: str) -> ModelVersion:
-    """ "<line>@<alias>" → the alias's version; "<line>/<number>" → that version.
-
-    Raises ValueError for a name of neither shape, ModelVersion.DoesNotExist for an unknown one."""
-    name = (name or "").strip()
-    related = ("registered_model", "base_model")
-    if "@" in name:
-        line, alias = name.split("@", 1)
-        try:
-            return (
-                Alias.objects.select_related(*(f"version__{r}" for r in related))
-                .get(registered_model__name=line, name=alias)
-                .version
-            )
-        except Alias.DoesNotExist:
-            raise ModelVersion.DoesNotExist(f"no alias {alias!r} on model line {line!r}")
-    if "/" in name:
-        line, number = name.rsplit("/", 1)
-        if not number.isdigit():
-            raise ValueError(f"{name!r}: the part after '/' must be a version number")
-        return ModelVersion.objects.select_related(*related).get(
-            registered_model__name=line, number=int(number)
-        )
-    raise ValueError(f"{name!r} is not a model name: use '<line>@<alias>' or '<line>/<version>'")
 
 
 # =====================================================================================================
