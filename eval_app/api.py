@@ -24,7 +24,7 @@ from .services.serving import Completion, InvalidRequest, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
-KEYS_HINT = "create one on the studio's API keys page (Models → Serving → API keys)"
+KEYS_HINT = "create one on the studio's API keys page (/models/serving/keys/)"
 AUTH_ERRORS = {  # KeyCheck.problem → (status, type, message)
     "missing_api_key": (
         401,
