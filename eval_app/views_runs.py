@@ -13,6 +13,7 @@ from studio import audit
 from studio.htmx import render_htmx
 from studio.roles import CURATOR, ENGINEER, role_required
 
+from . import stats
 from .forms import CanaryForm, EvalRunForm
 from .models import Canary, Comparison, EvalRun, Generation, ModelVersion
 from .services import evaluation
@@ -173,13 +174,7 @@ def _fmt(value, percent=False, signed=False) -> str:
 
 
 def _vote_summary(run: EvalRun):
-    try:
-        from . import stats
-    except ImportError:  # the statistics module comes with the voting area
-        return None
-    if not run.comparisons.exists():
-        return None
-    return stats.run_summary(run)
+    return stats.run_summary(run) if run.comparisons.exists() else None
 
 
 def _detail_context(request, run: EvalRun) -> dict:

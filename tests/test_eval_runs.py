@@ -557,6 +557,7 @@ def test_run_page_shows_metrics_and_masks_flagged_output(client_for, engineer, c
     EvalRun.objects.filter(pk=run.pk).update(pii_leaks=1)
     page = client_for(engineer).get(reverse("eval:run", args=[run.pk])).content.decode()
     assert "Automatic metrics" in page and "Perplexity" in page
+    assert "No votes yet" in page and f"wanted on {len(GOLDEN)} comparisons" in page  # the vote summary
     assert f"{run.metrics['candidate']['eval_loss']:.4g}" in page
     assert "1 flagged output" in page and "blocks promotion" in page
     assert "jane.doe@example.com" not in page and "<mark>[EMAIL_ADDRESS]</mark>" in page

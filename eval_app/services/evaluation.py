@@ -589,7 +589,7 @@ def claim(run_id: int, worker: str) -> EvalRun | None:
             claim_token=token,
             worker=worker[:200],
             attempt=F("attempt") + 1,
-            heartbeat_at=Now(),
+            heartbeat_at=timezone.now(),
             started_at=Coalesce(F("started_at"), Now()),
             error_message="",
             error_traceback="",
