@@ -86,6 +86,11 @@ def build_navigation(path: str, roles: list[str]) -> list[NavSection]:
             section.links.append(NavLink(item.label, url, item.icon, active))
         if section.links:
             sections.append(section)
+    # Only the most specific match is active: /models/reviews/ is "Reviews", not also "Models".
+    matches = [link for section in sections for link in section.links if link.active]
+    best = max(matches, key=lambda link: len(link.url), default=None)
+    for link in matches:
+        link.active = link is best
     return sections
 
 

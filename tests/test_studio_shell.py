@@ -669,3 +669,16 @@ def test_navigation_skips_areas_whose_urls_are_missing(admin_user, client_for):
     for label, link in links.items():
         assert link.url, label  # every entry shown has a working URL
     assert client_for(admin_user).get(reverse("home")).status_code == 200
+
+
+def test_only_the_most_specific_navigation_link_is_active():
+    from studio.context_processors import build_navigation
+    from studio.roles import ROLES
+
+    def active(path):
+        return [link.label for s in build_navigation(path, list(ROLES)) for link in s.links if link.active]
+
+    assert active("/models/reviews/") == ["Reviews"]
+    assert active("/models/promotions/3/") == ["Promotions"]
+    assert active("/models/1/") == ["Models"]
+    assert active("/") == ["Dashboard"]
