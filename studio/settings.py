@@ -229,6 +229,8 @@ STUDIO_GATE_MAX_LOSS_REGRESSION = envfloat("STUDIO_GATE_MAX_LOSS_REGRESSION", 5.
 STUDIO_WEBHOOK_URLS = [u for u in envstr("STUDIO_WEBHOOK_URLS", "").split(",") if u.strip()]
 STUDIO_WEBHOOK_SECRET = envstr("STUDIO_WEBHOOK_SECRET", "")  # HMAC-SHA256 key; falls back to SECRET_KEY
 STUDIO_WEBHOOK_MAX_ATTEMPTS = envint("STUDIO_WEBHOOK_MAX_ATTEMPTS", 8)
+STUDIO_API_MAX_TOKENS = envint("STUDIO_API_MAX_TOKENS", 512)  # cap on max_tokens per API request
+STUDIO_API_RATE_LIMIT = envint("STUDIO_API_RATE_LIMIT", 60)  # requests per minute per API key
 
 # --- Login rate limit -------------------------------------------------------------------------------
 STUDIO_LOGIN_MAX_ATTEMPTS = envint("STUDIO_LOGIN_MAX_ATTEMPTS", 5)
