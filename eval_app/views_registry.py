@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from django.db.models import Count
 from django.shortcuts import get_object_or_404, render
-from django.urls import NoReverseMatch, reverse
+from django.urls import reverse
 
 from studio.roles import ADMIN, ENGINEER, has_role, role_required
 
@@ -17,18 +17,9 @@ from .services import gate, registry
 from .stats import leaderboard
 
 
-def url_or_blank(name: str, *args) -> str:
-    """The URL, or "" while the page's area is not wired (a link then shows as plain text)."""
-    try:
-        return reverse(name, args=args)
-    except NoReverseMatch:
-        return ""
-
-
 def _with_summary(run: EvalRun | None):
     if run is not None:
         run.summary = registry.summary_for(run)
-        run.url = url_or_blank("eval:run", run.pk)
     return run
 
 
@@ -107,7 +98,6 @@ def version_detail(request, pk: int):
         .order_by("-created_at", "-pk")
     )
     for run in runs:
-        run.url = url_or_blank("eval:run", run.pk)
         run.summary = registry.summary_for(run) if run.state == EvalRun.State.SUCCEEDED else None
     finished = [r for r in runs if r.state == EvalRun.State.SUCCEEDED]
     alias = (request.GET.get("alias") or gate.PRODUCTION).strip()
@@ -115,7 +105,6 @@ def version_detail(request, pk: int):
         preview = gate.evaluate_policy(version, gate.clean_alias(alias))
     except gate.GateRefused:
         alias, preview = gate.PRODUCTION, gate.evaluate_policy(version, gate.PRODUCTION)
-    evaluate_url = url_or_blank("eval:run_new")
     context = {
         "version": version,
         "aliases": list(version.aliases.order_by("name")),
@@ -131,7 +120,7 @@ def version_detail(request, pk: int):
         "preview": preview,
         "preview_alias": alias,
         "can_request": has_role(request.user, ENGINEER) and version.status != ModelVersion.Status.ARCHIVED,
-        "evaluate_url": f"{evaluate_url}?version={version.pk}" if evaluate_url else "",
+        "evaluate_url": f"{reverse('eval:run_new')}?version={version.pk}",
         "job_url": version.training_job.get_absolute_url() if version.training_job_id else "",
     }
     return render(request, "eval/registry/version.html", context)
@@ -142,6 +131,5 @@ def version_lineage(request, pk: int):
     version = _version(pk)
     data = registry.lineage(version)
     for run in data["runs"]:
-        run.url = url_or_blank("eval:run", run.pk)
         run.role = "candidate" if run.candidate_id == version.pk else "baseline"
     return render(request, "eval/registry/lineage.html", {"version": version, **data})
