@@ -716,3 +716,87 @@ def test_promote_command_refusals_exit_non_zero(world):
         call_command(
             "promote", str(v.pk), "--alias", "staging", "--by", "rita", "--strict", stdout=StringIO()
         )
+
+
+# =====================================================================================================
+# The whole path with the real services: evaluation on a tiny model → blind votes → gate → alias → serving
+# name → rollback
+# =====================================================================================================
+
+
+@pytest.fixture
+def _heartbeat_off(settings):
+    settings.STUDIO_JOB_HEARTBEAT_SECONDS = 3600  # no heartbeat thread writing outside the test transaction
+
+
+def test_evaluate_vote_promote_serve_and_roll_back_with_real_services(
+    world, tiny_model_dir, settings, make_user, _heartbeat_off
+):
+    from pathlib import Path
+
+    from datasets_app.models import Example
+    from datasets_app.services import versions
+    from datasets_app.services.datasets import create_dataset
+    from eval_app.services import evaluation, voting
+    from eval_app.services.registry import resolve_model_name
+    from training_app.services import register_local_dir
+
+    settings.STUDIO_GATE_MIN_VOTES = 6
+    settings.STUDIO_VOTE_OVERLAP_SHARE = 0.0
+    settings.STUDIO_EVAL_MAX_NEW_TOKENS = 8
+    base = register_local_dir("tiny-llama", Path(tiny_model_dir), world.approver)
+    dataset = create_dataset("golden-support", "sft", world.curator)
+    for i in range(6):
+        Example.objects.create(
+            dataset=dataset,
+            position=i,
+            messages=[
+                {"role": "user", "content": f"where is my parcel {i}"},
+                {"role": "assistant", "content": "it ships tomorrow"},
+            ],
+            split="golden",
+            content_hash=f"{i:064d}",
+            token_count=10,
+            pii_status=Example.Pii.CLEAN,
+        )
+    golden = versions.freeze(dataset, world.curator, changelog="golden")
+    v1, v2 = world.version(), world.version()
+    ModelVersion.objects.filter(pk__in=[v1.pk, v2.pk]).update(
+        base_model=base, artifacts_dir=str(tiny_model_dir)
+    )
+    v1.refresh_from_db()
+    v2.refresh_from_db()
+
+    def evaluate_and_vote(version, baseline_kind):
+        run = evaluation.create_run(world.trainer, version, baseline_kind, golden, max_new_tokens=8)
+        run = evaluation.execute_run(run.pk, "test-worker")
+        assert run.state == EvalRun.State.SUCCEEDED, run.error_message
+        assert run.metrics["candidate"]["eval_loss"] > 0 and run.pii_leaks == 0
+        while (comparison := voting.claim_next(world.voter, run)) is not None:
+            voting.cast_vote(world.voter, comparison, "b" if comparison.swapped else "a")  # the candidate
+        return run
+
+    run1 = evaluate_and_vote(v1, "base")
+    req = gate.request_promotion(world.requester, v1, "production")
+    assert req.policy_passed, req.policy["rules"]
+    assert rule(req.policy, "votes")["figure"] == "6 votes (needs 6)"
+    gate.approve(world.approver, req)
+    assert resolve_model_name("support@production") == v1
+
+    run2 = evaluate_and_vote(v2, "production")  # same weights as production: 0% loss change
+    assert run2.baseline_version == v1
+    req2 = gate.request_promotion(world.requester, v2, "production")
+    assert req2.policy_passed and rule(req2.policy, "eval_loss")["figure"].endswith("(+0.0%)")
+    assert f"production measured in run {run2.pk}" in rule(req2.policy, "eval_loss")["detail"]
+    gate.approve(world.approver, req2)
+    assert resolve_model_name("support@production") == v2
+
+    gate.rollback(world.approver, world.line, "production")
+    assert resolve_model_name("support@production") == v1
+    assert run1.pk != run2.pk
+    assert list(WebhookEvent.objects.order_by("id").values_list("event", flat=True)) == [
+        "model.promoted",
+        "model.promoted",
+        "model.rolled_back",
+    ]
+    assert verify_chain().ok
