@@ -89,6 +89,59 @@ _ASCII_OTHER_SPACE = bytes(i for i in range(128) if chr(i).isspace() and i != 32
 _json_string = json.encoder.encode_basestring  # a str as json.dumps(..., ensure_ascii=False) writes it
 
 
+# The fast path of the canonical text (see _canonical_ascii): one translate() lower-cases ASCII letters,
+# turns whitespace into spaces and marks with NUL every byte JSON would escape (", \\, other controls).
+_FAST_TABLE = bytearray(range(256))
+for _byte in range(65, 91):
+    _FAST_TABLE[_byte] = _byte + 32
+for _byte in (*range(1, 32), ord('"'), ord("\\")):
+    _FAST_TABLE[_byte] = 32 if _byte in _ASCII_OTHER_SPACE else 0
+_FAST_TABLE = bytes(_FAST_TABLE)
+_ASCII_EDGE_JUNK_BYTES = _ASCII_EDGE_JUNK.encode("ascii")
+_FAST_ROLES = {"user": b"user", "assistant": b"assistant", "system": b"system"}
+
+
+def _canonical_ascii(messages: list[dict], chosen: str | None, rejected: str | None) -> bytes | None:
+    """The canonical JSON of the usual example, built from bytes: plain roles, ASCII texts with no
+    whitespace run to collapse and nothing JSON escapes. Then NFKC and casefold() are lower(),
+    collapsing whitespace is mapping each whitespace byte to a space, and each text goes between
+    quotes as it is. None for anything else (the general path). The same bytes as the general path."""
+    try:
+        roles = [_FAST_ROLES[m["role"]] for m in messages]
+        texts = [m["content"] for m in messages]
+    except (KeyError, TypeError):
+        return None
+    if chosen is not None:
+        roles.append(b"chosen")
+        texts.append(chosen)
+    if rejected is not None:
+        roles.append(b"rejected")
+        texts.append(rejected)
+    try:
+        raw = "\x00".join(texts).encode("ascii")
+    except (TypeError, UnicodeEncodeError):
+        return None
+    mapped = raw.translate(_FAST_TABLE)
+    texts = mapped.split(b"\x00")
+    if len(texts) != len(roles) or b"  " in mapped:
+        return None  # NUL in a text, something to escape, or a whitespace run
+    junk = _ASCII_EDGE_JUNK_BYTES
+    parts = [
+        b'["' + role + b'","' + text.strip(junk) + b'"]' for role, text in zip(roles, texts, strict=True)
+    ]
+    return b"[" + b",".join(parts) + b"]"
+
+
+def _canonical_general(messages: list[dict], chosen: str | None, rejected: str | None) -> str:
+    """``json.dumps(parts, ensure_ascii=False, separators=(",", ":"))`` of the normalised parts."""
+    parts = [(_normalise_text(m.get("role")), _normalise_text(m.get("content"))) for m in messages]
+    if chosen is not None:
+        parts.append(("chosen", _normalise_text(chosen)))
+    if rejected is not None:
+        parts.append(("rejected", _normalise_text(rejected)))
+    return "[" + ",".join([f"[{_json_string(a)},{_json_string(b)}]" for a, b in parts]) + "]"
+
+
 def normalise_for_hash(messages: list[dict], chosen: str | None = None, rejected: str | None = None) -> str:
     """Canonical text of an example, equal for examples that differ only in case/whitespace/edge punctuation.
 
@@ -97,18 +150,16 @@ def normalise_for_hash(messages: list[dict], chosen: str | None = None, rejected
     Text is NFKC-normalised, casefolded, whitespace runs collapsed to one space, and leading and
     trailing punctuation runs removed; punctuation inside the text is kept.
     """
-    parts = [(_normalise_text(m.get("role")), _normalise_text(m.get("content"))) for m in messages]
-    if chosen is not None:
-        parts.append(("chosen", _normalise_text(chosen)))
-    if rejected is not None:
-        parts.append(("rejected", _normalise_text(rejected)))
-    # json.dumps(parts, ensure_ascii=False, separators=(",", ":")), written out (every item is a str)
-    return "[" + ",".join([f"[{_json_string(a)},{_json_string(b)}]" for a, b in parts]) + "]"
+    fast = _canonical_ascii(messages, chosen, rejected)
+    return fast.decode("ascii") if fast is not None else _canonical_general(messages, chosen, rejected)
 
 
 def content_hash(messages: list[dict], chosen: str | None = None, rejected: str | None = None) -> str:
-    """SHA-256 hex digest of :func:`normalise_for_hash`."""
-    return hashlib.sha256(normalise_for_hash(messages, chosen, rejected).encode("utf-8")).hexdigest()
+    """SHA-256 hex digest of :func:`normalise_for_hash` (UTF-8)."""
+    text = _canonical_ascii(messages, chosen, rejected)
+    if text is None:
+        text = _canonical_general(messages, chosen, rejected).encode("utf-8")
+    return hashlib.sha256(text).hexdigest()
 
 
 def similarity_text(messages: list[dict], chosen: str | None = None, rejected: str | None = None) -> str:

@@ -102,9 +102,11 @@ class Example(models.Model):
         PENDING = "pending", "Findings to review"
         REVIEWED = "reviewed", "Reviewed"
 
-    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="examples")
-    upload = models.ForeignKey(
-        Upload, null=True, blank=True, on_delete=models.SET_NULL, related_name="examples"
+    # Indexes are kept to what queries use: every insert pays for each of them, and an import inserts
+    # up to 100,000s of rows. (dataset, position) is unique and serves lookups by dataset alone.
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="examples", db_index=False)
+    upload = models.ForeignKey(  # never filtered on; deleting an upload (admin only) scans instead
+        Upload, null=True, blank=True, on_delete=models.SET_NULL, related_name="examples", db_index=False
     )
     position = models.BigIntegerField()  # import order inside the dataset
     source_line = models.PositiveIntegerField(default=0)
@@ -112,16 +114,20 @@ class Example(models.Model):
     chosen = models.TextField(null=True, blank=True)
     rejected = models.TextField(null=True, blank=True)
     tags = models.JSONField(default=list, blank=True)
-    tags_text = models.CharField(max_length=1000, blank=True, db_index=True)  # "|a|b|" for filtering
-    search_text = models.TextField(blank=True)  # lower-cased segments, for search
-    split = models.CharField(max_length=8, choices=Split.choices, default=Split.TRAIN, db_index=True)
-    content_hash = models.CharField(max_length=64, db_index=True)
+    tags_text = models.CharField(max_length=1000, blank=True)  # "|a|b|" for filtering (LIKE, no index)
+    split = models.CharField(max_length=8, choices=Split.choices, default=Split.TRAIN)
+    content_hash = models.CharField(max_length=64)  # grouped in Python by dedup, never looked up
     minhash = models.BinaryField(null=True, blank=True)
     token_count = models.PositiveIntegerField(default=0)
-    pii_status = models.CharField(max_length=12, choices=Pii.choices, default=Pii.UNSCANNED, db_index=True)
-    dropped = models.BooleanField(default=False, db_index=True)
+    pii_status = models.CharField(max_length=12, choices=Pii.choices, default=Pii.UNSCANNED)
+    dropped = models.BooleanField(default=False)
     duplicate_group = models.ForeignKey(
-        "DuplicateGroup", null=True, blank=True, on_delete=models.SET_NULL, related_name="members"
+        "DuplicateGroup",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="members",
+        db_index=False,  # partial index below: most examples have no group
     )
     edited = models.BooleanField(default=False)
     # HMAC digests of (type, value) the curator decided are not personal data: re-scans skip them
@@ -134,7 +140,15 @@ class Example(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["dataset", "position"], name="example_position_unique")
         ]
-        indexes = [models.Index(fields=["dataset", "dropped", "position"])]
+        indexes = [
+            # active examples in order, and filters on split / pii_status / tags within a dataset
+            models.Index(fields=["dataset", "dropped", "position"]),
+            models.Index(
+                fields=["duplicate_group"],
+                condition=models.Q(duplicate_group__isnull=False),
+                name="example_duplicate_group",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"example {self.pk}"

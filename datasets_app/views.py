@@ -19,7 +19,7 @@ from studio import audit
 from studio.htmx import render_htmx
 from studio.roles import CURATOR, ENGINEER, role_required
 
-from . import forms
+from . import forms, search
 from .models import Dataset, DatasetVersion, DuplicateGroup, Example, PiiFinding, Upload
 from .services import datasets, duplicates, imports, progress, scrub, storage, versions
 from .tokens import training_estimate
@@ -329,7 +329,7 @@ def example_list(request, pk: int):
     split = request.GET.get("split", "")
     state = request.GET.get("state", "active")
     if q:
-        qs = qs.filter(search_text__contains=q.lower())
+        qs = search.search(qs, q)
     if tag:
         qs = qs.filter(tags_text__contains=f"|{tag}|")
     if split in Example.Split.values:

@@ -4,6 +4,7 @@ see test_integration_worker.py for the same flow through a real Celery worker)."
 from __future__ import annotations
 
 import json
+import random
 from io import StringIO
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from django.core.management import CommandError, call_command
 from django.db import IntegrityError, connection
 from django.urls import reverse
 
-from datasets_app import parsing
+from datasets_app import parsing, search
 from datasets_app.dedup import content_hash
 from datasets_app.models import Dataset, DatasetVersion, DuplicateGroup, Example, PiiFinding, Upload
 from datasets_app.services import datasets, duplicates, imports, scrub, storage, versions
@@ -133,19 +134,27 @@ def test_database_error_in_a_batch_rolls_back_the_whole_import(dataset, tmp_path
 
 
 COLUMNS = (
-    "position, source_line, messages, chosen, rejected, tags, tags_text, search_text, split, content_hash, "
+    "position, source_line, messages, chosen, rejected, tags, tags_text, split, content_hash, "
     "minhash, token_count, pii_status, dropped, duplicate_group_id, edited, kept_digests"
 )
 
 
+JSON_COLUMNS = (2, 5, 15)  # messages, tags, kept_digests
+
+
 def _stored_rows(dataset: Dataset) -> list[tuple]:
-    """The examples' columns as the database holds them (JSON as stored text on SQLite)."""
+    """The examples' columns as the database holds them, JSON columns decoded (the import writes
+    orjson's compact text where bulk_create writes json.dumps text: the same JSON)."""
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT {COLUMNS} FROM datasets_app_example WHERE dataset_id = %s ORDER BY position",  # noqa: S608
             [dataset.pk],
         )
-        return cursor.fetchall()
+        rows = cursor.fetchall()
+    return [
+        tuple(json.loads(v) if i in JSON_COLUMNS and isinstance(v, str) else v for i, v in enumerate(row))
+        for row in rows
+    ]
 
 
 def _bulk_create_reference(dataset: Dataset, upload: Upload, path: Path) -> None:
@@ -162,7 +171,6 @@ def _bulk_create_reference(dataset: Dataset, upload: Upload, path: Path) -> None
             rejected=rec.rejected,
             tags=rec.tags,
             tags_text=imports.tags_text(rec.tags),
-            search_text=imports.search_text(rec.messages, rec.chosen, rec.rejected),
             content_hash=content_hash(rec.messages, rec.chosen, rec.rejected),
             token_count=0,
         )
@@ -214,7 +222,7 @@ FAST_PATH_FILES = {
 @pytest.mark.parametrize("name", sorted(FAST_PATH_FILES))
 def test_import_writes_the_same_rows_as_bulk_create(curator, tmp_path, name):
     """The batch insert (executemany on SQLite, COPY on PostgreSQL) stores exactly what
-    Example.objects.bulk_create stored for the same file: same columns, same JSON text."""
+    Example.objects.bulk_create stored for the same file: same columns, same JSON values."""
     kind, text = FAST_PATH_FILES[name]
     path = tmp_path / name
     path.write_text(text + "\n", encoding="utf-8")
@@ -228,9 +236,9 @@ def test_import_writes_the_same_rows_as_bulk_create(curator, tmp_path, name):
     assert {ex.upload_id for ex in examples} == {result.upload.pk}
     assert all(ex.created_at and ex.updated_at for ex in examples)
     assert Dataset.objects.get(pk=fast.pk).next_position == len(examples) == result.imported
-    if connection.vendor == "sqlite":  # JSON columns hold json.dumps text, byte for byte
-        row = _stored_rows(fast)[0]
-        assert row[2] == json.dumps(examples[0].messages) and row[5] == json.dumps(examples[0].tags)
+    assert [ex.messages for ex in examples] == [
+        r.messages for r in parsing.parse_file(path, kind=kind) if isinstance(r, parsing.Record)
+    ]
 
 
 def test_upload_size_limit(dataset, settings):
@@ -272,8 +280,9 @@ def test_accepting_findings_scrubs_with_consistent_pseudonyms(dataset, curator, 
     assert "ORD-449812" in text1 and "SKU-AB-1234" in text2
     assert not PiiFinding.objects.filter(decision="pending").exists()
     assert "maria" not in json.dumps(Dataset.objects.get(pk=dataset.pk).pseudonym_map).lower()
-    # the search index is scrubbed too
-    assert "maria" not in first.search_text
+    # search finds the pseudonym, not the name
+    assert not search.search(Example.objects.all(), "maria").exists()
+    assert search.search(Example.objects.all(), "<person_1>").exists()
 
 
 def test_rejecting_keeps_text_and_survives_rescan(dataset, curator, tmp_path):
@@ -518,6 +527,76 @@ def test_views_render_content_escaped(dataset, curator, client_for, tmp_path):
         html = client.get(url).content.decode()
         assert "<script>alert" not in html and "<img src=x" not in html and "<b>tag</b>" not in html
         assert "&lt;script&gt;alert" in html
+
+
+def test_search_matches_message_text_case_insensitively(dataset, curator, client_for, tmp_path):
+    """Search reads the stored messages (and chosen/rejected): any case, non-ASCII too, never the JSON keys."""
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "Wo ist die ÜBERWEISUNG?"},
+                {"role": "assistant", "content": "Unterwegs."},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": 'He said "hi"\nthen left'},
+                {"role": "assistant", "content": "OK"},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "Refund 50%_now"},
+                {"role": "assistant", "content": "Done"},
+            ]
+        },
+    ]
+    import_file(dataset, write_jsonl(tmp_path / "s.jsonl", rows))
+    Example.objects.create(
+        dataset=dataset, position=99, messages=[{"role": "user", "content": "Café?"}], content_hash="x"
+    )
+
+    def found(q: str) -> list[int]:
+        return sorted(search.search(dataset.examples.all(), q).values_list("position", flat=True))
+
+    assert found("überweisung") == found("ÜberWeisung") == [0]
+    assert found("café") == found("CAFÉ") == [99]  # stored by the ORM as json.dumps text (\u00e9)
+    assert found('"hi"\nthen') == [1]  # quotes and newlines as written, not as JSON escapes
+    assert found("50%_") == [2] and found("%") == [2]
+    assert found("unterwegs.") == [0] and found("?\nunterwegs") == [0]  # segments joined by newlines
+    assert found("role") == found("content") == found("assistant") == []
+    preference = datasets.create_dataset("Pairs", "preference", curator)
+    Example.objects.create(
+        dataset=preference,
+        position=0,
+        messages=[{"role": "user", "content": "Which?"}],
+        chosen="This ONE",
+        rejected="That one",
+        content_hash="y",
+    )
+    assert search.search(preference.examples.all(), "this one").count() == 1
+    assert search.search(preference.examples.all(), "that one").count() == 1
+    html = client_for(curator).get(reverse("datasets:examples", args=[dataset.pk]), {"q": "überweisung"})
+    assert "Unterwegs." in html.content.decode() and "Refund" not in html.content.decode()
+
+
+def test_sqlite_search_function_matches_the_joined_lowercased_text():
+    """The SQLite search function (with its shortcut for rows it need not parse) agrees with the
+    definition on random texts, whether the JSON was written by the import or by the ORM."""
+    rng = random.Random(3)
+    alphabet = ["a", "b", "K", "k", "\u212a", "É", "é", " ", "\n", '"', "\\", "?", "İ", "i"]
+    for _ in range(3000):
+        turns = [
+            {"role": "user", "content": "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6)))}
+            for _ in range(rng.randint(0, 3))
+        ]
+        chosen = rng.choice([None, "".join(rng.choice(alphabet) for _ in range(3))])
+        rejected = None if chosen is None else "".join(rng.choice(alphabet) for _ in range(3))
+        needle = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 3))).lower()
+        texts = [t["content"] for t in turns] + [t for t in (chosen, rejected) if t is not None]
+        expected = needle in "\n".join(texts).lower()
+        for stored in (imports.json_text(turns), json.dumps(turns)):
+            assert search._sqlite_text_contains(stored, chosen, rejected, needle) == expected
 
 
 def test_web_upload_review_and_freeze(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
+import unicodedata
 
 import numpy as np
 import pytest
@@ -55,6 +58,47 @@ def test_normalisation_ignores_case_whitespace_and_edge_punctuation():
     assert content_hash(a) == content_hash(b)
     # punctuation inside the text is significant
     assert content_hash(chat("hello world")) != content_hash(chat("hello, world"))
+
+
+def _reference_normalise(messages, chosen=None, rejected=None) -> str:
+    """The documented normalisation, written plainly (the module has a faster path for ASCII text)."""
+
+    def norm(value) -> str:
+        text = " ".join(unicodedata.normalize("NFKC", value or "").casefold().split())
+        junk = lambda c: c.isspace() or unicodedata.category(c).startswith("P")  # noqa: E731
+        start, end = 0, len(text)
+        while start < end and junk(text[start]):
+            start += 1
+        while end > start and junk(text[end - 1]):
+            end -= 1
+        return text[start:end]
+
+    parts = [[norm(m.get("role")), norm(m.get("content"))] for m in messages]
+    parts += [
+        [name, norm(text)] for name, text in (("chosen", chosen), ("rejected", rejected)) if text is not None
+    ]
+    return json.dumps(parts, ensure_ascii=False, separators=(",", ":"))
+
+
+def test_normalisation_and_hash_match_the_plain_definition_on_random_text():
+    rng = random.Random(11)
+    alphabet = (
+        [chr(i) for i in range(1, 128)] + list("  ..!?éÉßİ\u212a\u00a0\u2028\u3000…—«»’😀ﬁ①") + ["ab"] * 20
+    )
+    for _ in range(5000):
+        messages = [
+            {
+                "role": rng.choice(["user", "assistant", "system", "User", " Assistant! "]),
+                "content": "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))),
+            }
+            for _ in range(rng.randint(0, 4))
+        ]
+        extra = {}
+        if rng.random() < 0.3:
+            extra = {"chosen": rng.choice(alphabet) + "x", "rejected": rng.choice(["", " Y!", "\tz"])}
+        expected = _reference_normalise(messages, **extra)
+        assert normalise_for_hash(messages, **extra) == expected
+        assert content_hash(messages, **extra) == hashlib.sha256(expected.encode()).hexdigest()
 
 
 def test_hash_is_role_aware_and_includes_preference_fields():

@@ -11,7 +11,7 @@ from .. import parsing
 from ..dedup import content_hash
 from ..models import Dataset, Example, PiiFinding
 from ..pii import PiiPolicy
-from .imports import search_text, tags_text
+from .imports import tags_text
 
 
 class EditRefused(Exception):
@@ -101,7 +101,6 @@ def edit_example(
         if split is not None:
             example.split = split
         if text_changed:
-            example.search_text = search_text(messages, chosen, rejected)
             example.content_hash = content_hash(messages, chosen, rejected)
             example.minhash = None
             example.token_count = token_count

@@ -3,6 +3,11 @@
 An import is all-or-nothing: every good record of a file is inserted inside one transaction, bad
 records are reported with their line numbers (and kept, encrypted, for download), and a file with
 no good record creates nothing. Logs carry ids and counts only, never text.
+
+Speed: records are parsed, validated, hashed and serialised into "prepared" row values
+(prepare_batches), then inserted a batch at a time with one executemany (SQLite) or COPY
+(PostgreSQL). From HELPER_MIN_BYTES on, a forked helper process prepares the batches and another
+encrypts the original upload while this process inserts, so an import uses two cores.
 """
 
 from __future__ import annotations
@@ -12,12 +17,17 @@ import hashlib
 import json
 import logging
 import os
+import pickle
+import signal
+import threading
+import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import orjson
 from django.conf import settings
 from django.db import connections, router, transaction
 from django.db.models import F, JSONField, Q
@@ -30,9 +40,15 @@ from ..dedup import content_hash
 from ..models import Dataset, Example, Upload
 from . import progress, storage
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows (which cannot fork either)
+    fcntl = None
+
 log = logging.getLogger(__name__)
 
 FIRST_REJECTIONS = 100
+PROGRESS_INTERVAL = 0.25  # seconds between progress updates of an import
 STALE_AFTER = timedelta(minutes=3)
 
 
@@ -178,27 +194,13 @@ def _token_counter(dataset: Dataset):
     return count, base.context_length
 
 
-def search_text(messages: list[dict], chosen: str | None, rejected: str | None) -> str:
-    parts = [m["content"] for m in messages] + [t for t in (chosen, rejected) if t is not None]
-    return "\n".join(parts).lower()
-
-
-_json_string = json.encoder.encode_basestring_ascii  # what json.dumps writes for a str
-
-
-def messages_json(messages: list[dict]) -> str:
-    """``json.dumps(messages)``, the text a JSONField stores, written directly for the usual
-    ``[{"role": ..., "content": ...}, ...]`` turns of a parsing.Record (about twice as fast)."""
-    if all(type(m) is dict and len(m) == 2 and next(iter(m)) == "role" for m in messages):
-        try:
-            turns = [
-                f'{{"role": {_json_string(m["role"])}, "content": {_json_string(m["content"])}}}'
-                for m in messages
-            ]
-            return "[" + ", ".join(turns) + "]"
-        except (KeyError, TypeError):
-            pass
-    return json.dumps(messages)
+def json_text(value) -> str:
+    """The JSON text stored for a JSONField value: orjson's compact UTF-8 (several times faster than
+    ``json.dumps``; any JSON reads back the same), ``json.dumps`` for what orjson refuses."""
+    try:
+        return orjson.dumps(value).decode("utf-8")
+    except orjson.JSONEncodeError:
+        return json.dumps(value)
 
 
 def tags_text(tags: list[str]) -> str:
@@ -237,6 +239,205 @@ def _record_bytes(rec: parsing.Record) -> bytes:
     return json.dumps(body, ensure_ascii=False).encode()
 
 
+# --- preparing rows ---------------------------------------------------------------------------------
+#
+# A good record becomes a "prepared" tuple: its number among the good records of the file (from 0),
+# then the database values that vary per example: source_line, messages JSON, chosen, rejected, tags
+# JSON, tags_text, content_hash. Position (the dataset's next position + the number) and token count
+# are added by the importing process. Batches hold the prepared tuples of up to
+# STUDIO_IMPORT_BATCH good records and the parsing.Rejection objects met on the way, in file order.
+
+Prepared = tuple
+
+
+def prepare_batches(items: Iterable[parsing.Record | parsing.Rejection], batch_size: int) -> Iterator[list]:
+    tag_columns: dict[tuple[str, ...], tuple[str, str]] = {}  # tags -> (JSON, tags_text): few distinct ones
+    batch: list = []
+    good = number = 0
+    for item in items:
+        if type(item) is parsing.Rejection:
+            batch.append(item)
+            continue
+        key = tuple(item.tags)
+        tag_values = tag_columns.get(key)
+        if tag_values is None:
+            if len(tag_columns) > 10_000:
+                tag_columns.clear()
+            tag_values = tag_columns[key] = (json_text(item.tags), tags_text(item.tags))
+        batch.append(
+            (
+                number,
+                item.line,
+                json_text(item.messages),
+                item.chosen,
+                item.rejected,
+                *tag_values,
+                content_hash(item.messages, item.chosen, item.rejected),
+            )
+        )
+        good += 1
+        number += 1
+        if good >= batch_size:
+            yield batch
+            batch, good = [], 0
+    if batch:
+        yield batch
+
+
+def _prepared_record(p: Prepared) -> parsing.Record:
+    """The record back from its prepared values (for token counting)."""
+    return parsing.Record(p[1], orjson.loads(p[2]), orjson.loads(p[5]), p[3], p[4])
+
+
+class _Source:
+    """Prepared batches of an upload, parsed in this process."""
+
+    encrypted = False  # whether the original upload was encrypted to its destination on the way
+
+    def __init__(self, path: str, parse_args: dict, batch_size: int):
+        self._batches = prepare_batches(parsing.parse_file(path, **parse_args), batch_size)
+
+    def batches(self) -> Iterator[list]:
+        return self._batches
+
+    def finish(self) -> None:
+        """After the import: wait for work still running beside it."""
+
+    def close(self) -> None:
+        """Stop whatever still runs (after a failure)."""
+
+
+class _ForkedSource(_Source):
+    """Prepared batches from a forked helper process, so that this process only inserts while a
+    second core parses, validates and hashes: the helper prepares batch n+1 while batch n is inserted.
+    A second forked helper encrypts the original meanwhile (the CPU left over on both cores).
+    Frames are pickled tuples on a pipe; the helpers never touch the database. Fork (not spawn)
+    keeps them cheap: they share the loaded code and settings."""
+
+    PIPE_BYTES = 1 << 20
+
+    def __init__(self, path: str, parse_args: dict, batch_size: int, encrypt_to: Path | None):
+        self._pids: list[int] = []
+        self._progress = parse_args.get("progress")
+        try:
+            if encrypt_to is not None:  # forked before the pipe exists, so it holds no end of it
+                self._encryptor = _fork(lambda: storage.encrypt_file(Path(path), encrypt_to))
+                self._pids.append(self._encryptor)
+            read_fd, write_fd = os.pipe()
+            with contextlib.suppress(OSError, AttributeError):  # Linux: room for about one batch
+                fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, self.PIPE_BYTES)
+            preparer = _fork(lambda: _prepare_into(read_fd, write_fd, path, parse_args, batch_size))
+            self._pids.append(preparer)
+            os.close(write_fd)
+            self._in = os.fdopen(read_fd, "rb", buffering=self.PIPE_BYTES)
+            frame = self._next()
+            if frame[0] == "file_error":
+                raise parsing.FileError(*frame[1:])
+        except BaseException:
+            self.close()
+            raise
+
+    def _next(self) -> tuple:
+        while True:
+            try:
+                frame = pickle.load(self._in)  # noqa: S301 - from our own forked process
+            except EOFError:
+                raise RuntimeError("the import helper process stopped unexpectedly") from None
+            if frame[0] != "progress":
+                return frame
+            if self._progress is not None:
+                self._progress(*frame[1:])
+
+    def batches(self) -> Iterator[list]:
+        while (frame := self._next())[0] == "batch":
+            yield frame[1]
+        if frame[0] != "parsed":
+            raise RuntimeError(f"the import helper sent {frame[0]!r} before the end of the file")
+
+    def finish(self) -> None:
+        """Wait for the helpers; ``encrypted`` tells whether the encryptor completed."""
+        self._in.close()
+        statuses = {}
+        for pid in self._pids:
+            with contextlib.suppress(ChildProcessError):
+                statuses[pid] = os.waitpid(pid, 0)[1]
+        self._pids = []
+        self.encrypted = hasattr(self, "_encryptor") and statuses.get(self._encryptor) == 0
+        if hasattr(self, "_encryptor") and not self.encrypted:
+            log.warning("import helper did not encrypt the original; encrypting in the worker")
+
+    def close(self) -> None:
+        for pid in self._pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        self._pids = []
+        if hasattr(self, "_in"):
+            self._in.close()
+
+
+def _fork(target: Callable[[], None]) -> int:
+    """Run ``target`` in a forked child that exits with 0 when it returns, 1 when it raises."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1  # pragma: no cover - below runs in the child (coverage does not follow forks)
+    try:  # pragma: no cover
+        target()
+        code = 0
+    except BaseException as exc:  # noqa: BLE001 - report the kind only: messages can quote user text
+        with contextlib.suppress(Exception):
+            os.write(2, f"import helper stopped: {type(exc).__name__}\n".encode())
+    finally:
+        os._exit(code)
+
+
+def _prepare_into(read_fd: int, write_fd: int, path: str, parse_args: dict, batch_size: int) -> None:
+    """The preparing helper: frames ("ready" | "file_error", ...), ("batch", items)..., ("parsed",),
+    with ("progress", done, total) between them."""
+    os.close(read_fd)
+    with os.fdopen(write_fd, "wb", buffering=_ForkedSource.PIPE_BYTES) as out:
+
+        def send(*frame) -> None:
+            pickle.dump(frame, out, protocol=pickle.HIGHEST_PROTOCOL)
+
+        def progress(done: int, total: int) -> None:
+            send("progress", done, total)
+
+        try:
+            records = parsing.parse_file(path, **{**parse_args, "progress": progress})
+        except parsing.FileError as exc:
+            send("file_error", exc.code, exc.reason, exc.line)
+            return
+        send("ready")
+        for batch in prepare_batches(records, batch_size):
+            send("batch", batch)
+            out.flush()
+        send("parsed")
+
+
+# Below this size the helper's fork and pipe cost more than the second core gains.
+HELPER_MIN_BYTES = 4 * 1024 * 1024
+
+
+def _open_source(upload: Upload, parse_args: dict, batch_size: int) -> _Source:
+    """Raises parsing.FileError for a whole-file problem."""
+    path = upload.raw_path
+    encrypt_to = None
+    if settings.STUDIO_ORIGINAL_UPLOADS == "encrypt":
+        encrypt_to = storage.data_path("uploads", "originals", f"{upload.pk}.enc")
+    if os.path.getsize(path) >= HELPER_MIN_BYTES and _fork_is_safe():
+        return _ForkedSource(path, parse_args, batch_size, encrypt_to)
+    return _Source(path, parse_args, batch_size)
+
+
+def _fork_is_safe() -> bool:
+    """Only a single-threaded process is forked: a lock another thread holds at the fork would stay
+    held forever in the helper. (A Celery prefork worker process runs its tasks on one thread.)"""
+    return hasattr(os, "fork") and threading.active_count() == 1
+
+
 # Columns that vary per example, in the order _insert_examples puts them; every other column of
 # Example gets its default (auto_now/auto_now_add: the batch's time), prepared once per batch.
 _ROW_COLUMNS = (
@@ -247,7 +448,6 @@ _ROW_COLUMNS = (
     "rejected",
     "tags",
     "tags_text",
-    "search_text",
     "content_hash",
     "token_count",
 )
@@ -278,39 +478,29 @@ def _fixed_columns(dataset: Dataset, upload: Upload, connection) -> tuple[list[s
 
 
 def _insert_examples(
-    dataset: Dataset, upload: Upload, records: list[parsing.Record], start: int, token_counts: list[int]
+    dataset: Dataset, upload: Upload, prepared: list[Prepared], start: int, token_counts: list[int] | None
 ) -> None:
-    """Insert the examples of a batch, in order, with the values ``Example.objects.bulk_create`` would
-    write (JSON as ``json.dumps`` text), but without building model instances: one ``executemany`` on
-    SQLite, ``COPY`` on PostgreSQL. Runs inside the import's transaction."""
-    if not records:
+    """Insert the examples of a batch at positions ``start``, ``start + 1``, ..., with the values
+    ``Example.objects.bulk_create`` would write (JSON as orjson text), but without building model
+    instances: one ``executemany`` on SQLite, ``COPY`` on PostgreSQL. ``token_counts`` None: all 0.
+    Runs inside the import's transaction."""
+    if not prepared:
         return
     connection = connections[router.db_for_write(Example)]
     fixed_names, fixed = _fixed_columns(dataset, upload, connection)
-    tag_columns: dict[tuple[str, ...], tuple[str, str]] = {}  # tags -> (JSON, tags_text): few distinct ones
-    rows = []
-    for i, (rec, n) in enumerate(zip(records, token_counts, strict=True)):
-        key = tuple(rec.tags)
-        tag_values = tag_columns.get(key)
-        if tag_values is None:
-            tag_values = tag_columns[key] = (json.dumps(rec.tags), tags_text(rec.tags))
-        rows.append(
-            (
-                start + i,
-                rec.line,
-                messages_json(rec.messages),
-                rec.chosen,
-                rec.rejected,
-                *tag_values,
-                search_text(rec.messages, rec.chosen, rec.rejected),
-                content_hash(rec.messages, rec.chosen, rec.rejected),
-                n,
-                *fixed,
-            )
-        )
     qn = connection.ops.quote_name
     names = [Example._meta.get_field(name).column for name in _ROW_COLUMNS] + fixed_names
     table, column_list = qn(Example._meta.db_table), ", ".join(qn(c) for c in names)
+    if token_counts is None:
+        token_counts = [0] * len(prepared)
+        # the usual case on SQLite: the prepared tuples are bound as they are
+        numbered = prepared[-1][0] - prepared[0][0] == len(prepared) - 1
+        if connection.vendor == "sqlite" and numbered:
+            _sqlite_insert(connection, table, column_list, prepared, start - prepared[0][0], fixed)
+            return
+    rows = [
+        (start + i, *p[1:], n, *fixed) for i, (p, n) in enumerate(zip(prepared, token_counts, strict=True))
+    ]
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             sql = f"COPY {table} ({column_list}) FROM STDIN"
@@ -321,6 +511,18 @@ def _insert_examples(
             placeholders = ", ".join(["%s"] * len(names))
             sql = f"INSERT INTO {table} ({column_list}) VALUES ({placeholders})"  # noqa: S608 - model names only
             cursor.executemany(sql, rows)
+
+
+def _sqlite_insert(connection, table: str, column_list: str, prepared: list[Prepared], offset: int, fixed):
+    """executemany with only the per-example values bound: the position is the prepared number plus
+    ``offset``, the token count 0 and the shared values are SQL literals (quoted by Django's schema
+    editor, as in migrations), which saves binding a dozen parameters per row."""
+    quote = connection.schema_editor().quote_value
+    shared = ", ".join([quote(v) for v in fixed])
+    values = f"?+{int(offset)}, ?, ?, ?, ?, ?, ?, ?, 0, {shared}"
+    sql = f"INSERT INTO {table} ({column_list}) VALUES ({values})"  # noqa: S608 - names and quoted literals
+    with connection.cursor() as cursor, connection.wrap_database_errors:
+        cursor.cursor.executemany(sql, prepared)
 
 
 def process(upload_id: int) -> ImportResult | None:
@@ -334,53 +536,42 @@ def process(upload_id: int) -> ImportResult | None:
     batch_size = settings.STUDIO_IMPORT_BATCH
     mapping = parsing.CsvMapping(**upload.csv_mapping) if upload.csv_mapping else None
     imported = 0
+    source: _Source | None = None
     try:
         count_tokens, context = _token_counter(dataset)
 
-        def report_progress(done: int, total: int) -> None:
-            progress.set_progress("upload", upload.pk, "Validating and importing", done, total)
+        last_report = 0.0
 
-        records = parsing.parse_file(
-            upload.raw_path,
-            fmt=upload.format or None,
-            kind=dataset.kind,
-            csv_mapping=mapping,
-            progress=report_progress,
-        )
+        def report_progress(done: int, total: int) -> None:
+            nonlocal last_report
+            now = time.monotonic()
+            if now - last_report >= PROGRESS_INTERVAL or done >= total:  # a few times a second is enough
+                last_report = now
+                progress.set_progress("upload", upload.pk, "Validating and importing", done, total)
+
+        parse_args = {
+            "fmt": upload.format or None,
+            "kind": dataset.kind,
+            "csv_mapping": mapping,
+            "progress": report_progress,
+        }
+        source = _open_source(upload, parse_args, batch_size)
         with transaction.atomic():
             locked = Dataset.objects.select_for_update().get(pk=dataset.pk)
             position = locked.next_position
-            pending: list[parsing.Record] = []
-
-            def flush() -> None:
-                nonlocal position, imported
-                counts = count_tokens(pending) if count_tokens is not None else [0] * len(pending)
-                good, good_counts = [], []
-                for rec, n in zip(pending, counts, strict=True):
-                    if count_tokens is not None and n > context:
-                        rejections.add(
-                            rec.line,
-                            "too_long",
-                            f"the conversation is {n} tokens long; the base model "
-                            f"{dataset.base_model.name} takes at most {context}. Shorten or split it.",
-                            _record_bytes(rec),
-                        )
-                        continue
-                    good.append(rec)
-                    good_counts.append(n)
-                _insert_examples(locked, upload, good, position, good_counts)
+            for batch in source.batches():
+                good: list[Prepared] = []
+                for item in batch:
+                    if type(item) is parsing.Rejection:
+                        rejections.add(item.line, item.code, item.reason, item.raw)
+                    else:
+                        good.append(item)
+                counts = None
+                if count_tokens is not None:
+                    good, counts = _within_context(good, count_tokens, context, dataset, rejections)
+                _insert_examples(locked, upload, good, position, counts)
                 position += len(good)
                 imported += len(good)
-                pending.clear()
-
-            for item in records:
-                if isinstance(item, parsing.Rejection):
-                    rejections.add(item.line, item.code, item.reason, item.raw)
-                    continue
-                pending.append(item)
-                if len(pending) >= batch_size:
-                    flush()
-            flush()
             if imported == 0:
                 raise ImportRefused("No line of the file could be imported; nothing was added.")
             Dataset.objects.filter(pk=locked.pk).update(next_position=position)
@@ -396,12 +587,15 @@ def process(upload_id: int) -> ImportResult | None:
                 format=upload.format,
             )
     except parsing.FileError as exc:
+        _close(source)
         _refuse(upload, rejections, exc.reason, {"code": exc.code, "line": exc.line, "reason": exc.reason})
         return ImportResult(upload, 0, rejections.total, rejections.first)
     except ImportRefused as exc:
+        _close(source)
         _refuse(upload, rejections, str(exc), None)
         return ImportResult(upload, 0, rejections.total, rejections.first)
-    except Exception:
+    except BaseException:
+        _close(source)
         log.exception("upload %s failed", upload.pk)
         rejections.writer.close(keep=False)
         Upload.objects.filter(pk=upload.pk).update(
@@ -413,10 +607,39 @@ def process(upload_id: int) -> ImportResult | None:
         progress.clear_progress("upload", upload.pk)
         _dispose_original(upload)
         raise
-    _dispose_original(upload)
+    source.finish()
+    _dispose_original(upload, encrypted=source.encrypted)
     progress.clear_progress("upload", upload.pk)
-    log.info("upload %s imported=%s rejected=%s", upload.pk, imported, rejections.total)
+    helper = isinstance(source, _ForkedSource)
+    log.info("upload %s imported=%s rejected=%s helper=%s", upload.pk, imported, rejections.total, helper)
     return ImportResult(upload, imported, rejections.total, rejections.first)
+
+
+def _close(source: _Source | None) -> None:
+    if source is not None:
+        source.close()
+
+
+def _within_context(
+    good: list[Prepared], count_tokens, context: int, dataset: Dataset, rejections: _Rejections
+):
+    """The prepared records that fit the base model's context and their token counts; the others are
+    rejected as "too_long"."""
+    records = [_prepared_record(p) for p in good]
+    kept, counts = [], []
+    for p, rec, n in zip(good, records, count_tokens(records), strict=True):
+        if n > context:
+            rejections.add(
+                rec.line,
+                "too_long",
+                f"the conversation is {n} tokens long; the base model "
+                f"{dataset.base_model.name} takes at most {context}. Shorten or split it.",
+                _record_bytes(rec),
+            )
+            continue
+        kept.append(p)
+        counts.append(n)
+    return kept, counts
 
 
 def _finish(upload: Upload, imported: int, rejections: _Rejections, error: str = "", file_error=None) -> None:
@@ -442,15 +665,17 @@ def _refuse(upload: Upload, rejections: _Rejections, reason: str, file_error) ->
     log.info("upload %s rejected whole (%s rejected lines)", upload.pk, rejections.total)
 
 
-def _dispose_original(upload: Upload) -> None:
-    """No raw personal data at rest: encrypt the original (or delete it, per setting)."""
+def _dispose_original(upload: Upload, encrypted: bool = False) -> None:
+    """No raw personal data at rest: encrypt the original (or delete it, per setting). ``encrypted``:
+    the import helper has already written the encrypted copy."""
     raw = Path(upload.raw_path) if upload.raw_path else None
     if raw is None or not raw.exists():
         return
     stored = ""
     if settings.STUDIO_ORIGINAL_UPLOADS == "encrypt":
         dest = storage.data_path("uploads", "originals", f"{upload.pk}.enc")
-        storage.encrypt_file(raw, dest)
+        if not (encrypted and dest.exists()):
+            storage.encrypt_file(raw, dest)
         stored = str(dest)
     storage.remove_quietly(raw)
     upload.raw_path, upload.stored_path = "", stored

@@ -27,7 +27,6 @@ from ..dedup import content_hash
 from ..models import Dataset, Example, PiiFinding
 from ..pii import ENTITY_TYPES, PiiPolicy, PiiScanner, Pseudonymizer
 from . import progress
-from .imports import search_text
 
 log = logging.getLogger(__name__)
 Decision = PiiFinding.Decision
@@ -184,7 +183,6 @@ def _apply_to_example(
                 other.end += move
                 other.save(update_fields=["start", "end"])
     example.set_segments(segments)
-    example.search_text = search_text(example.messages, example.chosen, example.rejected)
     example.content_hash = content_hash(example.messages, example.chosen, example.rejected)
     example.minhash = None
     example.save()

@@ -1,0 +1,217 @@
+"""The import's fast path: rows prepared by a forked helper process beside the inserting one.
+
+Small files are imported in one process; from ``imports.HELPER_MIN_BYTES`` on a forked helper parses,
+validates, hashes and encrypts the original while the import process inserts. Both must give the same
+result, and a failure on either side must leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from django.db import IntegrityError
+
+from datasets_app import dedup, parsing
+from datasets_app.models import Dataset, Example, Upload
+from datasets_app.services import datasets, imports, storage
+
+pytestmark = pytest.mark.django_db
+
+ROWS = [
+    {
+        "messages": [
+            {
+                "role": "user",
+                "content": f"Where is order ORD-{i}?  It was due {'today' if i % 2 else 'Monday'}.",
+            },
+            {"role": "assistant", "content": "It ships tomorrow." if i % 3 else "Déjà envoyée ✓"},
+        ],
+        "tags": ["shipping"] if i % 2 else [],
+    }
+    for i in range(40)
+]
+BAD_LINES = ['{"messages": [{"role": "user", "content": "x"}]}', "not json", '{"messages": []}']
+
+
+def write_file(path: Path, rows=ROWS, bad=BAD_LINES) -> Path:
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    for i, line in enumerate(bad):
+        lines.insert(3 + 7 * i, line)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(params=["in process", "helper"])
+def helper(request, monkeypatch, settings):
+    settings.STUDIO_IMPORT_BATCH = 7  # several batches, rejections between them
+    if request.param == "helper":
+        force_helper(monkeypatch)
+    return request.param == "helper"
+
+
+def force_helper(monkeypatch) -> None:
+    monkeypatch.setattr(imports, "HELPER_MIN_BYTES", 0)
+    # other tests may have left an idle daemon thread behind (tqdm's monitor): fork anyway
+    monkeypatch.setattr(imports, "_fork_is_safe", lambda: True)
+
+
+@pytest.fixture
+def forks(monkeypatch):
+    """The pids of helpers forked during the test."""
+    pids = []
+    real = imports.os.fork
+
+    def fork():
+        pid = real()
+        if pid:
+            pids.append(pid)
+        return pid
+
+    monkeypatch.setattr(imports.os, "fork", fork)
+    return pids
+
+
+@pytest.fixture
+def dataset(curator):
+    return datasets.create_dataset("Speed", "sft", curator)
+
+
+def run(dataset, path):
+    upload = imports.receive_path(dataset, None, path)
+    raw = Path(upload.raw_path)
+    return imports.process(upload.pk), raw
+
+
+def assert_reaped(pids):
+    for pid in pids:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+
+
+def test_both_paths_import_the_same_examples(dataset, helper, forks, tmp_path):
+    path = write_file(tmp_path / "f.jsonl")
+    result, raw = run(dataset, path)
+    assert len(forks) == (2 if helper else 0)  # the preparing helper and the encrypting one
+    assert_reaped(forks)
+    assert (result.imported, result.rejected) == (40, 3)
+    upload = Upload.objects.get()
+    assert upload.status == Upload.Status.IMPORTED
+    assert [(r["line"], r["code"]) for r in upload.report["first"]] == [
+        (4, "no_assistant"),
+        (11, "invalid_json"),
+        (18, "empty_messages"),
+    ]
+    records = [r for r in parsing.parse_file(path) if isinstance(r, parsing.Record)]
+    examples = list(dataset.examples.order_by("position"))
+    assert [e.position for e in examples] == list(range(40))
+    assert [(e.source_line, e.messages, e.tags) for e in examples] == [
+        (r.line, r.messages, r.tags) for r in records
+    ]
+    assert [e.content_hash for e in examples] == [dedup.content_hash(r.messages) for r in records]
+    assert [e.tags_text for e in examples] == [imports.tags_text(r.tags) for r in records]
+    assert Dataset.objects.get(pk=dataset.pk).next_position == 40
+    # the original is encrypted (by the helper on the fast path), the plaintext gone
+    assert not raw.exists() and upload.raw_path == ""
+    assert b"".join(storage.decrypt_chunks(Path(upload.stored_path))) == path.read_bytes()
+    rejects = b"".join(storage.decrypt_chunks(Path(upload.rejects_path))).splitlines()
+    assert rejects == [line.encode() for line in BAD_LINES]
+
+
+def test_whole_file_problem_from_either_path_creates_nothing(dataset, helper, forks, tmp_path):
+    path = tmp_path / "f.jsonl"
+    path.write_text('{"question": "a", "answer": "b"}\n', encoding="utf-8")
+    result, raw = run(dataset, path)
+    assert_reaped(forks)
+    assert result.imported == 0
+    upload = Upload.objects.get()
+    assert upload.status == Upload.Status.REJECTED
+    assert upload.report["file_error"]["code"] == "unknown_format"
+    assert Example.objects.count() == 0
+    assert not raw.exists() and Path(upload.stored_path).exists()
+
+
+def test_database_error_with_the_helper_rolls_back_and_stops_it(dataset, helper, forks, tmp_path):
+    Example.objects.create(dataset=dataset, position=20, messages=ROWS[0]["messages"], content_hash="x")
+    path = write_file(tmp_path / "f.jsonl")
+    with pytest.raises(IntegrityError):
+        run(dataset, path)
+    assert_reaped(forks)
+    assert list(Example.objects.values_list("position", flat=True)) == [20]
+    upload = Upload.objects.get()
+    assert upload.status == Upload.Status.FAILED
+    assert upload.raw_path == "" and Path(upload.stored_path).exists()
+    assert b"".join(storage.decrypt_chunks(Path(upload.stored_path))) == path.read_bytes()
+    assert not list(Path(upload.stored_path).parent.glob("*.part"))
+    assert Dataset.objects.get(pk=dataset.pk).next_position == 0
+
+
+def test_a_helper_that_dies_fails_the_import_cleanly(dataset, monkeypatch, forks, tmp_path, settings):
+    settings.STUDIO_IMPORT_BATCH = 7
+    force_helper(monkeypatch)
+    real, test_process = imports.prepare_batches, os.getpid()
+
+    def dies_after_two_batches(items, batch_size):
+        for n, batch in enumerate(real(items, batch_size)):
+            if n == 2:
+                assert os.getpid() != test_process
+                os._exit(3)  # in the helper: as if it were killed
+            yield batch
+
+    monkeypatch.setattr(imports, "prepare_batches", dies_after_two_batches)
+    with pytest.raises(RuntimeError, match="helper process stopped"):
+        run(dataset, write_file(tmp_path / "f.jsonl"))
+    assert len(forks) == 2
+    assert_reaped(forks)
+    assert Example.objects.count() == 0
+    upload = Upload.objects.get()
+    assert upload.status == Upload.Status.FAILED
+    assert upload.raw_path == "" and Path(upload.stored_path).exists()
+
+
+def test_originals_deleted_by_setting_with_the_helper(dataset, helper, forks, settings, tmp_path):
+    settings.STUDIO_ORIGINAL_UPLOADS = "delete"
+    result, raw = run(dataset, write_file(tmp_path / "f.jsonl"))
+    assert_reaped(forks)
+    assert result.imported == 40
+    upload = Upload.objects.get()
+    assert not raw.exists() and upload.stored_path == ""
+    originals = Path(settings.DATA_DIR) / "uploads" / "originals"
+    assert not originals.exists() or not list(originals.iterdir())
+
+
+def test_preference_and_csv_files_through_the_helper(curator, monkeypatch, tmp_path):
+    force_helper(monkeypatch)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        json.dumps({"prompt": "Which one?", "chosen": "This one.", "rejected": "That one."}) + "\n",
+        encoding="utf-8",
+    )
+    pref = datasets.create_dataset("Pairs", "preference", curator)
+    result, _ = run(pref, pairs)
+    assert result.imported == 1
+    ex = pref.examples.get()
+    assert (ex.chosen, ex.rejected) == ("This one.", "That one.")
+    assert ex.content_hash == dedup.content_hash(ex.messages, ex.chosen, ex.rejected)
+    csv = tmp_path / "qa.csv"
+    csv.write_text('prompt,response\nWhere is my parcel?,"On its way, today."\n', encoding="utf-8")
+    sft = datasets.create_dataset("Csv", "sft", curator)
+    result, _ = run(sft, csv)
+    assert result.imported == 1
+    assert sft.examples.get().messages[1]["content"] == "On its way, today."
+
+
+def test_a_threaded_process_is_not_forked(dataset, monkeypatch, forks, tmp_path):
+    monkeypatch.setattr(imports, "HELPER_MIN_BYTES", 0)
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, daemon=True)
+    thread.start()
+    try:
+        result, _ = run(dataset, write_file(tmp_path / "f.jsonl"))
+    finally:
+        stop.set()
+        thread.join()
+    assert forks == [] and result.imported == 40
