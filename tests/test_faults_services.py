@@ -1,0 +1,287 @@
+"""Faults in the backing services: PostgreSQL or Redis down while people use the web UI.
+
+Each test runs against a PRIVATE PostgreSQL cluster (initdb into a temporary folder, its own port) and
+a PRIVATE redis-server, and a real gunicorn process of the studio pointing at them, so stopping a
+service here never disturbs the suite's own database and broker. The web server is never restarted:
+it must answer a calm 503 page within seconds while a service is down, and work again once it is back.
+
+PostgreSQL and Redis come from Debian packages (`.ci/run` installs them); without them the tests fail
+with a message saying what to install.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from glob import glob
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration]
+
+ROOT = Path(__file__).resolve().parent.parent
+PASSWORD = "Correct-Horse-Battery-9"
+FAST = 5.0  # seconds: "answers quickly" while a service is down (connect timeout is 2 s here)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+# =====================================================================================================
+# Private services
+# =====================================================================================================
+
+
+class Postgres:
+    """A throwaway PostgreSQL cluster (trust auth, loopback only). As root, run as the `postgres` user."""
+
+    def __init__(self):
+        pg_bins = sorted(glob("/usr/lib/postgresql/*/bin/initdb"))
+        if not pg_bins:
+            pytest.fail(
+                "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb): "
+                "apt-get install postgresql (the CI script .ci/run does)"
+            )
+        self.bin = Path(pg_bins[-1]).parent
+        self.dir = Path(tempfile.mkdtemp(prefix="studio-faults-pg-"))
+        self.data = self.dir / "data"
+        self.port = _free_port()
+        self.user = None
+        if os.geteuid() == 0:
+            import pwd
+
+            try:
+                self.user = pwd.getpwnam("postgres")
+            except KeyError:
+                pytest.fail("running as root but there is no `postgres` user to run PostgreSQL as")
+            os.chown(self.dir, self.user.pw_uid, self.user.pw_gid)
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "studio", "--no-sync", "-E", "UTF8")
+
+    def _run(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        cmd = [str(self.bin / tool), *args]
+        if self.user is not None:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=self.dir)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"{tool} failed ({result.returncode}): {result.stdout}\n{result.stderr}")
+        return result
+
+    @property
+    def url(self) -> str:
+        return f"postgres://studio@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.dir / "log"), "-w", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop", check=False)
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Redis:
+    def __init__(self):
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.fail(
+                "redis-server is not installed: apt-get install redis-server (the CI script .ci/run does)"
+            )
+        self.exe = exe
+        self.port = _free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="studio-faults-redis-"))
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        _wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def services():
+    pg = Postgres()
+    redis = Redis()
+    try:
+        pg.start()
+        redis.start()
+        yield pg, redis
+    finally:
+        redis.cleanup()
+        pg.cleanup()
+
+
+# =====================================================================================================
+# The studio, as gunicorn, against those services
+# =====================================================================================================
+
+
+@pytest.fixture(scope="module")
+def studio(services, tmp_path_factory):
+    """Migrated database, one curator with a dataset, and a gunicorn process on a free port."""
+    pg, redis = services
+    var = tmp_path_factory.mktemp("faults-var")
+    port = _free_port()
+    env = dict(os.environ)
+    env.update(
+        DJANGO_SETTINGS_MODULE="studio.settings",
+        DATABASE_URL=pg.url,
+        DATABASE_CONNECT_TIMEOUT="2",
+        CELERY_BROKER_URL=redis.url,
+        REDIS_URL=redis.url,
+        STUDIO_VAR_DIR=str(var),
+        STUDIO_DATA_DIR=str(var / "data"),
+        STUDIO_LOG_DIR=str(var / "log"),
+        PYTHONUNBUFFERED="1",
+    )
+    for name in ("STUDIO_BROKER_DIR", "STUDIO_TEST_BACKENDS", "DEBUG"):
+        env.pop(name, None)
+    manage = [sys.executable, str(ROOT / "manage.py")]
+    subprocess.run([*manage, "migrate", "--noinput", "-v", "0"], env=env, cwd=ROOT, check=True, timeout=180)
+    script = (
+        "from studio.roles import ensure_groups\n"
+        "from django.contrib.auth import get_user_model\n"
+        "from datasets_app.services.datasets import create_dataset\n"
+        "groups = ensure_groups()\n"
+        f"u = get_user_model().objects.create_user('carla', 'carla@example.test', {PASSWORD!r})\n"
+        "u.groups.add(groups['curator'])\n"
+        "print('DATASET', create_dataset('support', 'sft', u).pk)\n"
+    )
+    out = subprocess.run(
+        [*manage, "shell", "-c", script],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        timeout=120,
+        capture_output=True,
+        text=True,
+    ).stdout
+    dataset_id = int(re.search(r"DATASET (\d+)", out).group(1))
+    log_path = var / "gunicorn.out"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "gunicorn"), "studio.wsgi:application",
+             "--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "4", "--timeout", "60"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        _wait_port(port, 60)
+        yield {
+            "url": f"http://127.0.0.1:{port}",
+            "dataset": dataset_id,
+            "env": env,
+            "log": log_path,
+            "pg": pg,
+        }
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def sign_in(base: str, username: str = "carla"):
+    import requests
+
+    session = requests.Session()
+    session.get(f"{base}/login/", timeout=10)
+    response = session.post(
+        f"{base}/login/",
+        data={
+            "username": username,
+            "password": PASSWORD,
+            "csrfmiddlewaretoken": session.cookies["csrftoken"],
+        },
+        headers={"Referer": f"{base}/login/"},
+        timeout=10,
+        allow_redirects=False,
+    )
+    assert response.status_code == 302, response.text[-2000:]
+    return session
+
+
+def timed_get(session, url: str):
+    started = time.monotonic()
+    response = session.get(url, timeout=30)
+    return response, time.monotonic() - started
+
+
+def assert_service_page(response, elapsed: float) -> None:
+    assert response.status_code == 503, (response.status_code, response.text[-1500:])
+    assert elapsed < FAST, f"the 503 page took {elapsed:.1f} s"
+    assert "Back in a moment" in response.text
+    assert "can't reach its database" in response.text.replace("&#x27;", "'")
+    assert response.headers.get("Retry-After") == "60"
+    assert "Traceback" not in response.text
+
+
+# =====================================================================================================
+# PostgreSQL down
+# =====================================================================================================
+
+
+def test_postgres_down_gives_503_quickly_and_recovers_without_restart(studio):
+    base, pg = studio["url"], studio["pg"]
+    session = sign_in(base)
+    page = f"{base}/datasets/{studio['dataset']}/"
+    response, _ = timed_get(session, page)
+    assert response.status_code == 200
+
+    pg.stop()
+    try:
+        for _ in range(3):  # the pooled connection goes bad, then every new one is refused: same answer
+            response, elapsed = timed_get(session, page)
+            assert_service_page(response, elapsed)
+        response, elapsed = timed_get(session, f"{base}/datasets/")
+        assert_service_page(response, elapsed)
+    finally:
+        pg.start()
+
+    response, _ = timed_get(session, page)
+    assert response.status_code == 200, response.text[-1500:]
+    assert "support" in response.text
+    # the session survived: still signed in, not bounced to the login page
+    assert "/login/" not in response.url
