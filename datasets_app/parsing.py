@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -1049,6 +1050,12 @@ def _load_json_object(unit: _Unit, in_array: bool, errors: str = "strict") -> di
                 "quote or backslash inside a string, or a record split across several lines."
             )
         raise _Reject("invalid_json", f"Invalid JSON at {where}: {exc.msg}. {advice}")
+    except ValueError:  # Python's cap on integer digits (sys.get_int_max_str_digits): not JSON syntax
+        raise _Reject(
+            "invalid_json",
+            f"This {'record' if in_array else 'line'} holds an integer with more than "
+            f"{sys.get_int_max_str_digits()} digits, which cannot be read. Remove or shorten the number.",
+        ) from None
     except RecursionError:  # json's own recursion guard: far deeper than MAX_DEPTH
         raise _too_deep_reject()
     if isinstance(obj, dict | list) and data.count(b"[") + data.count(b"{") > MAX_DEPTH and _too_deep(obj):
