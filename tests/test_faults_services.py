@@ -285,3 +285,87 @@ def test_postgres_down_gives_503_quickly_and_recovers_without_restart(studio):
     assert "support" in response.text
     # the session survived: still signed in, not bounced to the login page
     assert "/login/" not in response.url
+
+
+# =====================================================================================================
+# Redis down
+# =====================================================================================================
+
+JSONL = b'{"messages": [{"role": "user", "content": "where is my parcel"}, {"role": "assistant", "content": "it ships tomorrow"}]}\n'
+
+
+def upload(session, base: str, dataset: int, name: str = "chats.jsonl"):
+    form = session.get(f"{base}/datasets/{dataset}/upload/", timeout=10)
+    token = session.cookies["csrftoken"]
+    started = time.monotonic()
+    response = session.post(
+        f"{base}/datasets/{dataset}/upload/",
+        data={"csrfmiddlewaretoken": token, "format": ""},
+        files={"file": (name, JSONL, "application/jsonl")},
+        headers={"Referer": form.url},
+        timeout=30,
+        allow_redirects=False,
+    )
+    return response, time.monotonic() - started
+
+
+def sql(pg, query: str, *params):
+    import psycopg
+
+    with psycopg.connect(
+        f"host=127.0.0.1 port={pg.port} user=studio dbname=postgres", connect_timeout=5
+    ) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+def queued_upload_ids(redis) -> list[int]:
+    """The upload ids of the process_upload messages waiting on queue "curation"."""
+    import json
+
+    import redis as redis_lib
+
+    client = redis_lib.Redis(port=redis.port, socket_timeout=5)
+    ids = []
+    for raw in client.lrange("curation", 0, -1):
+        message = json.loads(raw)
+        if message["headers"]["task"] == "datasets_app.tasks.process_upload":
+            ids.append(json.loads(__import__("base64").b64decode(message["body"]))[0][0])
+    return ids
+
+
+def test_redis_down_upload_answers_503_fails_with_reason_and_recovers_without_restart(studio, services):
+    pg, redis = services
+    base, dataset = studio["url"], studio["dataset"]
+    session = sign_in(base)
+    before = {row[0] for row in sql(pg, "SELECT id FROM datasets_app_upload")}
+    redis.stop()
+    try:
+        # pages that only read the database still answer
+        response, _ = timed_get(session, f"{base}/datasets/{dataset}/")
+        assert response.status_code == 200
+        # the upload cannot be queued: the 503 page, quickly, and the row is not left queued forever
+        response, elapsed = upload(session, base, dataset)
+        assert_service_page(response, elapsed)
+        rows = sql(
+            pg, "SELECT id, status, error FROM datasets_app_upload WHERE NOT (id = ANY(%s))", list(before)
+        )
+        assert len(rows) == 1, rows
+        lost_id, status, error = rows[0]
+        assert status == "failed", "an upload queued with no message behind it would never be imported"
+        assert "queue was unreachable" in error and "Upload the file again" in error
+        assert sql(pg, "SELECT count(*) FROM datasets_app_example WHERE dataset_id = %s", dataset)[0][0] == 0
+    finally:
+        redis.start()
+
+    # its page tells the person what happened
+    page = session.get(f"{base}/datasets/uploads/{lost_id}/", timeout=10)
+    assert page.status_code == 200
+    assert "Upload the file again" in page.text.replace("&#x27;", "'")
+
+    # Redis is back: the same web server queues the next upload (one message, for the new upload only)
+    response, elapsed = upload(session, base, dataset)
+    assert response.status_code == 302, response.text[-1500:]
+    assert elapsed < FAST
+    new_id = int(re.search(r"/datasets/uploads/(\d+)/", response.headers["Location"]).group(1))
+    assert sql(pg, "SELECT status FROM datasets_app_upload WHERE id = %s", new_id)[0][0] == "queued"
+    assert queued_upload_ids(redis) == [new_id]

@@ -136,10 +136,31 @@ def set_csv_mapping(upload: Upload, mapping: parsing.CsvMapping) -> None:
     upload.save(update_fields=["csv_mapping", "format", "status"])
 
 
+QUEUE_DOWN_ERROR = (
+    "The studio's task queue was unreachable when this file arrived, so it was not imported and never "
+    "will be. Upload the file again in a minute; if the queue stays down, tell a studio engineer."
+)
+
+
 def enqueue(upload: Upload) -> None:
+    """Send the import task once the row is committed. When the broker is down the upload fails with a
+    reason at once (and the error propagates: the person gets the 503 page) instead of staying queued
+    with no message behind it, which nothing would ever pick up, while the person uploads it again."""
+    from kombu.exceptions import OperationalError as BrokerError
+
     from ..tasks import process_upload
 
-    transaction.on_commit(lambda: process_upload.delay(upload.pk))
+    def send() -> None:
+        try:
+            process_upload.delay(upload.pk)
+        except BrokerError:
+            Upload.objects.filter(pk=upload.pk, status=Upload.Status.QUEUED).update(
+                status=Upload.Status.FAILED, error=QUEUE_DOWN_ERROR, finished_at=timezone.now()
+            )
+            log.error("upload %s failed: the broker is unreachable", upload.pk)
+            raise
+
+    transaction.on_commit(send)
 
 
 # --- processing ------------------------------------------------------------------------------------
