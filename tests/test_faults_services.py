@@ -369,3 +369,101 @@ def test_redis_down_upload_answers_503_fails_with_reason_and_recovers_without_re
     new_id = int(re.search(r"/datasets/uploads/(\d+)/", response.headers["Location"]).group(1))
     assert sql(pg, "SELECT status FROM datasets_app_upload WHERE id = %s", new_id)[0][0] == "queued"
     assert queued_upload_ids(redis) == [new_id]
+
+
+# =====================================================================================================
+# Disk nearly full in the data dir during checkpointing (a real size-limited filesystem)
+# =====================================================================================================
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 32 MiB tmpfs mounted for the test (needs root, as in CI's container; skipped elsewhere: the
+    simulated ENOSPC of tests/test_trainer.py covers the trainer there)."""
+    mountpoint = tmp_path / "small-disk"
+    mountpoint.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=32m,mode=0700", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or result.returncode}); needs root")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def fill(disk: Path, leave: int = 8192) -> None:
+    """Fill the filesystem for real (until ENOSPC), then give back `leave` bytes: nearly full."""
+    import errno
+
+    filler = disk / "filler.bin"
+    chunk = b"\0" * (1 << 20)
+    with open(filler, "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(chunk)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    for size in (1 << 16, 1 << 12, 1 << 8, 1):
+        try:
+            with open(filler, "ab", buffering=0) as fh:
+                while True:
+                    fh.write(b"\0" * size)
+        except OSError:
+            pass
+    os.truncate(filler, max(filler.stat().st_size - leave, 0))
+
+
+@pytest.mark.django_db
+def test_disk_full_during_checkpoint_fails_job_with_reason_and_keeps_earlier_checkpoint(
+    small_disk, settings, monkeypatch, tiny_model_dir, curator, engineer, admin_user
+):
+    from conftest import make_version, smoke_request
+
+    from training_app.models import TrainingJob
+    from training_app.services import jobs, register_local_dir
+    from training_app.trainer import run as trainer_run
+
+    base = register_local_dir("tiny-llama", Path(tiny_model_dir), admin_user)
+    version = make_version(curator, train=16, eval_=2)
+    settings.DATA_DIR = small_disk  # jobs write their data files and checkpoints under DATA_DIR/jobs/
+
+    published = []
+    original_publish = trainer_run._atomic_publish
+
+    def publish_then_fill(tmp: str, final: str) -> None:
+        original_publish(tmp, final)
+        published.append(os.path.basename(final))
+        if len(published) == 1:
+            fill(small_disk)  # the first checkpoint is on disk; now the disk is (nearly) full
+
+    monkeypatch.setattr(trainer_run, "_atomic_publish", publish_then_fill)
+    job = jobs.create_job(
+        smoke_request(version, base, max_steps=12, checkpoint_every=2, batch_size=2, max_length=128), engineer
+    )
+    job = jobs.run_claimed(jobs.claim(job.pk, "test"))
+
+    assert published == ["checkpoint-2"]
+    assert job.state == TrainingJob.State.FAILED
+    assert job.error_code == "disk_full", (job.error_code, job.error_message, job.error_traceback[-2000:])
+    assert "disk is full" in job.error_message
+    assert (
+        "Free some disk space" in job.error_suggestion
+        and "earlier checkpoints are intact" in job.error_suggestion
+    )
+    assert "No space left on device" in job.error_traceback  # a real ENOSPC, from the filesystem
+    checkpoints = job.output_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2"]  # nothing half-written
+    assert not list(job.output_dir.rglob(".tmp-checkpoint-*"))
+    assert trainer_run.check_checkpoint(str(checkpoints / "checkpoint-2")) == 2
+
+    # space freed, the job put back in the queue (what the watchdog does after a lost worker): the next
+    # attempt resumes from that checkpoint and finishes
+    (small_disk / "filler.bin").unlink()
+    TrainingJob.objects.filter(pk=job.pk).update(state=TrainingJob.State.QUEUED, error_code="")
+    job = jobs.run_claimed(jobs.claim(job.pk, "test"))
+    assert job.state == TrainingJob.State.SUCCEEDED, (job.error_code, job.error_traceback[-2000:])
+    assert job.attempt == 2 and job.attempt_started_step == 2 and job.step == 12
