@@ -34,7 +34,9 @@ def browser(monkeypatch):
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.fail('Playwright is missing: `pip install -e ".[dev]"` (or `make install-dev`).', pytrace=False)
+        pytest.fail(
+            'Playwright is missing: `pip install -e ".[dev]"` (or `make install-dev`).', pytrace=False
+        )
     executable = chromium_path()
     from playwright.sync_api import expect
 

@@ -100,8 +100,10 @@ def test_curator_uploads_reviews_and_freezes(page, shot, curator, start_worker, 
     # 4. the dataset page shows the scan, then the findings to review
     status.get_by_role("link", name="Go to the dataset").click()
     wait_for(
-        lambda: not Example.objects.filter(dataset=dataset, pii_status="unscanned").exists()
-        and PiiFinding.objects.filter(dataset=dataset).exists(),
+        lambda: (
+            not Example.objects.filter(dataset=dataset, pii_status="unscanned").exists()
+            and PiiFinding.objects.filter(dataset=dataset).exists()
+        ),
         worker,
         timeout=WORKER_WAIT,
         what="the PII scan",
