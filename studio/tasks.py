@@ -11,12 +11,19 @@ log = logging.getLogger(__name__)
 
 @shared_task
 def watchdog() -> dict:
-    """Requeue imports, training jobs and evaluation runs whose worker died (a lost worker costs minutes)."""
+    """Requeue imports, PII scans, training jobs and evaluation runs whose worker died (a lost worker costs
+    minutes)."""
     from datasets_app.services.imports import requeue_stale
+    from datasets_app.services.scrub import requeue_stale_scans
     from eval_app.services.evaluation import requeue_stale as requeue_stale_evals
     from training_app.services.jobs import requeue_stale as requeue_stale_jobs
 
     requeued = requeue_stale()
     if requeued:
         log.warning("watchdog requeued uploads %s", requeued)
-    return {"uploads": requeued, "jobs": requeue_stale_jobs(), "evals": requeue_stale_evals()}
+    return {
+        "uploads": requeued,
+        "scans": requeue_stale_scans(),
+        "jobs": requeue_stale_jobs(),
+        "evals": requeue_stale_evals(),
+    }

@@ -14,6 +14,7 @@ import hmac
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
@@ -106,6 +107,9 @@ def _scan_chunk(dataset: Dataset, scanner: PiiScanner, ids: list[int]) -> int:
             )
             with_findings.add(ex.pk)
     with transaction.atomic():
+        # Lock the examples first: two scans of the same chunk (a requeued scan next to the original one)
+        # then replace each other's pending findings one after the other instead of both inserting.
+        list(Example.objects.select_for_update().filter(pk__in=ids).values_list("pk", flat=True))
         PiiFinding.objects.filter(example_id__in=ids, decision=Decision.PENDING).delete()
         PiiFinding.objects.bulk_create(new)
         for ex in examples:
@@ -339,3 +343,34 @@ def scan_progress_callback(dataset_id: int):
         progress.set_progress("scan", dataset_id, "Scanning for personal data", done, total)
 
     return cb
+
+
+SCAN_STALE_AFTER = timedelta(minutes=3)
+
+
+def requeue_stale_scans() -> list[int]:
+    """Datasets whose PII scan stopped (its worker was killed): active examples still unscanned, no import
+    under way, no scan progress for SCAN_STALE_AFTER. Queues the analysis again for each (it scans only
+    the unscanned examples, and a chunk's findings are replaced, never added twice)."""
+    from ..models import Upload
+    from ..tasks import analyse_dataset
+
+    cutoff = timezone.now() - SCAN_STALE_AFTER
+    busy = Upload.objects.filter(status__in=[Upload.Status.QUEUED, Upload.Status.PROCESSING])
+    candidates = (
+        Example.objects.filter(dropped=False, pii_status=Example.Pii.UNSCANNED, created_at__lt=cutoff)
+        .exclude(dataset_id__in=busy.values("dataset_id"))
+        .values_list("dataset_id", flat=True)
+        .distinct()
+    )
+    requeued = []
+    for dataset_id in sorted(set(candidates)):
+        live = progress.get_progress("scan", dataset_id)
+        if live and live.get("at", 0) > cutoff.timestamp():
+            continue
+        progress.set_progress("scan", dataset_id, "Queued again after a worker stopped", 0, 1)
+        analyse_dataset.delay(dataset_id)
+        requeued.append(dataset_id)
+    if requeued:
+        log.warning("watchdog requeued PII scans of datasets %s", requeued)
+    return requeued

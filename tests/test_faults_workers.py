@@ -1,0 +1,115 @@
+"""Faults: a real `celery worker` process killed with SIGKILL (the worker and its pool child) in the middle
+of a PII scan. The beat watchdog requeues the scan, a fresh worker finishes it: every example ends
+scanned, no finding is written twice, and the findings are exactly those a clean scan produces.
+
+PostgreSQL + Redis in CI (DATABASE_URL / CELERY_BROKER_URL), SQLite + the filesystem broker locally."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+from collections import Counter
+from datetime import timedelta
+
+import pytest
+from conftest import wait_for
+
+from datasets_app.models import Example, PiiFinding
+from datasets_app.services import datasets, imports, scrub
+from datasets_app.tasks import analyse_dataset
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+N_EXAMPLES = 400
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out.append(int(entry))
+    return out
+
+
+def kill_worker(worker) -> None:
+    """SIGKILL the worker's main process and its pool children at once, as an OOM kill or a lost node
+    would: nothing gets to ack, reject or clean up."""
+    proc = worker["proc"]
+    children = _children(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(30)
+
+
+def finding_keys(dataset) -> list[tuple]:
+    return list(
+        PiiFinding.objects.filter(dataset=dataset).values_list(
+            "example_id", "segment", "start", "end", "entity_type"
+        )
+    )
+
+
+def test_sigkilled_pii_scan_is_requeued_and_finishes_once(start_worker, curator, tmp_path, monkeypatch):
+    dataset = datasets.create_dataset("Killed scan", "sft", curator)
+    path = tmp_path / "pii.jsonl"
+    rows = [
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": f"Hi, I am Maria Gonzalez. Order {i} is late; mail me at m{i}@example.com.",
+                },
+                {"role": "assistant", "content": f"Sorry Maria, order {i} ships today ({i * 37 % 1000} km)."},
+            ]
+        }
+        for i in range(N_EXAMPLES)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    result = imports.process(imports.receive_path(dataset, curator, path).pk)
+    assert result.imported == N_EXAMPLES
+
+    def scanned() -> int:
+        return Example.objects.filter(dataset=dataset).exclude(pii_status="unscanned").count()
+
+    first = start_worker("curation", STUDIO_PII_BATCH="1")
+    analyse_dataset.delay(dataset.pk)
+    wait_for(lambda: scanned() >= 5, first, timeout=60, what="the scan to be under way")
+    kill_worker(first)
+    done_before = scanned()
+    assert 0 < done_before < N_EXAMPLES, "the scan finished before the kill; make it longer"
+    keys = finding_keys(dataset)
+    assert len(keys) == len(set(keys))
+
+    # The broker will not hand the lost message back for hours (Redis visibility timeout; the
+    # filesystem broker has already deleted it): the watchdog notices the stopped scan and requeues it.
+    monkeypatch.setattr(scrub, "SCAN_STALE_AFTER", timedelta(0))
+    from studio.tasks import watchdog
+
+    assert watchdog()["scans"] == [dataset.pk]
+    monkeypatch.setattr(scrub, "SCAN_STALE_AFTER", timedelta(hours=1))
+    assert watchdog()["scans"] == []  # requeued once, not on every beat
+
+    second = start_worker("curation", STUDIO_PII_BATCH="16")
+    wait_for(lambda: scanned() == N_EXAMPLES, second, timeout=60, what="the requeued scan")
+    keys = finding_keys(dataset)
+    duplicated = [k for k, n in Counter(keys).items() if n > 1]
+    assert not duplicated
+    assert Example.objects.filter(dataset=dataset, pii_status="unscanned").count() == 0
+    assert {t for *_, t in keys} >= {"EMAIL_ADDRESS", "PERSON"}
+    every_example = set(Example.objects.filter(dataset=dataset).values_list("pk", flat=True))
+    assert {k[0] for k in keys if k[4] == "EMAIL_ADDRESS"} == every_example
+    # exactly what one uninterrupted scan finds: nothing lost, nothing extra
+    scrub.scan_examples(dataset)
+    assert sorted(finding_keys(dataset)) == sorted(keys)
+    assert watchdog()["scans"] == []
