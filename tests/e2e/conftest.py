@@ -50,6 +50,11 @@ def browser(monkeypatch):
             yield browser
         finally:
             browser.close()
+            # the ORM connections this test opened while Playwright's loop was current belong to that
+            # context: close them here, or they outlive the test and block dropping the test database
+            from django.db import connections
+
+            connections.close_all()
 
 
 @pytest.fixture
