@@ -467,3 +467,75 @@ def test_disk_full_during_checkpoint_fails_job_with_reason_and_keeps_earlier_che
     job = jobs.run_claimed(jobs.claim(job.pk, "test"))
     assert job.state == TrainingJob.State.SUCCEEDED, (job.error_code, job.error_traceback[-2000:])
     assert job.attempt == 2 and job.attempt_started_step == 2 and job.step == 12
+
+
+# =====================================================================================================
+# Redis restarted while a real worker runs a training job
+# =====================================================================================================
+
+
+@pytest.fixture
+def private_redis():
+    redis = Redis()
+    redis.start()
+    try:
+        yield redis
+    finally:
+        redis.cleanup()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_redis_restarted_mid_job_the_job_still_ends_once_and_the_worker_keeps_working(
+    private_redis, start_worker, tiny_model_dir, curator, engineer, admin_user
+):
+    from conftest import make_version, smoke_request, wait_for
+
+    from studio.celery import app
+    from studio.models import AuditEvent
+    from training_app.models import TrainingJob
+    from training_app.services import jobs, register_local_dir
+    from training_app.tasks import run_next
+
+    redis = private_redis
+    base = register_local_dir("tiny-llama", Path(tiny_model_dir), admin_user)
+    version = make_version(curator, train=16, eval_=2)
+    worker = start_worker(
+        "gpu", CELERY_BROKER_URL=redis.url, REDIS_URL=redis.url, STUDIO_JOB_HEARTBEAT_SECONDS="0.5"
+    )
+
+    def launch(steps: int) -> int:
+        job = jobs.create_job(
+            smoke_request(version, base, max_steps=steps, checkpoint_every=25, batch_size=2, max_length=128),
+            engineer,
+            enqueue=False,
+        )
+        with app.connection_for_write(redis.url) as connection:
+            run_next.apply_async(connection=connection)
+        return job.pk
+
+    def job(pk: int) -> TrainingJob:
+        return TrainingJob.objects.get(pk=pk)
+
+    first = launch(150)
+    wait_for(lambda: job(first).step >= 3, worker, timeout=60, what="the job to start stepping")
+    redis.stop()
+    time.sleep(3)
+    redis.start()  # same port, empty: the broker lost the message the worker is running
+    assert job(first).state == "running", "the outage must happen while the job runs"
+    wait_for(
+        lambda: job(first).state not in ("queued", "running"), worker, timeout=120, what="the job to end"
+    )
+    done = job(first)
+    assert done.state == "succeeded", (done.error_code, done.error_message, done.error_traceback[-2000:])
+    assert done.step == 150 and done.attempt == 1
+    # run once: one start, every step's loss once
+    starts = AuditEvent.objects.filter(object_id=str(first), verb="training.job.start").count()
+    assert starts == 1
+    steps = list(done.metrics.filter(name="loss").order_by("step").values_list("step", flat=True))
+    assert steps == list(range(1, 151))
+
+    # the same worker process, reconnected, takes the next job from the restarted Redis
+    assert worker["proc"].poll() is None, "the worker must survive the broker restart"
+    second = launch(4)
+    wait_for(lambda: job(second).state not in ("queued", "running"), worker, timeout=60, what="the next job")
+    assert job(second).state == "succeeded" and job(second).attempt == 1
