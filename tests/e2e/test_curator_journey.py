@@ -196,6 +196,9 @@ def test_curator_uploads_reviews_and_freezes(page, shot, curator, start_worker, 
     expect(body).to_contain_text(ORDER)  # business identifiers survive
     for value in (NAME, EMAIL, PHONE, MISSED):
         expect(body).not_to_contain_text(value)
+    first = page.locator("tr", has_text="never arrived").inner_text()
+    labels = re.findall(r"<PERSON_\d+>", first)
+    assert len(labels) == 2 and labels[0] == labels[1], first  # one person, one pseudonym
     shot(page, "curator-13-version")
 
     version = DatasetVersion.objects.get(dataset=dataset)
