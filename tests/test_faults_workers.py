@@ -10,11 +10,13 @@ import contextlib
 import json
 import os
 import signal
+import time
 from collections import Counter
 from datetime import timedelta
 
 import pytest
 from conftest import wait_for
+from test_eval_runs import candidate_dir  # noqa: F401 - session fixture: a tiny "fine-tuned" model
 
 from datasets_app.models import Example, PiiFinding
 from datasets_app.services import datasets, imports, scrub
@@ -113,3 +115,64 @@ def test_sigkilled_pii_scan_is_requeued_and_finishes_once(start_worker, curator,
     scrub.scan_examples(dataset)
     assert sorted(finding_keys(dataset)) == sorted(keys)
     assert watchdog()["scans"] == []
+
+
+# --- evaluation run -------------------------------------------------------------------------------------
+
+
+def test_sigkilled_evaluation_run_is_requeued_and_finishes_without_duplicates(
+    start_worker,
+    tiny_model_dir,
+    candidate_dir,  # noqa: F811 - the fixture imported above
+    curator,
+    engineer,
+    admin_user,
+    settings,  # noqa: F811
+):
+    from pathlib import Path
+
+    from conftest import make_version
+    from test_eval_runs import GOLDEN, golden_version, make_candidate
+
+    from eval_app.models import EvalRun, Generation
+    from eval_app.services import evaluation
+    from studio.tasks import watchdog
+    from training_app.services import register_local_dir
+
+    base = register_local_dir("tiny-llama", Path(tiny_model_dir), admin_user)
+    version = make_candidate(
+        "support", base, candidate_dir, engineer, dataset_version=make_version(curator, train=2, eval_=0)
+    )
+    rows = [(f"{q} ({i})", a, t) for i in range(2) for q, a, t in GOLDEN[:9]]
+    golden = golden_version(curator, rows=rows)
+    first = start_worker("gpu", STUDIO_JOB_HEARTBEAT_SECONDS="0.5")
+    run = evaluation.create_run(engineer, version, "base", golden, max_new_tokens=12, batch_size=1)
+
+    def generations() -> int:
+        return Generation.objects.filter(run=run, kind="prompt").count()
+
+    wait_for(lambda: generations() >= 2, first, timeout=60, what="the first generations")
+    kill_worker(first)
+    killed = EvalRun.objects.get(pk=run.pk)
+    assert killed.state == "running" and 0 < generations() < 2 * len(rows)
+
+    settings.STUDIO_JOB_STALE_SECONDS = 2
+    time.sleep(2.5)
+    assert watchdog()["evals"]["requeued"] == [run.pk]
+    assert EvalRun.objects.get(pk=run.pk).state == "queued"
+
+    second = start_worker("gpu", STUDIO_JOB_HEARTBEAT_SECONDS="0.5")
+    wait_for(
+        lambda: EvalRun.objects.get(pk=run.pk).state not in ("queued", "running"),
+        second,
+        timeout=60,
+        what="the requeued run",
+    )
+    done = EvalRun.objects.get(pk=run.pk)
+    assert done.state == "succeeded", (done.error_message, done.error_traceback[-3000:])
+    assert done.attempt == 2
+    keys = list(Generation.objects.filter(run=done).values_list("side", "kind", "position"))
+    assert len(keys) == len(set(keys))
+    assert generations() == 2 * len(rows)
+    assert done.comparisons.count() == len(rows)
+    assert watchdog()["evals"]["requeued"] == []
