@@ -117,6 +117,30 @@ def test_sigkilled_pii_scan_is_requeued_and_finishes_once(start_worker, curator,
     assert watchdog()["scans"] == []
 
 
+def test_watchdog_leaves_fresh_and_live_scans_alone(curator, monkeypatch):
+    from django.utils import timezone
+
+    from datasets_app.services import progress
+    from studio.tasks import watchdog
+
+    sent = []
+    monkeypatch.setattr("datasets_app.tasks.analyse_dataset.delay", lambda pk, *a: sent.append(pk))
+    dataset = datasets.create_dataset("Fresh", "sft", curator)
+    ex = Example.objects.create(
+        dataset=dataset,
+        position=0,
+        messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+        content_hash="0" * 64,
+    )
+    assert watchdog()["scans"] == []  # just written (imported or edited): its scan is on the way
+    Example.objects.filter(pk=ex.pk).update(updated_at=timezone.now() - timedelta(minutes=10))
+    progress.set_progress("scan", dataset.pk, "Scanning for personal data", 0, 1)
+    assert watchdog()["scans"] == []  # a scan reported progress within SCAN_STALE_AFTER
+    progress.clear_progress("scan", dataset.pk)
+    assert watchdog()["scans"] == [dataset.pk] and sent == [dataset.pk]
+    assert watchdog()["scans"] == [] and sent == [dataset.pk]  # marked: not queued again on the next beat
+
+
 # --- evaluation run -------------------------------------------------------------------------------------
 
 

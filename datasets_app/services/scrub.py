@@ -349,8 +349,9 @@ SCAN_STALE_AFTER = timedelta(minutes=3)
 
 
 def requeue_stale_scans() -> list[int]:
-    """Datasets whose PII scan stopped (its worker was killed): active examples still unscanned, no import
-    under way, no scan progress for SCAN_STALE_AFTER. Queues the analysis again for each (it scans only
+    """Datasets whose PII scan stopped (its worker was killed): active examples still unscanned and unchanged
+    for SCAN_STALE_AFTER (an edit's own re-scan is younger), no import under way, no scan progress in
+    that time. Queues the analysis again for each (it scans only
     the unscanned examples, and a chunk's findings are replaced, never added twice)."""
     from ..models import Upload
     from ..tasks import analyse_dataset
@@ -358,7 +359,7 @@ def requeue_stale_scans() -> list[int]:
     cutoff = timezone.now() - SCAN_STALE_AFTER
     busy = Upload.objects.filter(status__in=[Upload.Status.QUEUED, Upload.Status.PROCESSING])
     candidates = (
-        Example.objects.filter(dropped=False, pii_status=Example.Pii.UNSCANNED, created_at__lt=cutoff)
+        Example.objects.filter(dropped=False, pii_status=Example.Pii.UNSCANNED, updated_at__lt=cutoff)
         .exclude(dataset_id__in=busy.values("dataset_id"))
         .values_list("dataset_id", flat=True)
         .distinct()
