@@ -539,3 +539,48 @@ def test_redis_restarted_mid_job_the_job_still_ends_once_and_the_worker_keeps_wo
     second = launch(4)
     wait_for(lambda: job(second).state not in ("queued", "running"), worker, timeout=60, what="the next job")
     assert job(second).state == "succeeded" and job(second).attempt == 1
+
+
+# =====================================================================================================
+# A training job launched while the broker is down
+# =====================================================================================================
+
+
+@pytest.fixture
+def dead_broker(monkeypatch):
+    """The studio's Celery app pointed at a port where nothing listens (a stopped Redis)."""
+    from conftest import _reset_producers
+
+    from studio.celery import app
+
+    monkeypatch.setitem(app.conf, "broker_url", f"redis://127.0.0.1:{_free_port()}/0")
+    monkeypatch.setitem(app.conf, "broker_transport_options", {"visibility_timeout": 3600})
+    _reset_producers(app)
+    yield app
+    monkeypatch.undo()
+    _reset_producers(app)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_job_launched_while_broker_is_down_fails_with_reason_not_queued_forever(
+    dead_broker, tiny_model_dir, curator, engineer, admin_user
+):
+    from conftest import make_version, smoke_request
+    from kombu.exceptions import OperationalError
+
+    from studio.models import AuditEvent
+    from training_app.models import TrainingJob
+    from training_app.services import jobs, register_local_dir
+
+    base = register_local_dir("tiny-llama", Path(tiny_model_dir), admin_user)
+    version = make_version(curator, train=16, eval_=2)
+    started = time.monotonic()
+    with pytest.raises(OperationalError):  # the web view turns this into the 503 page
+        jobs.create_job(smoke_request(version, base, max_steps=4), engineer)
+    assert time.monotonic() - started < FAST
+    job = TrainingJob.objects.get()
+    # not left queued: it would take the run_next message of the next job launched, stranding that one
+    assert job.state == "failed" and job.error_code == "queue_unreachable"
+    assert "queue was unreachable" in job.error_message and "Launch the job again" in job.error_suggestion
+    assert not jobs.queue_order().exists()
+    assert AuditEvent.objects.filter(object_id=str(job.pk), verb="training.job.fail").count() == 1

@@ -408,9 +408,36 @@ def create_job(request: JobRequest, user, *, enqueue: bool = True) -> TrainingJo
             steps=figures["steps"],
         )
         if enqueue:
-            transaction.on_commit(_enqueue)
+            transaction.on_commit(lambda: _enqueue_new(job))
     log.info("training job %s queued by user %s", job.pk, user.pk)
     return job
+
+
+QUEUE_DOWN_MESSAGE = (
+    "The studio's task queue was unreachable when this job was launched, so it never started."
+)
+QUEUE_DOWN_SUGGESTION = "Launch the job again in a minute; if the queue stays down, tell a studio engineer."
+
+
+def _enqueue_new(job: TrainingJob) -> None:
+    """Send the new job's `run_next`. If the broker is down the job fails with a reason at once (and the
+    error propagates: the person gets the 503 page). Left queued with no message behind it, it would take
+    the message of the next job launched (the queue runs the oldest first), leaving that one stranded."""
+    from kombu.exceptions import OperationalError as BrokerError
+
+    try:
+        _enqueue()
+    except BrokerError:
+        if TrainingJob.objects.filter(pk=job.pk, state=State.QUEUED).update(
+            state=State.FAILED,
+            finished_at=timezone.now(),
+            error_code="queue_unreachable",
+            error_message=QUEUE_DOWN_MESSAGE,
+            error_suggestion=QUEUE_DOWN_SUGGESTION,
+        ):
+            log.error("training job %s failed: the broker is unreachable", job.pk)
+            audit.record(None, "training.job.fail", job, reason="queue_unreachable")
+        raise
 
 
 def _default_model_name(dataset_version: DatasetVersion | None) -> str:
