@@ -277,6 +277,11 @@ def test_postgres_down_gives_503_quickly_and_recovers_without_restart(studio):
             assert_service_page(response, elapsed)
         response, elapsed = timed_get(session, f"{base}/datasets/")
         assert_service_page(response, elapsed)
+        # an action (a file upload) too, and it leaves no stray file behind in the data dir
+        response, elapsed = upload(session, base, studio["dataset"], csrf_from=page)
+        assert_service_page(response, elapsed)
+        uploads_dir = Path(studio["env"]["STUDIO_DATA_DIR"]) / "uploads"
+        assert not uploads_dir.exists() or not any(p.is_file() for p in uploads_dir.rglob("*"))
     finally:
         pg.start()
 
@@ -294,15 +299,17 @@ def test_postgres_down_gives_503_quickly_and_recovers_without_restart(studio):
 JSONL = b'{"messages": [{"role": "user", "content": "where is my parcel"}, {"role": "assistant", "content": "it ships tomorrow"}]}\n'
 
 
-def upload(session, base: str, dataset: int, name: str = "chats.jsonl"):
-    form = session.get(f"{base}/datasets/{dataset}/upload/", timeout=10)
+def upload(session, base: str, dataset: int, name: str = "chats.jsonl", csrf_from: str | None = None):
+    """POST a one-line JSONL file to the upload form; (response, seconds). `csrf_from`: the form's
+    page is not fetched (it could not be, with the database down): the session's CSRF cookie is used."""
+    referer = csrf_from or session.get(f"{base}/datasets/{dataset}/upload/", timeout=10).url
     token = session.cookies["csrftoken"]
     started = time.monotonic()
     response = session.post(
         f"{base}/datasets/{dataset}/upload/",
         data={"csrfmiddlewaretoken": token, "format": ""},
         files={"file": (name, JSONL, "application/jsonl")},
-        headers={"Referer": form.url},
+        headers={"Referer": referer},
         timeout=30,
         allow_redirects=False,
     )
