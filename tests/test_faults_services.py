@@ -491,6 +491,9 @@ def private_redis():
         redis.cleanup()
 
 
+STEPS = 200  # about 5 s on an idle CPU, 35 s on a busy one: the outage (~1 s) lands mid-run
+
+
 @pytest.mark.django_db(transaction=True)
 def test_redis_restarted_mid_job_the_job_still_ends_once_and_the_worker_keeps_working(
     private_redis, start_worker, tiny_model_dir, curator, engineer, admin_user
@@ -523,23 +526,29 @@ def test_redis_restarted_mid_job_the_job_still_ends_once_and_the_worker_keeps_wo
     def job(pk: int) -> TrainingJob:
         return TrainingJob.objects.get(pk=pk)
 
-    first = launch(150)
+    first = launch(STEPS)
     wait_for(lambda: job(first).step >= 3, worker, timeout=60, what="the job to start stepping")
     redis.stop()
-    time.sleep(3)
-    redis.start()  # same port, empty: the broker lost the message the worker is running
+    wait_for(
+        lambda: "Connection to broker lost" in worker["log"].read_text(errors="replace"),
+        worker,
+        timeout=15,
+        what="the worker to notice the broker is gone",
+    )
     assert job(first).state == "running", "the outage must happen while the job runs"
+    time.sleep(1)
+    redis.start()  # same port, empty: the broker lost the message the worker is running
     wait_for(
         lambda: job(first).state not in ("queued", "running"), worker, timeout=120, what="the job to end"
     )
     done = job(first)
     assert done.state == "succeeded", (done.error_code, done.error_message, done.error_traceback[-2000:])
-    assert done.step == 150 and done.attempt == 1
+    assert done.step == STEPS and done.attempt == 1
     # run once: one start, every step's loss once
     starts = AuditEvent.objects.filter(object_id=str(first), verb="training.job.start").count()
     assert starts == 1
     steps = list(done.metrics.filter(name="loss").order_by("step").values_list("step", flat=True))
-    assert steps == list(range(1, 151))
+    assert steps == list(range(1, STEPS + 1))
 
     # the same worker process, reconnected, takes the next job from the restarted Redis
     assert worker["proc"].poll() is None, "the worker must survive the broker restart"
