@@ -600,3 +600,30 @@ def test_job_launched_while_broker_is_down_fails_with_reason_not_queued_forever(
     assert "queue was unreachable" in job.error_message and "Launch the job again" in job.error_suggestion
     assert not jobs.queue_order().exists()
     assert AuditEvent.objects.filter(object_id=str(job.pk), verb="training.job.fail").count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_eval_run_started_while_broker_is_down_fails_with_reason_not_queued_forever(
+    dead_broker, tiny_model_dir, curator, engineer, admin_user
+):
+    from conftest import make_version
+    from kombu.exceptions import OperationalError
+    from test_eval_runs import golden_version, make_candidate
+
+    from eval_app.models import EvalRun
+    from eval_app.services import evaluation
+    from studio.models import AuditEvent
+    from training_app.services import register_local_dir
+
+    base = register_local_dir("tiny-llama", Path(tiny_model_dir), admin_user)
+    candidate = make_candidate(
+        "support", base, tiny_model_dir, engineer, dataset_version=make_version(curator, train=4, eval_=0)
+    )
+    golden = golden_version(curator)
+    started = time.monotonic()
+    with pytest.raises(OperationalError):  # the web view turns this into the 503 page
+        evaluation.create_run(engineer, candidate, "base", golden)
+    assert time.monotonic() - started < FAST
+    run = EvalRun.objects.get()
+    assert run.state == "failed" and "queue was unreachable" in run.error_message
+    assert AuditEvent.objects.filter(object_id=str(run.pk), verb="eval.run.fail").count() == 1

@@ -293,9 +293,32 @@ def create_run(
             examples=examples,
         )
         if enqueue:
-            transaction.on_commit(lambda: _enqueue(run.pk))
+            transaction.on_commit(lambda: _enqueue_new(run.pk))
     log.info("eval run %s queued by user %s", run.pk, user.pk)
     return run
+
+
+QUEUE_DOWN_MESSAGE = (
+    "The studio's task queue was unreachable when this run was started, so it never ran. Start it again "
+    "in a minute; if the queue stays down, tell a studio engineer."
+)
+
+
+def _enqueue_new(run_id: int) -> None:
+    """Send a new run's task. If the broker is down the run fails with a reason at once (and the error
+    propagates: the person gets the 503 page) instead of staying queued with no message behind it, which
+    nothing would ever pick up (the watchdog only requeues running runs)."""
+    from kombu.exceptions import OperationalError as BrokerError
+
+    try:
+        _enqueue(run_id)
+    except BrokerError:
+        if EvalRun.objects.filter(pk=run_id, state=State.QUEUED).update(
+            state=State.FAILED, finished_at=timezone.now(), error_message=QUEUE_DOWN_MESSAGE
+        ):
+            log.error("eval run %s failed: the broker is unreachable", run_id)
+            audit.record(None, "eval.run.fail", EvalRun.objects.get(pk=run_id), reason="queue_unreachable")
+        raise
 
 
 def _enqueue(run_id: int) -> None:
