@@ -569,7 +569,9 @@ def dead_broker(monkeypatch):
 
     from studio.celery import app
 
-    monkeypatch.setitem(app.conf, "broker_url", f"redis://127.0.0.1:{_free_port()}/0")
+    dead = f"redis://127.0.0.1:{_free_port()}/0"
+    monkeypatch.setenv("CELERY_BROKER_URL", dead)  # Celery reads it before its own setting (as in CI)
+    monkeypatch.setitem(app.conf, "broker_url", dead)
     monkeypatch.setitem(app.conf, "broker_transport_options", {"visibility_timeout": 3600})
     _reset_producers(app)
     yield app
@@ -627,3 +629,107 @@ def test_eval_run_started_while_broker_is_down_fails_with_reason_not_queued_fore
     run = EvalRun.objects.get()
     assert run.state == "failed" and "queue was unreachable" in run.error_message
     assert AuditEvent.objects.filter(object_id=str(run.pk), verb="eval.run.fail").count() == 1
+
+
+# =====================================================================================================
+# PostgreSQL restarted while a real worker runs a training job
+# =====================================================================================================
+
+
+def test_postgres_restarted_mid_job_the_job_ends_visibly(studio, tiny_model_dir, tmp_path):
+    """The worker's database goes away mid-run and comes back: the job ends succeeded or failed with a
+    reason, perhaps after the beat watchdog's requeue (run here by hand), never stuck in running."""
+    pg, env = studio["pg"], dict(studio["env"], STUDIO_JOB_HEARTBEAT_SECONDS="0.5")
+    manage = [sys.executable, str(ROOT / "manage.py")]
+    script = (
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "from pathlib import Path\n"
+        "from django.contrib.auth import get_user_model\n"
+        "from conftest import make_version, smoke_request\n"
+        "from studio.roles import ensure_groups\n"
+        "from training_app.services import jobs, register_local_dir\n"
+        "groups = ensure_groups()\n"
+        "User = get_user_model()\n"
+        f"eng = User.objects.create_user('erin', 'erin@example.test', {PASSWORD!r})\n"
+        "eng.groups.add(groups['engineer'], groups['admin'], groups['curator'])\n"
+        f"base = register_local_dir('tiny-pg', Path({str(tiny_model_dir)!r}), eng)\n"
+        "version = make_version(eng, name='pg-restart', train=16, eval_=2)\n"
+        "job = jobs.create_job(smoke_request(version, base, max_steps=200, checkpoint_every=10,"
+        " batch_size=2, max_length=128), eng)\n"
+        "print('JOB', job.pk)\n"
+    )
+    out = subprocess.run(
+        [*manage, "shell", "-c", script], env=env, cwd=ROOT, timeout=120, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    job_id = int(re.search(r"JOB (\d+)", out.stdout).group(1))
+    log_path = tmp_path / "worker.out"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "studio", "worker", "-Q", "gpu", "--concurrency", "1",
+             "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", "pg-restart@%h"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    def state() -> tuple[str, int]:
+        return tuple(sql(pg, "SELECT state, step FROM training_app_trainingjob WHERE id = %s", job_id)[0])
+
+    def wait(predicate, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if predicate():
+                    return
+            except Exception:  # noqa: BLE001,S110 - the database may still be coming back
+                pass
+            time.sleep(0.3)
+        pytest.fail(f"timed out waiting for {what}; worker log:\n{log_path.read_text()[-3000:]}")
+
+    try:
+        wait(lambda: state()[1] >= 12, 90, "the job to step past its first checkpoint")
+        pg.stop()
+        time.sleep(2)
+        pg.start()
+        # the job either carries on, or its attempt ends; a stale "running" row is the watchdog's to requeue
+        deadline = time.monotonic() + 90
+        requeued = False
+        while time.monotonic() < deadline:
+            current, _step = state()
+            if current not in ("queued", "running"):
+                break
+            heartbeat_age = sql(
+                pg,
+                "SELECT extract(epoch FROM now() - heartbeat_at) FROM training_app_trainingjob WHERE id = %s",
+                job_id,
+            )[0][0]
+            if current == "running" and heartbeat_age is not None and heartbeat_age > 10 and not requeued:
+                watchdog = subprocess.run(
+                    [*manage, "shell", "-c", "from studio.tasks import watchdog; print(watchdog())"],
+                    env=dict(env, STUDIO_JOB_STALE_SECONDS="5"), cwd=ROOT, timeout=60, capture_output=True,
+                    text=True,
+                )  # fmt: skip
+                requeued = str(job_id) in watchdog.stdout
+            time.sleep(0.5)
+        final, step = state()
+        error = sql(
+            pg, "SELECT error_code, error_message FROM training_app_trainingjob WHERE id = %s", job_id
+        )[0]
+        assert final in ("succeeded", "failed"), (final, step, log_path.read_text()[-3000:])
+        if final == "failed":
+            assert error[0] and error[1]
+        else:  # every step's loss once, whether or not an attempt was requeued and resumed
+            assert step == 200
+            steps = sql(
+                pg,
+                "SELECT step FROM training_app_trainingmetric WHERE job_id = %s AND name = 'loss' ORDER BY step",
+                job_id,
+            )
+            assert [s for (s,) in steps] == list(range(1, 201))
+        assert worker.poll() is None, "the worker must survive the database restart"
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait(10)
