@@ -361,6 +361,10 @@ def test_redis_down_upload_answers_503_fails_with_reason_and_recovers_without_re
         assert status == "failed", "an upload queued with no message behind it would never be imported"
         assert "queue was unreachable" in error and "Upload the file again" in error
         assert sql(pg, "SELECT count(*) FROM datasets_app_example WHERE dataset_id = %s", dataset)[0][0] == 0
+        # and its plaintext original is not left behind in the data dir
+        assert sql(pg, "SELECT raw_path FROM datasets_app_upload WHERE id = %s", lost_id)[0][0] == ""
+        incoming = Path(studio["env"]["STUDIO_DATA_DIR"]) / "uploads" / "incoming"
+        assert not incoming.exists() or not any(incoming.iterdir())
     finally:
         redis.start()
 

@@ -154,9 +154,10 @@ def enqueue(upload: Upload) -> None:
         try:
             process_upload.delay(upload.pk)
         except BrokerError:
-            Upload.objects.filter(pk=upload.pk, status=Upload.Status.QUEUED).update(
-                status=Upload.Status.FAILED, error=QUEUE_DOWN_ERROR, finished_at=timezone.now()
-            )
+            if Upload.objects.filter(pk=upload.pk, status=Upload.Status.QUEUED).update(
+                status=Upload.Status.FAILED, error=QUEUE_DOWN_ERROR, finished_at=timezone.now(), raw_path=""
+            ):
+                storage.remove_quietly(upload.raw_path)  # the plaintext original never stays on disk
             log.error("upload %s failed: the broker is unreachable", upload.pk)
             raise
 
