@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 
-from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
-from django.db.models import Q
 
 from datasets_app.models import DatasetVersion
-from studio.roles import ADMIN, ENGINEER, has_role
+from studio.cli import acting_engineer
 
 from ...models import EvalRun, ModelVersion
 from ...services import evaluation
@@ -44,7 +42,7 @@ class Command(BaseCommand):
         parser.add_argument("--by", default="", help="engineer starting it (default: the first admin)")
 
     def handle(self, *args, **opts):
-        user = self._user(opts["by"])
+        user = acting_engineer(opts["by"], "start evaluations")
         candidate = ModelVersion.objects.filter(pk=opts["version"]).first()
         if candidate is None:
             raise CommandError(f"Model version {opts['version']} does not exist.")
@@ -93,17 +91,3 @@ class Command(BaseCommand):
         self.stdout.write(f"comparisons: {run.comparisons.count()}")
         self.stdout.write(f"pii leaks: {run.pii_leaks}")
         self.stdout.write(str(run.pk))
-
-    def _user(self, username: str):
-        users = get_user_model().objects.filter(is_active=True)
-        if username:
-            user = users.filter(username=username).first()
-            if user is None:
-                raise CommandError(f"User “{username}” does not exist or is disabled.")
-            if not has_role(user, ENGINEER):
-                raise CommandError(f"User “{username}” is not an engineer; only engineers start evaluations.")
-            return user
-        user = users.filter(Q(is_superuser=True) | Q(groups__name=ADMIN)).order_by("pk").first()
-        if user is None:
-            raise CommandError("No admin exists yet: pass --by USERNAME (an engineer).")
-        return user

@@ -7,12 +7,10 @@ progress, and prints the model version id as its last line. Exit status 1 with t
 
 from __future__ import annotations
 
-from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
-from django.db.models import Q
 
 from datasets_app.models import DatasetVersion
-from studio.roles import ADMIN, ENGINEER, has_role
+from studio.cli import acting_engineer
 
 from ...models import BaseModel, TrainingJob
 from ...presets import COMMON, PRESETS
@@ -35,7 +33,7 @@ class Command(BaseCommand):
         parser.add_argument("--by", default="", help="engineer launching it (default: the first admin)")
 
     def handle(self, *args, **opts):
-        user = self._user(opts["by"])
+        user = acting_engineer(opts["by"], "launch training jobs")
         version = DatasetVersion.objects.filter(pk=opts["dataset_version"]).first()
         if version is None:
             raise CommandError(f"Dataset version {opts['dataset_version']} does not exist.")
@@ -81,19 +79,3 @@ class Command(BaseCommand):
             hint = f" {job.error_suggestion}" if job.error_suggestion else ""
             raise CommandError(f"Job {job.pk} {job.state}: {reason}{hint}")
         self.stdout.write(str(job.model_version.pk))
-
-    def _user(self, username: str):
-        users = get_user_model().objects.filter(is_active=True)
-        if username:
-            user = users.filter(username=username).first()
-            if user is None:
-                raise CommandError(f"User “{username}” does not exist or is disabled.")
-            if not has_role(user, ENGINEER):
-                raise CommandError(
-                    f"User “{username}” is not an engineer; only engineers launch training jobs."
-                )
-            return user
-        user = users.filter(Q(is_superuser=True) | Q(groups__name=ADMIN)).order_by("pk").first()
-        if user is None:
-            raise CommandError("No admin exists yet: pass --by USERNAME (an engineer).")
-        return user
