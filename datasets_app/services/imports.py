@@ -34,6 +34,7 @@ from django.db.models import F, JSONField, Q
 from django.utils import timezone
 
 from studio import audit
+from studio.queueing import send_or_fail
 
 from .. import parsing
 from ..dedup import content_hash
@@ -143,25 +144,27 @@ QUEUE_DOWN_ERROR = (
 
 
 def enqueue(upload: Upload) -> None:
-    """Send the import task once the row is committed. When the broker is down the upload fails with a
-    reason at once (and the error propagates: the person gets the 503 page) instead of staying queued
-    with no message behind it, which nothing would ever pick up, while the person uploads it again."""
-    from kombu.exceptions import OperationalError as BrokerError
-
+    """Send the import task once the row is committed; with the broker down the upload fails with a
+    reason at once (studio.queueing) and its plaintext original is deleted."""
     from ..tasks import process_upload
 
-    def send() -> None:
-        try:
-            process_upload.delay(upload.pk)
-        except BrokerError:
-            if Upload.objects.filter(pk=upload.pk, status=Upload.Status.QUEUED).update(
-                status=Upload.Status.FAILED, error=QUEUE_DOWN_ERROR, finished_at=timezone.now(), raw_path=""
-            ):
-                storage.remove_quietly(upload.raw_path)  # the plaintext original never stays on disk
-            log.error("upload %s failed: the broker is unreachable", upload.pk)
-            raise
+    def failed() -> None:
+        storage.remove_quietly(upload.raw_path)  # the plaintext original never stays on disk
+        log.error("upload %s failed: the broker is unreachable", upload.pk)
 
-    transaction.on_commit(send)
+    transaction.on_commit(
+        lambda: send_or_fail(
+            lambda: process_upload.delay(upload.pk),
+            Upload.objects.filter(pk=upload.pk, status=Upload.Status.QUEUED),
+            {
+                "status": Upload.Status.FAILED,
+                "error": QUEUE_DOWN_ERROR,
+                "finished_at": timezone.now(),
+                "raw_path": "",
+            },
+            failed,
+        )
+    )
 
 
 # --- processing ------------------------------------------------------------------------------------

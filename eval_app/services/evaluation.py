@@ -46,6 +46,7 @@ from django.utils import timezone
 
 from datasets_app.models import Dataset, DatasetVersion, VersionExample
 from studio import audit
+from studio.queueing import send_or_fail
 from studio.roles import ADMIN, ENGINEER, has_role
 
 from ..inference import ModelUnavailable, get_model, spec_for_base, spec_for_version
@@ -305,20 +306,18 @@ QUEUE_DOWN_MESSAGE = (
 
 
 def _enqueue_new(run_id: int) -> None:
-    """Send a new run's task. If the broker is down the run fails with a reason at once (and the error
-    propagates: the person gets the 503 page) instead of staying queued with no message behind it, which
-    nothing would ever pick up (the watchdog only requeues running runs)."""
-    from kombu.exceptions import OperationalError as BrokerError
+    """Send a new run's task; with the broker down the run fails with a reason at once (studio.queueing)."""
 
-    try:
-        _enqueue(run_id)
-    except BrokerError:
-        if EvalRun.objects.filter(pk=run_id, state=State.QUEUED).update(
-            state=State.FAILED, finished_at=timezone.now(), error_message=QUEUE_DOWN_MESSAGE
-        ):
-            log.error("eval run %s failed: the broker is unreachable", run_id)
-            audit.record(None, "eval.run.fail", EvalRun.objects.get(pk=run_id), reason="queue_unreachable")
-        raise
+    def failed() -> None:
+        log.error("eval run %s failed: the broker is unreachable", run_id)
+        audit.record(None, "eval.run.fail", EvalRun.objects.get(pk=run_id), reason="queue_unreachable")
+
+    send_or_fail(
+        lambda: _enqueue(run_id),
+        EvalRun.objects.filter(pk=run_id, state=State.QUEUED),
+        {"state": State.FAILED, "finished_at": timezone.now(), "error_message": QUEUE_DOWN_MESSAGE},
+        failed,
+    )
 
 
 def _enqueue(run_id: int) -> None:

@@ -28,6 +28,7 @@ from django.utils import timezone
 
 from datasets_app.models import Dataset, DatasetVersion
 from studio import audit
+from studio.queueing import send_or_fail
 
 from ..models import BaseModel, ComputeNode, TrainingJob, TrainingMetric
 from ..presets import COMMON, PRESETS
@@ -420,24 +421,25 @@ QUEUE_DOWN_SUGGESTION = "Launch the job again in a minute; if the queue stays do
 
 
 def _enqueue_new(job: TrainingJob) -> None:
-    """Send the new job's `run_next`. If the broker is down the job fails with a reason at once (and the
-    error propagates: the person gets the 503 page). Left queued with no message behind it, it would take
-    the message of the next job launched (the queue runs the oldest first), leaving that one stranded."""
-    from kombu.exceptions import OperationalError as BrokerError
+    """Send the new job's `run_next`; with the broker down the job fails with a reason at once
+    (studio.queueing). Left queued, it would take the next launch's message and strand that job."""
 
-    try:
-        _enqueue()
-    except BrokerError:
-        if TrainingJob.objects.filter(pk=job.pk, state=State.QUEUED).update(
-            state=State.FAILED,
-            finished_at=timezone.now(),
-            error_code="queue_unreachable",
-            error_message=QUEUE_DOWN_MESSAGE,
-            error_suggestion=QUEUE_DOWN_SUGGESTION,
-        ):
-            log.error("training job %s failed: the broker is unreachable", job.pk)
-            audit.record(None, "training.job.fail", job, reason="queue_unreachable")
-        raise
+    def failed() -> None:
+        log.error("training job %s failed: the broker is unreachable", job.pk)
+        audit.record(None, "training.job.fail", job, reason="queue_unreachable")
+
+    send_or_fail(
+        _enqueue,
+        TrainingJob.objects.filter(pk=job.pk, state=State.QUEUED),
+        {
+            "state": State.FAILED,
+            "finished_at": timezone.now(),
+            "error_code": "queue_unreachable",
+            "error_message": QUEUE_DOWN_MESSAGE,
+            "error_suggestion": QUEUE_DOWN_SUGGESTION,
+        },
+        failed,
+    )
 
 
 def _default_model_name(dataset_version: DatasetVersion | None) -> str:

@@ -1,0 +1,26 @@
+"""Sending a task for a row that is already committed in the queued state.
+
+The database is the queue of record and the watchdog only rescues *running* work, so a row left queued
+with no broker message behind it would never run (or, for training jobs, would take the next launch's
+message). When the broker is unreachable the row fails at once with a reason, and the error propagates so
+the person gets the 503 page.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from django.db.models import QuerySet
+
+
+def send_or_fail(send: Callable[[], object], still_queued: QuerySet, failed: dict, on_failed=None) -> None:
+    """Call `send()`; if the broker is unreachable, update the rows of `still_queued` (a queryset already
+    filtered to the queued state) with `failed`, call `on_failed()` if a row changed, and re-raise."""
+    from kombu.exceptions import OperationalError as BrokerError
+
+    try:
+        send()
+    except BrokerError:
+        if still_queued.update(**failed) and on_failed is not None:
+            on_failed()
+        raise
