@@ -31,7 +31,6 @@ import random
 import re
 import socket
 import statistics
-import threading
 import time
 import traceback
 import uuid
@@ -39,13 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import F, Q
 from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
 from datasets_app.models import Dataset, DatasetVersion, VersionExample
 from studio import audit
+from studio.heartbeat import Heartbeat
 from studio.queueing import send_or_fail
 from studio.roles import ADMIN, ENGINEER, has_role
 
@@ -634,34 +634,15 @@ def execute_run(run_id: int, worker: str | None = None) -> EvalRun | None:
     return run_claimed(run)
 
 
-class _Heartbeat:
+class _Heartbeat(Heartbeat):
     """Beats while a batch generates (a batch can take longer than the stale limit on a slow device)."""
 
     def __init__(self, run: EvalRun):
         self.run_id, self.token = run.pk, run.claim_token
-        self.lost = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"eval-{run.pk}-heartbeat", daemon=True)
+        super().__init__(self.mine, f"eval-run-{run.pk}")
 
     def mine(self):
         return EvalRun.objects.filter(pk=self.run_id, state=State.RUNNING, claim_token=self.token)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def _beat(self) -> None:
-        try:
-            while not self._stop.wait(settings.STUDIO_JOB_HEARTBEAT_SECONDS):
-                if not self.mine().update(heartbeat_at=timezone.now()):
-                    self.lost = True
-        except Exception:  # the main thread notices a broken database on its next write
-            log.exception("eval run %s heartbeat failed", self.run_id)
-        finally:
-            connection.close()
 
 
 def run_claimed(run: EvalRun) -> EvalRun:

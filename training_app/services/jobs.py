@@ -14,20 +14,20 @@ import math
 import os
 import shutil
 import socket
-import threading
 import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import F, Q
 from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
 from datasets_app.models import Dataset, DatasetVersion
 from studio import audit
+from studio.heartbeat import Heartbeat
 from studio.queueing import send_or_fail
 
 from ..models import BaseModel, ComputeNode, TrainingJob, TrainingMetric
@@ -633,37 +633,17 @@ def trainer_config(job: TrainingJob, train_path: Path, eval_path: Path | None):
     )
 
 
-class JobReporter(Reporter):
+class JobReporter(Reporter, Heartbeat):
     """Trainer callbacks → the database: metrics, progress, log tail, heartbeat and cancel."""
 
     def __init__(self, job: TrainingJob, echo=None):
         self.job = job
         self.echo = echo
         self.token = job.claim_token
-        self.lost = False
-        self._stop = threading.Event()
-        self._beat = threading.Thread(target=self._heartbeat, name=f"job-{job.pk}-heartbeat", daemon=True)
+        Heartbeat.__init__(self, self._mine, f"job-{job.pk}")
 
     def _mine(self):
         return TrainingJob.objects.filter(pk=self.job.pk, state=State.RUNNING, claim_token=self.token)
-
-    # heartbeat thread: independent of step length, stops when the process dies
-    def start(self) -> None:
-        self._beat.start()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._beat.join(timeout=30)
-
-    def _heartbeat(self) -> None:
-        try:
-            while not self._stop.wait(settings.STUDIO_JOB_HEARTBEAT_SECONDS):
-                if not self._mine().update(heartbeat_at=timezone.now()):
-                    self.lost = True  # requeued by the watchdog or finished elsewhere: stop this attempt
-        except Exception:  # the main thread notices a broken database on its next write
-            log.exception("job %s heartbeat failed", self.job.pk)
-        finally:
-            connection.close()
 
     def on_start(self, *, total_steps, start_step, device, train_tokens, examples):
         # the curve continues from the checkpoint: drop points a dead attempt logged after it

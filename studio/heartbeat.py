@@ -1,0 +1,44 @@
+"""The heartbeat thread shared by training jobs and evaluation runs (same claim scheme)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from django.conf import settings
+from django.db import connection
+from django.db.models import QuerySet
+from django.utils import timezone
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    """Stamps `heartbeat_at` on the claimed row every STUDIO_JOB_HEARTBEAT_SECONDS from a daemon thread,
+    independent of how long a step or batch takes; it dies with the process. `lost` turns True once the
+    row is no longer this attempt's (requeued by the watchdog, cancelled or finished elsewhere)."""
+
+    def __init__(self, claimed: Callable[[], QuerySet], label: str):
+        self._claimed = claimed
+        self._label = label
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"{label}-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _beat(self) -> None:
+        try:
+            while not self._stop.wait(settings.STUDIO_JOB_HEARTBEAT_SECONDS):
+                if not self._claimed().update(heartbeat_at=timezone.now()):
+                    self.lost = True
+        except Exception:  # the main thread notices a broken database on its next write
+            log.exception("%s heartbeat failed", self._label)
+        finally:
+            connection.close()
