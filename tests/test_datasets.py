@@ -529,6 +529,19 @@ def test_views_render_content_escaped(dataset, curator, client_for, tmp_path):
         assert "&lt;script&gt;alert" in html
 
 
+def test_token_counts_without_a_base_model_say_so_instead_of_zero(dataset, curator, client_for, tmp_path):
+    """No tokenizer, no count: the pages say why there is no figure rather than showing "0 tokens"."""
+    assert dataset.base_model is None
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    import_file(dataset, write_jsonl(tmp_path / "x.jsonl", rows))
+    client = client_for(curator)
+    detail = client.get(reverse("datasets:detail", args=[dataset.pk])).content.decode()
+    assert "choose a base model</a> to count them" in detail
+    assert reverse("datasets:settings", args=[dataset.pk]) in detail
+    example = client.get(reverse("datasets:example", args=[Example.objects.get().pk])).content.decode()
+    assert "tokens not counted (no base model)" in example and " 0 tokens" not in example
+
+
 def test_search_matches_message_text_case_insensitively(dataset, curator, client_for, tmp_path):
     """Search reads the stored messages (and chosen/rejected): any case, non-ASCII too, never the JSON keys."""
     rows = [
