@@ -209,7 +209,8 @@ STUDIO_MODELS_DIR = DATA_DIR / "models"
 # Adding a base model by hub id only where a hub or mirror is reachable (HF_ENDPOINT for a mirror).
 STUDIO_HUB_ENABLED = envbool("STUDIO_HUB_ENABLED", False)
 # Training jobs: a running job beats every STUDIO_JOB_HEARTBEAT_SECONDS; the watchdog requeues one whose
-# heartbeat is older than STUDIO_JOB_STALE_SECONDS, up to STUDIO_JOB_MAX_ATTEMPTS attempts in all.
+# heartbeat is older than STUDIO_JOB_STALE_SECONDS, up to STUDIO_JOB_MAX_ATTEMPTS attempts in all (since the
+# last manual resume). The same cap applies to evaluation runs and to PII scans whose worker keeps dying.
 STUDIO_JOB_HEARTBEAT_SECONDS = envfloat("STUDIO_JOB_HEARTBEAT_SECONDS", 5.0)
 STUDIO_JOB_STALE_SECONDS = envfloat("STUDIO_JOB_STALE_SECONDS", 90.0)
 STUDIO_JOB_MAX_ATTEMPTS = envint("STUDIO_JOB_MAX_ATTEMPTS", 3)

@@ -414,6 +414,7 @@ def test_role_matrix_job_actions(client_for, make_user, engineer, sft_version, t
         ("post", reverse("training:job_cancel", args=[job.pk])),
         ("post", reverse("training:job_priority", args=[job.pk])),
         ("post", reverse("training:job_merge", args=[job.pk])),
+        ("post", reverse("training:job_resume", args=[job.pk])),
         ("post", reverse("training:job_estimate")),
         ("get", reverse("training:job_artifact", args=[job.pk, "model_card.md"])),
     ]
@@ -425,10 +426,12 @@ def test_role_matrix_job_actions(client_for, make_user, engineer, sft_version, t
     stranger = client_for(make_user("eve", "engineer"))
     stranger.post(reverse("training:job_cancel", args=[job.pk]))
     stranger.post(reverse("training:job_priority", args=[job.pk]), {"direction": "up"})
+    stranger.post(reverse("training:job_resume", args=[job.pk]))
     job.refresh_from_db()
     assert job.state == "queued" and job.priority == 0
     # GET on a state-changing URL is refused
     assert client_for(engineer).get(reverse("training:job_cancel", args=[job.pk])).status_code == 405
+    assert client_for(engineer).get(reverse("training:job_resume", args=[job.pk])).status_code == 405
 
 
 # --- base models: admins add them in the UI -----------------------------------------------------------

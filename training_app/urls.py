@@ -13,6 +13,7 @@ urlpatterns = [
     path("jobs/<int:pk>/", views.job_detail, name="job"),
     path("jobs/<int:pk>/live/", views.job_live, name="job_live"),
     path("jobs/<int:pk>/cancel/", views.job_cancel, name="job_cancel"),
+    path("jobs/<int:pk>/resume/", views.job_resume, name="job_resume"),
     path("jobs/<int:pk>/priority/", views.job_priority, name="job_priority"),
     path("jobs/<int:pk>/merge/", views.job_merge, name="job_merge"),
     path("jobs/<int:pk>/artifacts/<path:name>", views.job_artifact, name="job_artifact"),

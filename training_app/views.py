@@ -156,8 +156,17 @@ def _live_context(job: TrainingJob, request) -> dict:
         "manageable": job_service.can_manage(job, request.user),
         "artifacts": job_service.artifact_files(job),
         "merge_possible": job.state == TrainingJob.State.SUCCEEDED and job.method != TrainingJob.Method.SFT,
+        "resume_from": _resume_from(job),
         "version": getattr(job, "model_version", None) if job.state == TrainingJob.State.SUCCEEDED else None,
     }
+
+
+def _resume_from(job: TrainingJob) -> int | None:
+    """The checkpoint step a failed or cancelled job can resume from (None: no resume button)."""
+    if job.state not in job_service.RESUMABLE_STATES or job_service.resume_refusal(job):
+        return None
+    found = job_service.resumable_checkpoint(job)
+    return found[0] if found else None
 
 
 def _job(pk: int) -> TrainingJob:
@@ -191,6 +200,22 @@ def job_cancel(request, pk: int):
             messages.success(request, f"Job {job.pk} cancelled.")
         else:
             messages.success(request, f"Job {job.pk} stops after its current step and keeps its checkpoint.")
+    return redirect(job)
+
+
+@role_required(ENGINEER)
+@require_POST
+def job_resume(request, pk: int):
+    job = _job(pk)
+    try:
+        job = job_service.resume(job, request.user)
+    except job_service.JobRefused as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(
+            request,
+            f"Job {job.pk} is back in the queue; it resumes from its checkpoint at step {job.checkpoint_step}.",
+        )
     return redirect(job)
 
 

@@ -18,7 +18,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count
+from django.db.models import Count, Max, Min
 from django.utils import timezone
 
 from studio import audit
@@ -346,13 +346,59 @@ def scan_progress_callback(dataset_id: int):
 
 
 SCAN_STALE_AFTER = timedelta(minutes=3)
+SCAN_REQUEUE, SCAN_FAIL, SCAN_RESCAN = "pii.scan.requeue", "pii.scan.fail", "pii.rescan"
+
+
+def scan_attempts(dataset_id: int, before=None) -> tuple[int, dict | None]:
+    """(attempts, failure event data or None) of the dataset's current PII scan, from its audit events
+    since the oldest unscanned example was written: the first attempt plus one per watchdog requeue. A
+    curator's re-scan starts the count afresh; so does new work: unscanned examples written after the scan
+    failed (with `before`, only those written before it count: a fresh edit's own re-scan is on its way)."""
+    from studio.models import AuditEvent
+
+    unscanned = Example.objects.filter(dataset_id=dataset_id, dropped=False, pii_status=Example.Pii.UNSCANNED)
+    span = unscanned.aggregate(oldest=Min("updated_at"))
+    if before is not None:
+        unscanned = unscanned.filter(updated_at__lt=before)
+    span.update(unscanned.aggregate(newest=Max("updated_at")))
+    if span["oldest"] is None or span["newest"] is None:
+        return 0, None
+    events = AuditEvent.objects.filter(
+        object_type="dataset",
+        object_id=str(dataset_id),
+        verb__in=[SCAN_REQUEUE, SCAN_FAIL, SCAN_RESCAN],
+        created_at__gte=span["oldest"],
+    ).order_by("id")
+    attempts, failure = 1, None
+    for verb, at, data in events.values_list("verb", "created_at", "data"):
+        if verb == SCAN_REQUEUE:
+            attempts += 1
+        else:  # a re-scan, or the failure that ended the previous scan: what follows is a new scan
+            attempts, failure = 1, ({**data, "at": at} if verb == SCAN_FAIL else None)
+    if failure is not None and span["newest"] <= failure["at"]:
+        return attempts, failure
+    return attempts, None
+
+
+def scan_failure(dataset: Dataset) -> str | None:
+    """The plain reason the dataset's PII scan was given up (shown where freezing is blocked), or None."""
+    _attempts, failure = scan_attempts(dataset.pk)
+    if failure is None:
+        return None
+    return (
+        f"The personal-data scan was given up after its worker stopped {failure.get('attempts')} times "
+        "without finishing (killed, e.g. out of memory on an unusual upload). Remove the suspicious examples "
+        "or give the curation workers more memory, then press “Re-scan dataset” on the PII review page."
+    )
 
 
 def requeue_stale_scans() -> list[int]:
     """Datasets whose PII scan stopped (its worker was killed): active examples still unscanned and unchanged
     for SCAN_STALE_AFTER (an edit's own re-scan is younger), no import under way, no scan progress in
     that time. Queues the analysis again for each (it scans only
-    the unscanned examples, and a chunk's findings are replaced, never added twice)."""
+    the unscanned examples, and a chunk's findings are replaced, never added twice), up to
+    STUDIO_JOB_MAX_ATTEMPTS attempts in all: then the scan is failed with a reason (audit event
+    pii.scan.fail, shown on the dataset page) and never queued again until a curator re-scans."""
     from ..models import Upload
     from ..tasks import analyse_dataset
 
@@ -364,14 +410,31 @@ def requeue_stale_scans() -> list[int]:
         .values_list("dataset_id", flat=True)
         .distinct()
     )
-    requeued = []
+    requeued, failed = [], []
     for dataset_id in sorted(set(candidates)):
         live = progress.get_progress("scan", dataset_id)
         if live and live.get("at", 0) > cutoff.timestamp():
             continue
+        attempts, failure = scan_attempts(dataset_id, before=cutoff)
+        if failure is not None:
+            continue
+        dataset = Dataset.objects.get(pk=dataset_id)
+        if attempts >= settings.STUDIO_JOB_MAX_ATTEMPTS:
+            unscanned = Example.objects.filter(
+                dataset_id=dataset_id, dropped=False, pii_status=Example.Pii.UNSCANNED
+            ).count()
+            audit.record(
+                None, SCAN_FAIL, dataset, reason="worker_lost", attempts=attempts, unscanned=unscanned
+            )
+            progress.clear_progress("scan", dataset_id)
+            failed.append(dataset_id)
+            continue
+        audit.record(None, SCAN_REQUEUE, dataset, attempt=attempts + 1)
         progress.set_progress("scan", dataset_id, "Queued again after a worker stopped", 0, 1)
         analyse_dataset.delay(dataset_id)
         requeued.append(dataset_id)
     if requeued:
         log.warning("watchdog requeued PII scans of datasets %s", requeued)
+    if failed:
+        log.error("watchdog gave up the PII scans of datasets %s (worker killed every time)", failed)
     return requeued

@@ -16,6 +16,7 @@ from studio import audit
 
 from ..models import Dataset, DatasetVersion, Example, PiiFinding, Upload, VersionExample
 from ..tokens import token_stats
+from . import scrub
 
 
 class FreezeRefused(Exception):
@@ -79,7 +80,10 @@ def blockers(dataset: Dataset) -> list[str]:
     if not active.exists():
         problems.append("The dataset has no examples; upload a file first.")
     unscanned = active.filter(pii_status=Example.Pii.UNSCANNED).count()
-    if unscanned:
+    scan_failed = scrub.scan_failure(dataset) if unscanned else None
+    if scan_failed:
+        problems.append(f"{unscanned} examples have not been scanned for personal data: {scan_failed}")
+    elif unscanned:
         problems.append(
             f"{unscanned} examples have not been scanned for personal data yet; wait for the scan."
         )

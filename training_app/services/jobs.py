@@ -418,11 +418,17 @@ QUEUE_DOWN_MESSAGE = (
     "The studio's task queue was unreachable when this job was launched, so it never started."
 )
 QUEUE_DOWN_SUGGESTION = "Launch the job again in a minute; if the queue stays down, tell a studio engineer."
+RESUME_QUEUE_DOWN_MESSAGE = (
+    "The studio's task queue was unreachable when this job was resumed, so it did not restart."
+)
+RESUME_QUEUE_DOWN_SUGGESTION = (
+    "Resume it again in a minute (its checkpoints are kept); if the queue stays down, tell a studio engineer."
+)
 
 
-def _enqueue_new(job: TrainingJob) -> None:
-    """Send the new job's `run_next`; with the broker down the job fails with a reason at once
-    (studio.queueing). Left queued, it would take the next launch's message and strand that job."""
+def _enqueue_new(job: TrainingJob, *, resumed: bool = False) -> None:
+    """Send the new (or resumed) job's `run_next`; with the broker down the job fails with a reason at
+    once (studio.queueing). Left queued, it would take the next launch's message and strand that job."""
 
     def failed() -> None:
         log.error("training job %s failed: the broker is unreachable", job.pk)
@@ -435,8 +441,8 @@ def _enqueue_new(job: TrainingJob) -> None:
             "state": State.FAILED,
             "finished_at": timezone.now(),
             "error_code": "queue_unreachable",
-            "error_message": QUEUE_DOWN_MESSAGE,
-            "error_suggestion": QUEUE_DOWN_SUGGESTION,
+            "error_message": RESUME_QUEUE_DOWN_MESSAGE if resumed else QUEUE_DOWN_MESSAGE,
+            "error_suggestion": RESUME_QUEUE_DOWN_SUGGESTION if resumed else QUEUE_DOWN_SUGGESTION,
         },
         failed,
     )
@@ -499,6 +505,103 @@ def cancel(job: TrainingJob, user) -> TrainingJob:
     return job
 
 
+RESUMABLE_STATES = (State.FAILED, State.CANCELLED)
+RESUME_VERB = "training.job.resume"
+
+
+def resumable_checkpoint(job: TrainingJob) -> tuple[int, str] | None:
+    """(step, path) of the newest complete checkpoint the trainer would resume this job from, or None.
+    A cheap look (its trainer_state.json reads and its weights file is there): the trainer verifies the
+    tensors themselves when it loads them, and fails the job naming the checkpoint if they are damaged."""
+    from ..trainer.run import _WEIGHT_FILES, latest_checkpoint
+
+    path = latest_checkpoint(job.output_dir)
+    if path is None:
+        return None
+    try:
+        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as fh:
+            step = int(json.load(fh)["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not any(os.path.isfile(os.path.join(path, name)) for name in _WEIGHT_FILES):
+        return None
+    return step, path
+
+
+def resume_refusal(job: TrainingJob) -> str | None:
+    """Why this job cannot be resumed from a checkpoint now, in plain words; None when it can."""
+    if job.state == State.SUCCEEDED:
+        return "This job has already succeeded; there is nothing to resume."
+    if job.state not in RESUMABLE_STATES:
+        return "This job is still queued or running; only a failed or cancelled job can be resumed."
+    found = resumable_checkpoint(job)
+    if found is None:
+        return (
+            "This job has no intact checkpoint to resume from (it stopped before writing its first one); "
+            "launch it again as a new job."
+        )
+    name = os.path.basename(found[1])
+    if job.error_code == "corrupt_checkpoint" and f"Checkpoint {name} is damaged" in job.error_message:
+        return (
+            f"The newest checkpoint, {name}, is the damaged one: delete the folder {found[1]} so the job "
+            "resumes from the one before it, or launch the job again."
+        )
+    return None
+
+
+def resume(job: TrainingJob, user) -> TrainingJob:
+    """Put a failed or cancelled job with an intact checkpoint back in the queue, the same way the watchdog
+    requeues a job whose worker died: the next attempt resumes from the newest checkpoint. The attempt
+    number keeps counting; the watchdog's STUDIO_JOB_MAX_ATTEMPTS budget starts afresh from here."""
+    if not can_manage(job, user):
+        raise JobRefused("Only the job's owner or an admin can resume it.")
+    job.refresh_from_db()
+    problem = resume_refusal(job)
+    if problem:
+        raise JobRefused(problem)
+    step, path = resumable_checkpoint(job)
+    previous = {"state": job.state, "reason": job.error_code}
+    with transaction.atomic():
+        updated = _put_back(
+            TrainingJob.objects.filter(pk=job.pk, state__in=RESUMABLE_STATES),
+            timezone.now(),
+            finished_at=None,
+            cancel_requested=False,
+            checkpoint_step=step,
+            last_checkpoint=path[:500],
+            error_code="",
+            error_message="",
+            error_suggestion="",
+            error_traceback="",
+        )
+        if not updated:
+            raise JobRefused("This job changed state meanwhile; reload the page.")
+        job.refresh_from_db()
+        audit.record(user, RESUME_VERB, job, attempt=job.attempt, step=step, **previous)
+        transaction.on_commit(lambda: _enqueue_new(job, resumed=True))
+    log.info("training job %s resumed from step %s by user %s", job.pk, step, user.pk)
+    return job
+
+
+def _put_back(rows, now, **extra) -> int:
+    """Back to the queue (the watchdog's requeue and a manual resume): the worker that claims it runs the
+    trainer, which resumes from the newest intact checkpoint in the job's output dir."""
+    return rows.update(state=State.QUEUED, claim_token="", worker="", queued_at=now, **extra)
+
+
+def counted_attempts(job: TrainingJob) -> int:
+    """Attempts counted against STUDIO_JOB_MAX_ATTEMPTS: those since the job was last resumed by hand."""
+    from studio.models import AuditEvent
+
+    resumed = (
+        AuditEvent.objects.filter(verb=RESUME_VERB, object_type="trainingjob", object_id=str(job.pk))
+        .order_by("-id")
+        .values_list("data", flat=True)
+        .first()
+    )
+    return job.attempt - int((resumed or {}).get("attempt") or 0)
+
+
 def claim_next(worker: str) -> TrainingJob | None:
     """Claim the highest-priority queued job for this worker (conditional UPDATE: exactly one wins)."""
     for _ in range(20):
@@ -545,9 +648,9 @@ def requeue_stale() -> dict[str, list[int]]:
             if base.update(state=State.CANCELLED, finished_at=now):
                 cancelled.append(job.pk)
                 audit.record(None, "training.job.cancelled", job, reason="worker lost after cancel")
-        elif job.attempt >= settings.STUDIO_JOB_MAX_ATTEMPTS:
+        elif (attempts := counted_attempts(job)) >= settings.STUDIO_JOB_MAX_ATTEMPTS:
             message = (
-                f"The worker running this job stopped responding {job.attempt} times "
+                f"The worker running this job stopped responding {attempts} times "
                 f"(limit {settings.STUDIO_JOB_MAX_ATTEMPTS})."
             )
             if base.update(
@@ -555,11 +658,14 @@ def requeue_stale() -> dict[str, list[int]]:
                 finished_at=now,
                 error_code="worker_lost",
                 error_message=message,
-                error_suggestion="Check the gpu workers' logs (killed for memory?) and launch the job again.",
+                error_suggestion=(
+                    "Check the gpu workers' logs (killed for memory?), then resume the job from its last "
+                    "checkpoint, or launch it again with smaller settings."
+                ),
             ):
                 failed.append(job.pk)
                 audit.record(None, "training.job.fail", job, reason="worker_lost", attempts=job.attempt)
-        elif base.update(state=State.QUEUED, claim_token="", worker="", queued_at=now):
+        elif _put_back(base, now):
             requeued.append(job.pk)
             audit.record(None, "training.job.requeue", job, attempt=job.attempt, step=job.step)
             transaction.on_commit(_enqueue)

@@ -36,7 +36,8 @@ class OutOfMemory(TrainerError):
 class DiskFull(TrainerError):
     code = "disk_full"
     default_suggestion = (
-        "Free some disk space (or delete old jobs) and resume the job; earlier checkpoints are intact."
+        "Free some disk space (or delete old jobs), then press “Resume from checkpoint” on the job page: "
+        "earlier checkpoints are intact. If it had written none yet, launch it again."
     )
 
 
