@@ -50,6 +50,11 @@ AUTH_ERRORS = {  # KeyCheck.problem → (status, type, message)
 }
 
 
+# `model` echoes the name asked for (an alias such as "support@production" stays an alias, as OpenAI
+# clients expect); which version answered is in `system_fingerprint` ("support/3") and in this header.
+VERSION_HEADER = "X-Studio-Model-Version"
+
+
 def error(status: int, message: str, type_: str, code: str | None = None, param: str | None = None):
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return JsonResponse(body, status=status)
@@ -232,14 +237,16 @@ def chat_completions(request):
         response = StreamingHttpResponse(events, content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
+        response[VERSION_HEADER] = str(version)
         return response
     _log_completion(request.api_key, chat.model, version, result, time.perf_counter() - started, False)
-    return JsonResponse(
+    response = JsonResponse(
         {
             "id": completion_id,
             "object": "chat.completion",
             "created": created,
             "model": chat.model,
+            "system_fingerprint": str(version),
             "choices": [
                 {
                     "index": 0,
@@ -251,6 +258,8 @@ def chat_completions(request):
             "usage": _usage(result),
         }
     )
+    response[VERSION_HEADER] = str(version)
+    return response
 
 
 def _sse(payload) -> str:
@@ -266,6 +275,7 @@ def _events(pieces, chat, version, key, completion_id: str, created: int, starte
             "object": "chat.completion.chunk",
             "created": created,
             "model": chat.model,
+            "system_fingerprint": str(version),
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
         }
 

@@ -67,6 +67,7 @@ def test_models_and_chat_completion(client_for_key, line, raw_key):
     )
     [expected] = get_model(spec_for_version(line[1])).generate([HELLO], max_new_tokens=8, temperature=0)
     assert reply.object == "chat.completion" and reply.model == "support@production"
+    assert reply.system_fingerprint == str(line[1])  # the version the alias pointed at
     assert reply.choices[0].message.role == "assistant"
     assert reply.choices[0].message.content == expected.text and expected.text
     assert reply.choices[0].finish_reason in ("stop", "length")
@@ -95,6 +96,7 @@ def test_streaming_through_the_client(client_for_key, line, raw_key):
         plain.choices[0].finish_reason
     ]
     assert chunks[-1].usage.total_tokens == plain.usage.total_tokens
+    assert {c.system_fingerprint for c in chunks} == {"support/1"}
 
 
 def test_client_errors(client_for_key, line, raw_key, engineer):

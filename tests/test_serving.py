@@ -394,6 +394,9 @@ def test_chat_completion_round_trip(api, line, key, caplog):
     body = response.json()
     assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
     assert body["model"] == "support@production" and isinstance(body["created"], int)
+    # which version answered: the alias is resolved in the fingerprint and the header
+    assert body["system_fingerprint"] == str(v1) == "support/1"
+    assert response["X-Studio-Model-Version"] == "support/1"
     [choice] = body["choices"]
     assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
     # the same answer the shared loader gives for version 1 (base + its adapter), greedy
@@ -422,6 +425,7 @@ def test_alias_and_version_name_give_the_same_model(api, line):
     b = chat(api, model="support/2", max_tokens=6, temperature=0).json()
     assert a["choices"][0]["message"] == b["choices"][0]["message"]
     assert a["model"] == "support@staging" and b["model"] == "support/2"
+    assert a["system_fingerprint"] == b["system_fingerprint"] == "support/2"
 
 
 def test_the_adapter_changes_the_answer(api, line):

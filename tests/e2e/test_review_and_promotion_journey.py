@@ -315,8 +315,9 @@ def test_reviewers_vote_and_admin_promotes_then_rolls_back(
         reply = client.chat.completions.create(
             model=f"{LINE}@production", messages=HELLO, max_tokens=12, temperature=0
         )
-        # the response names the alias asked for; the version behind it shows in what it answers
-        assert reply.model == f"{LINE}@production"
+        # the response names the alias asked for, the version behind it in `system_fingerprint`; the
+        # answer itself is v2's
+        assert reply.model == f"{LINE}@production" and reply.system_fingerprint == f"{LINE}/2"
         assert reply.choices[0].message.content == expected[v2.pk]
 
         # --- 5. the admin rolls back; the same request is answered by v1 again ------------------------
@@ -336,7 +337,7 @@ def test_reviewers_vote_and_admin_promotes_then_rolls_back(
         again = client.chat.completions.create(
             model=f"{LINE}@production", messages=HELLO, max_tokens=12, temperature=0
         )
-        assert again.model == f"{LINE}@production"
+        assert again.model == f"{LINE}@production" and again.system_fingerprint == f"{LINE}/1"
         assert again.choices[0].message.content == expected[v1.pk]
     finally:
         client.close()
