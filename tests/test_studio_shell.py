@@ -645,6 +645,9 @@ def test_line_chart_draws_each_series_with_tooltips():
     assert "No data to chart yet." in render("{% line_chart s %}", s=[])
     single = render("{% line_chart s log_y=True %}", s=[1.0, 0.5, 0.25])
     assert single.count('class="line"') == 1 and "chart-legend" not in single
+    assert 'fill-opacity="1"' not in single  # markers of a line show on hover only
+    lone = render("{% line_chart s %}", s={"train": [(1, 2.0), (2, 1.5)], "eval": [(2, 1.7)]})
+    assert lone.count('fill-opacity="1"') == 1  # a one-point series has no line: its marker is drawn
 
 
 def test_progress_bar_and_status_badge():

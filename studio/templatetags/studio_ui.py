@@ -525,7 +525,9 @@ def line_chart(series, title="", x_label="Step", y_label="", width=640, height=2
             }
             for x, y in _thin(s.points, MAX_MARKERS)
         ]
-        drawn.append({"name": s.name, "colour": colour, "path": path, "markers": markers})
+        # a one-point series has no line to draw: its marker is shown instead of only on hover
+        lone = len(s.points) == 1
+        drawn.append({"name": s.name, "colour": colour, "path": path, "markers": markers, "lone": lone})
         values = [y for _, y in s.points]
         table.append(
             {
