@@ -342,6 +342,12 @@ def test_job_form_launches_and_pages_render(client_for, engineer, sft_version, t
     assert job.method == "lora" and job.config["max_steps"] == 5 and job.created_by == engineer
     detail = client.get(job.get_absolute_url())
     assert detail.status_code == 200 and b"position 1 in the queue" in detail.content
+    # the configuration is listed in the form's order whatever order the database kept the keys in
+    shown = [k for k, _ in detail.context["config_items"]]
+    assert sorted(shown) == sorted(job.config)
+    assert shown == [f for f in jobs.CONFIG_FIELDS if f in job.config] + sorted(
+        k for k in job.config if k not in jobs.CONFIG_FIELDS
+    )
     queue = client.get(reverse("training:jobs"))
     assert queue.status_code == 200 and f"#{job.pk}".encode() in queue.content
     assert client.get(reverse("training:job_live", args=[job.pk])).status_code == 200

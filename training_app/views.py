@@ -178,7 +178,11 @@ def _job(pk: int) -> TrainingJob:
 @role_required(ENGINEER)
 def job_detail(request, pk: int):
     job = _job(pk)
-    return render(request, "training/job.html", _live_context(job, request))
+    context = _live_context(job, request)
+    # in the form's order (PostgreSQL's jsonb keeps keys in its own order), unknown keys last
+    order = {name: i for i, name in enumerate(job_service.CONFIG_FIELDS)}
+    context["config_items"] = sorted(job.config.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
+    return render(request, "training/job.html", context)
 
 
 @role_required(ENGINEER)
