@@ -370,6 +370,39 @@ def wait_for(predicate, worker, timeout=180, what="the worker"):
     pytest.fail(f"timed out waiting for {what}; worker log:\n{worker['log'].read_text()[-3000:]}")
 
 
+def _children(pid: int) -> list[int]:
+    import os
+
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out.append(int(entry))
+    return out
+
+
+def kill_worker(worker) -> None:
+    """SIGKILL a `start_worker` worker's main process and its pool children at once, as an OOM kill or a
+    lost node would: nothing gets to ack, reject or clean up."""
+    import contextlib
+    import os
+    import signal
+
+    proc = worker["proc"]
+    children = _children(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(30)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory):
     """The real SmolLM2-135M-Instruct as safetensors: STUDIO_TEST_MODEL_DIR when it holds one, else

@@ -15,7 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from conftest import make_version, smoke_request, wait_for
+from conftest import kill_worker, make_version, smoke_request, wait_for
 from django.urls import reverse
 from django.utils import timezone
 from test_faults_services import small_disk  # noqa: F401 - fixture: a real 32 MiB tmpfs (root only)
@@ -131,37 +131,6 @@ def test_scan_cap_of_one_fails_at_the_first_stop(curator, settings, monkeypatch)
     assert watchdog()["scans"] == [] and sent == []
     assert "stopped 1 times" in scrub.scan_failure(dataset)
     assert len(_events("pii.scan.fail", dataset)) == 1 and not _events("pii.scan.requeue", dataset)
-
-
-def _children(pid: int) -> list[int]:
-    import os
-
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            out.append(int(entry))
-    return out
-
-
-def kill_worker(worker) -> None:
-    """SIGKILL the worker and its pool children at once, as an OOM kill would."""
-    import contextlib
-    import os
-
-    proc = worker["proc"]
-    children = _children(proc.pid)
-    proc.send_signal(signal.SIGKILL)
-    for pid in children:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    proc.wait(30)
 
 
 @pytest.mark.integration

@@ -6,16 +6,13 @@ PostgreSQL + Redis in CI (DATABASE_URL / CELERY_BROKER_URL), SQLite + the filesy
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import time
 from collections import Counter
 from datetime import timedelta
 
 import pytest
-from conftest import wait_for
+from conftest import kill_worker, wait_for
 from test_eval_runs import candidate_dir  # noqa: F401 - session fixture: a tiny "fine-tuned" model
 
 from datasets_app.models import Example, PiiFinding
@@ -25,33 +22,6 @@ from datasets_app.tasks import analyse_dataset
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 N_EXAMPLES = 400
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            out.append(int(entry))
-    return out
-
-
-def kill_worker(worker) -> None:
-    """SIGKILL the worker's main process and its pool children at once, as an OOM kill or a lost node
-    would: nothing gets to ack, reject or clean up."""
-    proc = worker["proc"]
-    children = _children(proc.pid)
-    proc.send_signal(signal.SIGKILL)
-    for pid in children:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    proc.wait(30)
 
 
 def finding_keys(dataset) -> list[tuple]:
