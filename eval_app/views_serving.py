@@ -7,6 +7,7 @@ why reviewers are left out). Everyone sees and revokes their own keys; admins se
 from __future__ import annotations
 
 import json
+import secrets
 
 from django import forms
 from django.contrib import messages
@@ -28,13 +29,23 @@ class ApiKeyForm(forms.Form):
         required=False,
         help_text="A label to tell your keys apart, e.g. “support chatbot” or “CI”.",
     )
+    # one use per rendered form: re-submitting the same form (a browser refresh of the page that shows
+    # the new key) must not mint a second key
+    once = forms.CharField(widget=forms.HiddenInput, max_length=64, required=False)
+
+
+USED_KEY_FORMS = "api_key_forms_used"  # session: the `once` tokens already spent (never a key)
+
+
+def _fresh_form(data=None) -> ApiKeyForm:
+    return ApiKeyForm(data, initial={"once": secrets.token_urlsafe(16)})
 
 
 def _keys_context(request, form=None, new_key=None, raw_key="") -> dict:
     keys = serving.visible_keys(request.user).order_by("revoked_at", "-created_at")
     return {
         "keys": keys,
-        "form": form or ApiKeyForm(),
+        "form": form or _fresh_form(),
         "new_key": new_key,
         "raw_key": raw_key,
         "show_owner": has_role(request.user, ADMIN),
@@ -57,11 +68,22 @@ def api_key_create(request):
     form = ApiKeyForm(request.POST)
     if not form.is_valid():
         return render(request, "eval/serving/api_keys.html", _keys_context(request, form=form), status=400)
+    once = form.cleaned_data["once"]
+    used = request.session.get(USED_KEY_FORMS, [])
+    if once and once in used:
+        messages.info(
+            request,
+            "That form was already used: its key was created and shown once (it is in the list below). "
+            "Revoke it if you did not copy it, and create another.",
+        )
+        return redirect("eval:api_keys")
     try:
         key, raw = serving.create_key(request.user, form.cleaned_data["name"])
     except serving.KeyRefused as exc:
         form.add_error(None, str(exc))
         return render(request, "eval/serving/api_keys.html", _keys_context(request, form=form), status=400)
+    if once:
+        request.session[USED_KEY_FORMS] = [*used, once][-20:]
     # The plaintext is in this response only (never stored, never cached): the page says so.
     return render(request, "eval/serving/api_keys.html", _keys_context(request, new_key=key, raw_key=raw))
 

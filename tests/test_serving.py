@@ -536,6 +536,27 @@ def test_keys_page_shows_the_new_key_once(client_for, engineer):
     assert raw not in page and f"{key.prefix}…" in page and "chatbot" in page
 
 
+def test_resubmitting_the_key_form_does_not_mint_a_second_key(client_for, engineer):
+    """A browser refresh of the page that shows a new key re-posts its form: the form's one-use token
+    turns the second post into a redirect with an explanation, and no second key exists."""
+    client = client_for(engineer)
+    once = client.get(reverse("eval:api_keys")).context["form"]["once"].value()
+    assert once and len(once) >= 16
+    first = client.post(reverse("eval:api_key_create"), {"name": "chatbot", "once": once})
+    assert first.status_code == 200 and ApiKey.objects.count() == 1
+    # the page showing the key carries a fresh token for the next key
+    assert first.context["form"]["once"].value() not in ("", once)
+    again = client.post(reverse("eval:api_key_create"), {"name": "chatbot", "once": once}, follow=True)
+    assert ApiKey.objects.count() == 1
+    html = again.content.decode()
+    assert "That form was already used" in html and first.context["raw_key"] not in html
+    # the session remembers spent tokens only, never a key
+    assert client.session["api_key_forms_used"] == [once]
+    fresh = again.context["form"]["once"].value()
+    assert client.post(reverse("eval:api_key_create"), {"name": "ci", "once": fresh}).status_code == 200
+    assert ApiKey.objects.count() == 2
+
+
 def test_keys_page_lists_only_own_keys_and_admin_sees_all(client_for, engineer, make_user, admin_user):
     other = make_user("otto", ENGINEER)
     mine, _ = serving.create_key(engineer, "mine")
