@@ -14,8 +14,11 @@ Pipeline for a batch of messages (``PiiScanner.scan``):
    for English) and PersonCueRecognizer (names in greeting/introduction positions, which the small NER
    model misses or mislabels as LOCATION);
 4. post-filters: NER spans that contain digits or ID-like tokens, or that are followed by a model number,
-   a plan word or ": <id>", are dropped (products, plans and field labels, not names); PERSON spans in a
-   place position ("in Rotterdam", "<street>, Accra") become LOCATION; allow-listed values are dropped;
+   a plan word or ": <id>", are dropped (products, plans and field labels, not names); a one-word NER
+   span opening a sentence ("Email me at ...", "Refunds can vary ...") is dropped when spaCy's tagger
+   reads it as a common word (see _common_word; the tagger runs, batched, only over the few texts
+   with such a span); PERSON spans in a place position ("in Rotterdam", "<street>, Accra") become
+   LOCATION; allow-listed values are dropped;
    built-in findings overlapping a keep pattern are dropped; overlaps are resolved (higher score, then
    longer span).
 
@@ -809,6 +812,9 @@ class PiiScanner:
         )
         self._keep = [re.compile(p) for p in policy.keep_patterns]
         self._allow = {term.strip().casefold() for term in policy.allow_list}
+        pipe_names = get_nlp().pipe_names
+        self._can_tag = self.uses_ner and "tagger" in pipe_names
+        self._untagging = [name for name in pipe_names if name not in _TAGGING_COMPONENTS]
 
     # -- public API --------------------------------------------------------------------------------
 
@@ -822,7 +828,7 @@ class PiiScanner:
         for i, text in enumerate(texts):
             positions.setdefault(text, []).append(i)
         unique = list(positions)
-        n_findings = 0
+        filtered = []
         for text, doc in zip(unique, self.nlp_engine.docs(unique), strict=True):
             results = self.analyzer.analyze(
                 text,
@@ -831,14 +837,26 @@ class PiiScanner:
                 nlp_artifacts=self.nlp_engine.artifacts(doc),
                 score_threshold=float(self.policy.threshold),
             )
-            spans = self.postprocess(text, results)
+            filtered.append(self._filter(text, results))
+        # The tagger runs once, batched, over the few texts with a sentence-initial one-word NER span.
+        pending = [text for text, (_, initial) in zip(unique, filtered, strict=True) if initial]
+        tags = dict(zip(pending, self._pos_tags(pending), strict=True))
+        n_findings = 0
+        for text, (candidates, initial) in zip(unique, filtered, strict=True):
+            spans = self._finish(text, candidates, initial, tags.get(text))
             for segment in positions[text]:
                 out[segment] = [
                     Finding(segment, start, end, entity_type, score, text[start:end], source)
                     for start, end, entity_type, score, source in spans
                 ]
                 n_findings += len(spans)
-        logger.info("pii scan: %d texts (%d unique), %d findings", len(texts), len(unique), n_findings)
+        logger.info(
+            "pii scan: %d texts (%d unique, %d POS-tagged), %d findings",
+            len(texts),
+            len(unique),
+            len(pending),
+            n_findings,
+        )
         return out
 
     def postprocess(
@@ -846,17 +864,29 @@ class PiiScanner:
     ) -> list[tuple[int, int, str, float, str]]:
         """Raw Presidio results for one text -> (start, end, type, score, source), sorted by start.
 
-        Applies the NER plausibility filters, the allow-list, keep patterns (built-in detectors only),
-        place retyping and overlap resolution. Public so that a per-message baseline (the bench, the
-        equivalence test) can apply exactly the same rules.
+        Applies the NER plausibility filters (including the sentence-initial common-word check, which
+        POS-tags this text when it has such a span), the allow-list, keep patterns (built-in detectors
+        only), place retyping and overlap resolution. Public so that a per-message baseline (the bench,
+        the equivalence test) can apply exactly the same rules; ``scan`` applies the same steps with the
+        tagging batched.
         """
+        candidates, initial = self._filter(text, results)
+        tags = self._pos_tags([text])[0] if initial else None
+        return self._finish(text, candidates, initial, tags)
+
+    def _filter(
+        self, text: str, results: Iterable[RecognizerResult]
+    ) -> tuple[list[tuple[int, int, str, float, str]], list[tuple[int, int, str, float, str]]]:
+        """Per-result filters -> (candidates, sentence-initial one-word NER candidates to POS-check)."""
         candidates: list[tuple[int, int, str, float, str]] = []
+        initial: list[tuple[int, int, str, float, str]] = []
         keep_spans: list[tuple[int, int]] | None = None
         for result in results:
             meta = result.recognition_metadata or {}
             source = str(meta.get(_RECOGNIZER_NAME_KEY) or "unknown")
             start, end = result.start, result.end
-            if result.entity_type in NER_ENTITY_TYPES and source == "SpacyRecognizer":
+            is_ner = result.entity_type in NER_ENTITY_TYPES and source == "SpacyRecognizer"
+            if is_ner:
                 plausible = self._plausible_ner_span(text, start, end)
                 if plausible is None:
                     continue
@@ -869,8 +899,42 @@ class PiiScanner:
                     keep_spans = [m.span() for pattern in self._keep for m in pattern.finditer(text)]
                 if any(_kept_by(start, end, ks, ke) for ks, ke in keep_spans):
                     continue
-            candidates.append((start, end, result.entity_type, float(result.score), source))
+            cand = (start, end, result.entity_type, float(result.score), source)
+            if is_ner and self._can_tag and _sentence_initial_word(text, start, end):
+                initial.append(cand)
+            candidates.append(cand)
+        return candidates, initial
+
+    def _finish(
+        self,
+        text: str,
+        candidates: list[tuple[int, int, str, float, str]],
+        initial: list[tuple[int, int, str, float, str]],
+        tags: dict[int, tuple[int, str, str]] | None,
+    ) -> list[tuple[int, int, str, float, str]]:
+        """Drop sentence-initial NER words the tagger calls common words, retype places, resolve
+        overlaps. ``tags``: token start -> (token end, pos_, tag_) for ``text`` (None: no check due)."""
+        if initial:
+            assert tags is not None
+            dropped = {
+                cand
+                for cand in initial
+                if cand[0] in tags
+                and tags[cand[0]][0] == cand[1]
+                and _common_word(text[cand[0] : cand[1]], *tags[cand[0]][1:])
+            }
+            candidates = [cand for cand in candidates if cand not in dropped]
         return _resolve_overlaps(self._retype_places(text, candidates))
+
+    def _pos_tags(self, texts: list[str]) -> list[dict[int, tuple[int, str, str]]]:
+        """POS per token (start -> (end, pos_, tag_)) from the tagger alone: the shared tok2vec it
+        listens to, the tagger and the attribute ruler (which maps tags to ``pos_``); never the parser,
+        lemmatizer or NER."""
+        if not texts:
+            return []
+        nlp = get_nlp()
+        docs = nlp.pipe(texts, batch_size=self.batch_size, disable=self._untagging)
+        return [{t.idx: (t.idx + len(t.text), t.pos_, t.tag_) for t in doc} for doc in docs]
 
     def _retype_places(
         self, text: str, candidates: list[tuple[int, int, str, float, str]]
@@ -937,6 +1001,65 @@ _PLAN_WORDS = _word_set(
     "business family team teams lite ultra platinum essentials professional personal student free trial "
     "edition tier plan"
 )
+
+
+# Components that produce ``pos_``: the tagger listens to the shared tok2vec, the attribute ruler maps
+# fine-grained tags to coarse POS.
+_TAGGING_COMPONENTS = ("tok2vec", "tagger", "attribute_ruler")
+# Characters between a sentence boundary and its first word: spaces, opening quotes and brackets.
+_SENTENCE_OPENERS = " \t\"'\u201c\u2018([{"
+_SENTENCE_ENDS = ".!?:\n\r"
+# A full stop after these is an abbreviation, not a sentence end ("Dr. Rose").
+_ABBREVIATION_RE = re.compile(r"(?:^|[^\w])(?:Mr|Mrs|Ms|Mx|Dr|Prof|St|Mt|Jr|Sr)\.$")
+
+
+def _sentence_initial_word(text: str, start: int, end: int) -> bool:
+    """One word (no whitespace) opening the text or a sentence: after . ! ? : or a line break, with
+    optional spaces, quotes or brackets in between.
+
+    The small NER model tags capitalised common words there as names or places ("Email me at ...",
+    "Refunds can vary ..."); such spans are POS-checked and dropped when the tagger reads them as common
+    words (``_common_word``).
+    """
+    if any(ch.isspace() for ch in text[start:end]):
+        return False
+    i = start
+    while i > 0 and text[i - 1] in _SENTENCE_OPENERS:
+        i -= 1
+    if i == 0:
+        return True
+    if text[i - 1] not in _SENTENCE_ENDS:
+        return False
+    return not (text[i - 1] == "." and _ABBREVIATION_RE.search(text, max(0, i - 6), i))
+
+
+def _common_word(word: str, pos: str, tag: str) -> bool:
+    """Whether the tagger reads a sentence-initial word as a common word rather than a name.
+
+    A proper-noun tag keeps the word a name. A singular-noun tag (NN) is no evidence on its own: the
+    small tagger gives it to capitalised words it does not know, which includes many names ("Chiamaka",
+    "Minh", "Tanaka"); such a word counts as common only when English also uses it as a verb or an
+    adjective ("Email is the fastest way ..."), per the WordNet lemma lists of spaCy's lemmatizer.
+    Any other tag (verb, plural noun, pronoun ...) is a common word ("Email me at ...", "Refunds ...").
+    """
+    if pos == "PROPN":
+        return False
+    if tag == "NN":
+        return word.casefold() in _verbs_and_adjectives()
+    return True
+
+
+@functools.cache
+def _verbs_and_adjectives() -> frozenset[str]:
+    """Lower-case verbs and adjectives from the model's lemmatizer lookups (empty if it has none)."""
+    nlp = get_nlp()
+    if "lemmatizer" not in nlp.pipe_names:
+        return frozenset()
+    lookups = getattr(nlp.get_pipe("lemmatizer"), "lookups", None)
+    if lookups is None or not lookups.has_table("lemma_index"):
+        return frozenset()
+    index = lookups.get_table("lemma_index")
+    return frozenset(w for pos in ("verb", "adj") if pos in index for w in index[pos])
 
 
 def _kept_by(start: int, end: int, keep_start: int, keep_end: int) -> bool:

@@ -454,6 +454,7 @@ _SLOTS: dict[str, _Slot] = {
     "agent": (lambda r, p: p.agent_first, "PERSON", None),
     "agent_full": (lambda r, p: f"{p.agent_first} {p.agent_last}", "PERSON", None),
     "other_person": (lambda r, p: f"{r.choice(FIRST_NAMES)} {r.choice(LAST_NAMES)}", "PERSON", None),
+    "colleague": (lambda r, p: r.choice(FIRST_NAMES), "PERSON", None),
     "email": (lambda r, p: p.email, "EMAIL_ADDRESS", None),
     "phone": (lambda r, p: p.phone.render(r), "PHONE_NUMBER", None),
     "card": (lambda r, p: p.card, "CREDIT_CARD", None),
@@ -595,6 +596,7 @@ SCENARIOS: dict[str, list[tuple[str, list[str]]]] = {
                 "You can reach me on {phone} if the courier needs anything.",
                 "If they need to call, my number is {phone}.",
                 "Ok. Can the driver text me at {phone} before arriving?",
+                "Email me at {email} if the courier needs anything.",
                 "Thanks, please keep me posted.",
             ],
         ),
@@ -620,6 +622,7 @@ SCENARIOS: dict[str, list[tuple[str, list[str]]]] = {
                     "My card was billed {amount} two times this month for the {plan} plan."
                 ),
                 "why did you charge me twice?? invoice {invoice}",
+                "{colleague} from your billing team said the second charge of {amount} would be refunded.",
                 "Hi, I see two charges of {amount} on my statement from {date}.",
             ],
         ),
@@ -651,6 +654,7 @@ SCENARIOS: dict[str, list[tuple[str, list[str]]]] = {
                 ),
                 "Confirmed, the second charge was a processing error. Refund reference {ticket}.",
                 "Confirmed, the second charge was an error. Your refund reference is {reference}.",
+                "Refunds can take up to 10 days depending on your bank. Reference {ticket}.",
                 (
                     "You're right, sorry about that {first}. "
                     "A refund of {amount} is on its way, 5-7 business days."
@@ -662,6 +666,7 @@ SCENARIOS: dict[str, list[tuple[str, list[str]]]] = {
             [
                 "Could you refund it to my bank account instead? IBAN {iban}.",
                 "Please send the refund to IBAN {iban}, account holder {full}.",
+                "Billing said the same last month, so please double-check.",
                 "Great, thanks.",
                 "Can I get a copy of invoice {invoice} emailed to {email}?",
             ],
@@ -767,6 +772,7 @@ SCENARIOS: dict[str, list[tuple[str, list[str]]]] = {
                 "This is a known issue tracked as {jira}. A fix ships in {new_version}.",
                 "Thanks. Engineering is aware ({jira}); please roll back to {version} for now.",
                 "That matches {jira}. I've linked your case {ticket} to it.",
+                "Thanks for holding. {colleague} from our firmware team confirmed it is tracked as {jira}.",
             ],
         ),
         (

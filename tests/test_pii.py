@@ -253,6 +253,132 @@ def test_ner_post_filters_drop_product_plan_and_id_spans(scanner):
         assert not [f for f in found if f.entity_type in ("PERSON", "LOCATION")]
 
 
+# Sentence-initial capitalised common words: the small NER model calls them names or places.
+SENTENCE_INITIAL_COMMON = {
+    "Email me at jane.doe@example.com if the courier needs anything.": ("PERSON", "Email"),
+    "Thanks. Ping me at jane.doe@example.com if anything changes.": ("PERSON", "Ping"),
+    "Refunds can vary greatly by bank, usually 5-7 business days.": ("LOCATION", "Refunds"),
+    "Great. Email is the fastest way to reach me.": ("PERSON", "Email"),
+}
+SENTENCE_INITIAL_NAMES = {
+    "Sarah will call you back tomorrow.": ("PERSON", "Sarah"),
+    "Rose called yesterday about the refund.": ("PERSON", "Rose"),
+    "Sorry for the wait. Jordan from billing confirmed the refund.": ("PERSON", "Jordan"),
+    "Paris is where the parcel is stuck.": ("LOCATION", "Paris"),
+    # tagged NN (not PROPN) by the small tagger, which is no evidence of a common word
+    "Sorry for the wait. Isabella from billing is taking over.": ("PERSON", "Isabella"),
+}
+
+
+def ner_spans(scanner: PiiScanner, text: str) -> set[tuple[str, str]]:
+    """What spaCy's NER alone reports for `text` (Presidio's raw results, before any post-filter)."""
+    results = scanner.analyzer.analyze(text, "en", entities=scanner.entities, score_threshold=0.4)
+    return {
+        (r.entity_type, text[r.start : r.end])
+        for r in results
+        if r.recognition_metadata.get("recognizer_name") == "SpacyRecognizer"
+    }
+
+
+def test_sentence_initial_common_words_are_dropped(scanner):
+    texts = list(SENTENCE_INITIAL_COMMON)
+    for text, expected in SENTENCE_INITIAL_COMMON.items():
+        assert expected in ner_spans(scanner, text), "the NER no longer makes this mistake"
+    for text, found in zip(texts, scanner.scan(texts), strict=True):
+        values = {(f.entity_type, f.text) for f in found}
+        assert SENTENCE_INITIAL_COMMON[text] not in values, text
+        assert {f.entity_type for f in found} <= {"EMAIL_ADDRESS"}, values
+    assert ("EMAIL_ADDRESS", "jane.doe@example.com") in {
+        (f.entity_type, f.text) for f in scanner.scan(texts)[0]
+    }
+
+
+def test_sentence_initial_names_are_kept(scanner):
+    texts = list(SENTENCE_INITIAL_NAMES)
+    for text, found in zip(texts, scanner.scan(texts), strict=True):
+        assert SENTENCE_INITIAL_NAMES[text] in {(f.entity_type, f.text) for f in found}, text
+    tags = scanner._pos_tags(texts)
+    assert [tags[i][0][1] for i in (0, 1)] == ["PROPN", "PROPN"]
+    isabella = texts[4].index("Isabella")
+    assert tags[4][isabella][1:] == ("NOUN", "NN")  # kept although not a proper noun to the tagger
+
+
+def test_the_same_word_mid_sentence_is_not_affected(scanner):
+    """The rule covers sentence openers only: mid-sentence, the NER's reading stands (here a mistake)."""
+    text = "I spoke to Sarah and Email support twice."
+    [found] = scanner.scan([text])
+    assert {("PERSON", "Sarah"), ("PERSON", "Email")} <= {(f.entity_type, f.text) for f in found}
+
+
+@pytest.mark.parametrize(
+    "text, word, initial",
+    [
+        ("Email me.", "Email", True),
+        ("Thanks! Email me.", "Email", True),
+        ("Ok: Email me.", "Email", True),
+        ("Hi,\n  Email me.", "Email", True),
+        ('He said. "Email me."', "Email", True),
+        ("Done (Email me).", "Email", False),
+        ("(Email me.)", "Email", True),
+        ("Please Email me.", "Email", False),
+        ("Dr. Rose will see you.", "Rose", False),
+        ("Maria Garcia called.", "Maria Garcia", False),
+    ],
+)
+def test_sentence_initial_word_positions(text, word, initial):
+    start = text.index(word)
+    assert pii._sentence_initial_word(text, start, start + len(word)) is initial
+
+
+def test_tagger_runs_once_on_candidate_texts_only(monkeypatch):
+    scanner = PiiScanner(PiiPolicy())
+    assert {"parser", "lemmatizer", "ner"} <= set(scanner._untagging)
+    assert not {"tok2vec", "tagger", "attribute_ruler"} & set(scanner._untagging)
+    calls = []
+    original = scanner._pos_tags
+
+    def recording(texts):
+        calls.append(list(texts))
+        return original(texts)
+
+    monkeypatch.setattr(scanner, "_pos_tags", recording)
+    texts = [
+        "Email me at jane.doe@example.com please.",
+        "Hi, my name is Maria Garcia.",
+        "Is there an outage in Rotterdam?",
+        "Refunds can vary greatly by bank.",
+        "Email me at jane.doe@example.com please.",
+        "Order ORD-123456 was refunded.",
+    ]
+    found = scanner.scan(texts)
+    assert calls == [[texts[0], texts[3]]]  # one batch, unique texts with a candidate
+    assert [[f.text for f in fs] for fs in found] == [
+        ["jane.doe@example.com"],
+        ["Maria Garcia"],
+        ["Rotterdam"],
+        [],
+        ["jane.doe@example.com"],
+        [],
+    ]
+
+
+def test_sentence_initial_rule_is_the_same_per_message(scanner):
+    """The per-message path (postprocess over Presidio's full pipeline) applies the same rule."""
+    from presidio_analyzer import AnalyzerEngine
+
+    naive = AnalyzerEngine(
+        registry=scanner.registry,
+        nlp_engine=pii.make_nlp_engine(full_pipeline=True),
+        supported_languages=["en"],
+    )
+    texts = [*SENTENCE_INITIAL_COMMON, *SENTENCE_INITIAL_NAMES, "I spoke to Sarah and Email support twice."]
+    for text, found in zip(texts, scanner.scan(texts), strict=True):
+        results = naive.analyze(
+            text, "en", entities=scanner.entities, score_threshold=scanner.policy.threshold
+        )
+        assert spans_of(found) == [(s, e, t) for s, e, t, _, _ in scanner.postprocess(text, results)], text
+
+
 def test_place_positions_retype_ner_person_as_location(scanner):
     [found] = scanner.scan(["Please send it to 2532 Lake Blvd, Manchester."])
     assert ("LOCATION", "Manchester") in {(f.entity_type, f.text) for f in found}

@@ -23,6 +23,9 @@ EMAIL = "zq.canary.7731@example.org"
 PHONE = "415-555-0199"
 ORDER = "ORD-558812"  # a business identifier: kept by the default policy, never flagged
 MISSED = "Zuzu"  # a nickname the scanner does not know: the curator marks it by hand
+# A payment service named mid-sentence: the NER model tags it PERSON, the curator rejects it. ("Email" at
+# the start of the same message is not flagged: sentence-initial common words are POS-checked.)
+FALSE_POSITIVE = "Venmo"
 WORKER_WAIT = 90  # seconds for the worker to import and scan (its start-up included)
 
 
@@ -32,8 +35,10 @@ def upload_lines() -> str:
             "messages": [
                 {"role": "user", "content": f"Hello, my name is {NAME} and order {ORDER} never arrived."},
                 {"role": "assistant", "content": f"I'm sorry, {NAME}. I can see {ORDER}; it left the depot."},
-                # "Email" at the start of a sentence is tagged PERSON by the NER model: a false positive
-                {"role": "user", "content": f"Email me at {EMAIL} or call {PHONE}."},
+                {
+                    "role": "user",
+                    "content": f"Email me at {EMAIL} or call {PHONE}, I paid with {FALSE_POSITIVE}.",
+                },
                 {"role": "assistant", "content": "I will send the tracking details there."},
             ],
             "tags": ["shipping"],
@@ -121,8 +126,9 @@ def test_curator_uploads_reviews_and_freezes(page, shot, curator, start_worker, 
     expect(page.locator("h1")).to_contain_text("Personal-data review")
     table = page.locator("#pii-table")
     expect(finding_row(page, NAME)).to_have_count(2)
-    for value in (EMAIL, PHONE, "Email"):
+    for value in (EMAIL, PHONE, FALSE_POSITIVE):
         expect(finding_row(page, value)).to_have_count(1)
+    expect(finding_row(page, "Email")).to_have_count(0)
     expect(table.locator("mark", has_text=ORDER)).to_have_count(0)
     expect(table.locator("mark", has_text=MISSED)).to_have_count(0)
     expect(table.locator("tbody tr")).to_have_count(pending)
@@ -134,11 +140,11 @@ def test_curator_uploads_reviews_and_freezes(page, shot, curator, start_worker, 
         row.get_by_role("button", name="Accept").click()
         expect(row).to_contain_text("Scrubbed")
         expect(row.locator("mark")).not_to_have_text(value)  # now shows its pseudonym
-    # reject the false positive: "Email" is not a person
-    row = page.locator("#" + finding_row(page, "Email").get_attribute("id"))
+    # reject the false positive: "Venmo" is a payment service, not a person
+    row = page.locator("#" + finding_row(page, FALSE_POSITIVE).get_attribute("id"))
     row.get_by_role("button", name="Reject").click()
     expect(row).to_contain_text("Kept (not PII)")
-    expect(row.locator("mark")).to_have_text("Email")
+    expect(row.locator("mark")).to_have_text(FALSE_POSITIVE)
     shot(page, "curator-08-decided")
 
     # 6. mark the missed nickname: select it with the mouse in the example's conversation
