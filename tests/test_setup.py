@@ -31,6 +31,10 @@ def test_setup_creates_roles_admin_and_demo_once(monkeypatch):
     assert demo.findings.filter(decision="pending").exists()
     assert demo.duplicate_groups.exists()
     assert not Example.objects.filter(pii_status="unscanned").exists()
+    # held-out splits for evaluation runs on a version frozen from the demo
+    splits = {s: demo.examples.filter(split=s).count() for s in ("train", "eval", "golden")}
+    assert splits["eval"] >= 5 and splits["golden"] >= 5 and splits["train"] > 40, splits
+    assert f"{splits['eval']} eval, {splits['golden']} golden" in text
 
     again = StringIO()
     call_command("setup_studio", "--skip-model", stdout=again, stderr=StringIO())

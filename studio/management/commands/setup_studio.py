@@ -60,7 +60,7 @@ class Command(BaseCommand):
     def _demo(self, admin) -> None:
         from datasets_app.models import Dataset
         from datasets_app.pii import DEFAULT_KEEP_PATTERNS, PiiPolicy
-        from datasets_app.services import datasets, duplicates, imports, scrub
+        from datasets_app.services import datasets, duplicates, imports, scrub, versions
         from training_app.models import BaseModel
 
         if Dataset.objects.filter(name=DEMO_NAME).exists():
@@ -76,9 +76,12 @@ class Command(BaseCommand):
         )
         upload = imports.receive_path(dataset, admin, DEMO_FILE)
         result = imports.process(upload.pk)
+        # held-out splits, so that a version frozen from the demo can be evaluated (eval and golden)
+        splits = versions.split_by_ratio(dataset, 0.8, 0.1, 0.1, seed=0, user=admin)
         duplicates.recompute(dataset)
         scrub.scan_examples(dataset)
         self.stdout.write(
-            f"Demo dataset loaded: {result.imported} examples, {result.rejected} rejected lines to look at, "
+            f"Demo dataset loaded: {result.imported} examples ({splits['train']} train, {splits['eval']} eval, "
+            f"{splits['golden']} golden), {result.rejected} rejected lines to look at, "
             f"{dataset.findings.count()} personal-data findings to review."
         )
