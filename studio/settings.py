@@ -336,5 +336,7 @@ LOGGING = {
         # presidio logs the analysed text at DEBUG; keep it quiet whatever LOG_LEVEL says
         "presidio-analyzer": {"level": "WARNING"},
         "presidio-anonymizer": {"level": "WARNING"},
+        # the embedded filesystem broker has no host: kombu warns "No hostname was supplied" on every send
+        "kombu.connection": {"level": "ERROR"},
     },
 }
