@@ -1,4 +1,4 @@
-"""Sending a task for a row that is already committed in the queued state.
+"""Sending a task for a row that is already committed in the queued state, and cancelling such a row.
 
 The database is the queue of record and the watchdog only rescues *running* work, so a row left queued
 with no broker message behind it would never run (or, for training jobs, would take the next launch's
@@ -24,3 +24,14 @@ def send_or_fail(send: Callable[[], object], still_queued: QuerySet, failed: dic
         if still_queued.update(**failed) and on_failed is not None:
             on_failed()
         raise
+
+
+def cancel_or_flag(rows: QuerySet, queued: str, running: str, cancelled: str, now) -> str | None:
+    """Cancel the queued row of `rows` (one row, by pk) at once, or flag a running one for its worker to
+    stop at its next check, with conditional UPDATEs so a worker's claim and a cancel never both win.
+    Returns "cancelled", "cancel requested", or None when the row had already finished."""
+    if rows.filter(state=queued).update(state=cancelled, finished_at=now, cancel_requested=True):
+        return "cancelled"
+    if rows.filter(state=running).update(cancel_requested=True):
+        return "cancel requested"
+    return None

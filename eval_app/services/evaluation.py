@@ -46,7 +46,7 @@ from django.utils import timezone
 from datasets_app.models import Dataset, DatasetVersion, VersionExample
 from studio import audit
 from studio.heartbeat import Heartbeat
-from studio.queueing import send_or_fail
+from studio.queueing import cancel_or_flag, send_or_fail
 from studio.roles import ADMIN, ENGINEER, has_role
 
 from ..inference import ModelUnavailable, get_model, spec_for_base, spec_for_version
@@ -336,13 +336,9 @@ def cancel_run(run: EvalRun, user) -> EvalRun:
         raise EvalRefused("Only the engineer who started the run or an admin can cancel it.")
     now = timezone.now()
     with transaction.atomic():
-        if EvalRun.objects.filter(pk=run.pk, state=State.QUEUED).update(
-            state=State.CANCELLED, cancel_requested=True, finished_at=now
-        ):
-            outcome = "cancelled"
-        elif EvalRun.objects.filter(pk=run.pk, state=State.RUNNING).update(cancel_requested=True):
-            outcome = "cancel requested"
-        else:
+        rows = EvalRun.objects.filter(pk=run.pk)
+        outcome = cancel_or_flag(rows, State.QUEUED, State.RUNNING, State.CANCELLED, now)
+        if outcome is None:
             raise EvalRefused("This run has already finished.")
         run.refresh_from_db()
         audit.record(user, "eval.run.cancel", run, outcome=outcome)

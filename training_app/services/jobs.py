@@ -28,7 +28,7 @@ from django.utils import timezone
 from datasets_app.models import Dataset, DatasetVersion
 from studio import audit
 from studio.heartbeat import Heartbeat
-from studio.queueing import send_or_fail
+from studio.queueing import cancel_or_flag, send_or_fail
 
 from ..models import BaseModel, ComputeNode, TrainingJob, TrainingMetric
 from ..presets import COMMON, PRESETS
@@ -492,13 +492,9 @@ def cancel(job: TrainingJob, user) -> TrainingJob:
     if not can_manage(job, user):
         raise JobRefused("Only the job's owner or an admin can cancel it.")
     now = timezone.now()
-    if TrainingJob.objects.filter(pk=job.pk, state=State.QUEUED).update(
-        state=State.CANCELLED, finished_at=now, cancel_requested=True
-    ):
-        outcome = "cancelled"
-    elif TrainingJob.objects.filter(pk=job.pk, state=State.RUNNING).update(cancel_requested=True):
-        outcome = "cancel requested"
-    else:
+    rows = TrainingJob.objects.filter(pk=job.pk)
+    outcome = cancel_or_flag(rows, State.QUEUED, State.RUNNING, State.CANCELLED, now)
+    if outcome is None:
         raise JobRefused("This job has already finished.")
     job.refresh_from_db()
     audit.record(user, "training.job.cancel", job, outcome=outcome)
