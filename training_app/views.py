@@ -163,10 +163,8 @@ def _live_context(job: TrainingJob, request) -> dict:
 
 def _resume_from(job: TrainingJob) -> int | None:
     """The checkpoint step a failed or cancelled job can resume from (None: no resume button)."""
-    if job.state not in job_service.RESUMABLE_STATES or job_service.resume_refusal(job):
-        return None
-    found = job_service.resumable_checkpoint(job)
-    return found[0] if found else None
+    problem, found = job_service.resume_check(job)
+    return None if problem else found[0]
 
 
 def _job(pk: int) -> TrainingJob:

@@ -524,25 +524,26 @@ def resumable_checkpoint(job: TrainingJob) -> tuple[int, str] | None:
     return step, path
 
 
-def resume_refusal(job: TrainingJob) -> str | None:
-    """Why this job cannot be resumed from a checkpoint now, in plain words; None when it can."""
+def resume_check(job: TrainingJob) -> tuple[str | None, tuple[int, str] | None]:
+    """(why this job cannot be resumed now, in plain words, or None; the (step, path) it would resume
+    from). The checkpoint is only looked for when the job is in a resumable state."""
     if job.state == State.SUCCEEDED:
-        return "This job has already succeeded; there is nothing to resume."
+        return "This job has already succeeded; there is nothing to resume.", None
     if job.state not in RESUMABLE_STATES:
-        return "This job is still queued or running; only a failed or cancelled job can be resumed."
+        return "This job is still queued or running; only a failed or cancelled job can be resumed.", None
     found = resumable_checkpoint(job)
     if found is None:
         return (
             "This job has no intact checkpoint to resume from (it stopped before writing its first one); "
             "launch it again as a new job."
-        )
+        ), None
     name = os.path.basename(found[1])
     if job.error_code == "corrupt_checkpoint" and f"Checkpoint {name} is damaged" in job.error_message:
         return (
             f"The newest checkpoint, {name}, is the damaged one: delete the folder {found[1]} so the job "
             "resumes from the one before it, or launch the job again."
-        )
-    return None
+        ), found
+    return None, found
 
 
 def resume(job: TrainingJob, user) -> TrainingJob:
@@ -552,10 +553,10 @@ def resume(job: TrainingJob, user) -> TrainingJob:
     if not can_manage(job, user):
         raise JobRefused("Only the job's owner or an admin can resume it.")
     job.refresh_from_db()
-    problem = resume_refusal(job)
+    problem, found = resume_check(job)
     if problem:
         raise JobRefused(problem)
-    step, path = resumable_checkpoint(job)
+    step, path = found
     previous = {"state": job.state, "reason": job.error_code}
     with transaction.atomic():
         updated = _put_back(
