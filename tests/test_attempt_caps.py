@@ -7,7 +7,6 @@ PostgreSQL + Redis in CI (DATABASE_URL / CELERY_BROKER_URL), SQLite + the filesy
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from collections import Counter
@@ -19,9 +18,10 @@ from conftest import kill_worker, make_version, smoke_request, wait_for
 from django.urls import reverse
 from django.utils import timezone
 from test_faults_services import small_disk  # noqa: F401 - fixture: a real 32 MiB tmpfs (root only)
+from test_faults_workers import pii_dataset
 
 from datasets_app.models import Example, PiiFinding
-from datasets_app.services import datasets, imports, progress, scrub, versions
+from datasets_app.services import datasets, progress, scrub, versions
 from studio.models import AuditEvent
 from training_app.models import TrainingJob
 from training_app.services import jobs, register_local_dir
@@ -141,22 +141,7 @@ def test_scan_whose_worker_is_killed_every_time_fails_with_reason_then_rescan_fi
     from studio.tasks import watchdog
 
     settings.STUDIO_JOB_MAX_ATTEMPTS = 2
-    dataset = datasets.create_dataset("Poisonous upload", "sft", curator)
-    path = tmp_path / "pii.jsonl"
-    rows = [
-        {
-            "messages": [
-                {
-                    "role": "user",
-                    "content": f"Hi, I am Maria Gonzalez. Order {i} is late; mail m{i}@example.com.",
-                },
-                {"role": "assistant", "content": f"Sorry Maria, order {i} ships today."},
-            ]
-        }
-        for i in range(N_EXAMPLES)
-    ]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
-    assert imports.process(imports.receive_path(dataset, curator, path).pk).imported == N_EXAMPLES
+    dataset = pii_dataset(curator, tmp_path, "Poisonous upload", N_EXAMPLES)
 
     def scanned() -> int:
         return Example.objects.filter(dataset=dataset).exclude(pii_status="unscanned").count()

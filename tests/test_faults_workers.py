@@ -32,8 +32,10 @@ def finding_keys(dataset) -> list[tuple]:
     )
 
 
-def test_sigkilled_pii_scan_is_requeued_and_finishes_once(start_worker, curator, tmp_path, monkeypatch):
-    dataset = datasets.create_dataset("Killed scan", "sft", curator)
+def pii_dataset(user, tmp_path, name: str, n: int = N_EXAMPLES):
+    """A dataset of `n` imported (not yet scanned) conversations, each with a name and an e-mail address:
+    a scan long enough to kill a worker in the middle of it."""
+    dataset = datasets.create_dataset(name, "sft", user)
     path = tmp_path / "pii.jsonl"
     rows = [
         {
@@ -45,11 +47,15 @@ def test_sigkilled_pii_scan_is_requeued_and_finishes_once(start_worker, curator,
                 {"role": "assistant", "content": f"Sorry Maria, order {i} ships today ({i * 37 % 1000} km)."},
             ]
         }
-        for i in range(N_EXAMPLES)
+        for i in range(n)
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
-    result = imports.process(imports.receive_path(dataset, curator, path).pk)
-    assert result.imported == N_EXAMPLES
+    assert imports.process(imports.receive_path(dataset, user, path).pk).imported == n
+    return dataset
+
+
+def test_sigkilled_pii_scan_is_requeued_and_finishes_once(start_worker, curator, tmp_path, monkeypatch):
+    dataset = pii_dataset(curator, tmp_path, "Killed scan")
 
     def scanned() -> int:
         return Example.objects.filter(dataset=dataset).exclude(pii_status="unscanned").count()
