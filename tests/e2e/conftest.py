@@ -87,3 +87,23 @@ def shot():
         return path
 
     return take
+
+
+@pytest.fixture
+def sign_in():
+    """`sign_in(page, user)` through the login form (TEST_PASSWORD); `before_submit()` runs with the form
+    filled in (a screenshot of the sign-in page)."""
+    from conftest import TEST_PASSWORD
+    from django.urls import reverse
+    from playwright.sync_api import expect
+
+    def go(page, user, before_submit=None) -> None:
+        page.goto(reverse("login"))
+        page.get_by_label("Username").fill(user.username)
+        page.get_by_label("Password").fill(TEST_PASSWORD)
+        if before_submit is not None:
+            before_submit()
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.get_by_role("button", name="Sign in")).to_have_count(0)
+
+    return go

@@ -10,7 +10,7 @@ import json
 import re
 
 import pytest
-from conftest import TEST_PASSWORD, wait_for
+from conftest import wait_for
 from django.urls import reverse
 from playwright.sync_api import expect
 
@@ -67,16 +67,11 @@ def finding_row(page, value: str):
     )
 
 
-def test_curator_uploads_reviews_and_freezes(page, shot, curator, start_worker, tmp_path):
+def test_curator_uploads_reviews_and_freezes(page, shot, sign_in, curator, start_worker, tmp_path):
     worker = start_worker("curation")
 
     # 1. sign in
-    page.goto(reverse("login"))
-    page.get_by_label("Username").fill(curator.username)
-    page.get_by_label("Password").fill(TEST_PASSWORD)
-    shot(page, "curator-01-sign-in")
-    page.get_by_role("button", name="Sign in").click()
-    expect(page.get_by_role("button", name="Sign in")).to_have_count(0)
+    sign_in(page, curator, before_submit=lambda: shot(page, "curator-01-sign-in"))
 
     # 2. a new dataset
     page.goto(reverse("datasets:create"))

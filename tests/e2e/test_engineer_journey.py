@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TEST_PASSWORD, wait_for
+from conftest import wait_for
 from django.urls import reverse
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import expect
@@ -125,19 +125,14 @@ def snap(shot):
 
 
 def test_engineer_trains_a_smoke_lora_and_evaluates_it(
-    page, snap, engineer, curator, admin_user, smollm2_dir, start_worker
+    page, snap, sign_in, engineer, curator, admin_user, smollm2_dir, start_worker
 ):
     base = register_local_dir("SmolLM2-135M-Instruct", Path(smollm2_dir), admin_user, license="apache-2.0")
     version = frozen_support_version(curator)
     worker = start_worker("gpu")
 
     # 1. sign in
-    page.goto(reverse("login"))
-    page.get_by_label("Username").fill(engineer.username)
-    page.get_by_label("Password").fill(TEST_PASSWORD)
-    snap(page, "engineer-01-sign-in")
-    page.get_by_role("button", name="Sign in").click()
-    expect(page.get_by_role("button", name="Sign in")).to_have_count(0)
+    sign_in(page, engineer, before_submit=lambda: snap(page, "engineer-01-sign-in"))
 
     # 2. a new job from the "Smoke test" preset on the frozen version and SmolLM2
     page.goto(reverse("training:job_new"))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import TEST_PASSWORD, make_version, smoke_request, wait_for
+from conftest import make_version, smoke_request, wait_for
 from django.urls import reverse
 from playwright.sync_api import expect
 
@@ -63,16 +63,8 @@ def answer(version: ModelVersion) -> str:
 # --- browser helpers ---------------------------------------------------------------------------------
 
 
-def sign_in(page, user) -> None:
-    page.goto(reverse("login"))
-    page.get_by_label("Username").fill(user.username)
-    page.get_by_label("Password").fill(TEST_PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
-    expect(page.get_by_role("button", name="Sign in")).to_have_count(0)
-
-
 @pytest.fixture
-def open_page(browser, live_server, page):
+def open_page(browser, live_server, page, sign_in):
     """`open_page(user)` → a page in its own browser context (own cookies), signed in as `user`. Built
     like the `page` fixture (which has already made the live server's cookies plain-HTTP)."""
     contexts = []
@@ -166,7 +158,7 @@ def rule_row(page, key: str):
 
 
 def test_reviewers_vote_and_admin_promotes_then_rolls_back(
-    page, open_page, snap, live_server, settings, start_worker, tiny_model_dir, curator, engineer, admin_user,
+    page, open_page, snap, sign_in, live_server, settings, start_worker, tiny_model_dir, curator, engineer, admin_user,
     make_user,
 ):  # fmt: skip
     settings.STUDIO_GATE_MIN_VOTES = MIN_VOTES
