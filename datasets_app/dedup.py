@@ -162,6 +162,18 @@ def content_hash(messages: list[dict], chosen: str | None = None, rejected: str 
     return hashlib.sha256(text).hexdigest()
 
 
+def hash_and_similarity_text(
+    messages: list[dict], chosen: str | None = None, rejected: str | None = None
+) -> tuple[str, str]:
+    """(:func:`content_hash`, :func:`similarity_text`) from one normalisation when there is no system
+    message (the two texts are then the same), two otherwise."""
+    text = normalise_for_hash(messages, chosen, rejected)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    if any(_normalise_text(m.get("role")) == "system" for m in messages):
+        return digest, similarity_text(messages, chosen, rejected)
+    return digest, text
+
+
 def similarity_text(messages: list[dict], chosen: str | None = None, rejected: str | None = None) -> str:
     """The recommended input of :func:`minhash_signature`: :func:`normalise_for_hash` without system messages.
 

@@ -116,7 +116,8 @@ class Example(models.Model):
     tags = models.JSONField(default=list, blank=True)
     tags_text = models.CharField(max_length=1000, blank=True)  # "|a|b|" for filtering (LIKE, no index)
     split = models.CharField(max_length=8, choices=Split.choices, default=Split.TRAIN)
-    content_hash = models.CharField(max_length=64)  # grouped in Python by dedup, never looked up
+    # grouped in Python by dedup, never looked up; "" until the duplicate analysis after the import
+    content_hash = models.CharField(max_length=64)
     minhash = models.BinaryField(null=True, blank=True)
     token_count = models.PositiveIntegerField(default=0)
     pii_status = models.CharField(max_length=12, choices=Pii.choices, default=Pii.UNSCANNED)

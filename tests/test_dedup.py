@@ -16,6 +16,7 @@ from datasets_app.dedup import (
     content_hash,
     estimated_jaccard,
     find_duplicate_groups,
+    hash_and_similarity_text,
     minhash_signature,
     normalise_for_hash,
     shingle_hashes,
@@ -214,6 +215,20 @@ def test_shared_system_prompt_does_not_make_conversations_similar():
     items = [(i, content_hash(c), minhash_signature(similarity_text(c))) for i, c in enumerate(convs)]
     assert find_duplicate_groups(items) == []
     assert similarity_text(convs[0]) == normalise_for_hash(convs[0][1:])
+
+
+@pytest.mark.parametrize(
+    "messages, extra",
+    [
+        (chat("Hello  THERE", "Hi!"), {}),
+        ([{"role": "system", "content": "Be brief."}, *chat("Café?", "Oui.")], {}),
+        ([{"role": "user", "content": "Pick one"}], {"chosen": "A!", "rejected": " b"}),
+    ],
+)
+def test_hash_and_similarity_text_equal_the_two_functions(messages, extra):
+    digest, text = hash_and_similarity_text(messages, **extra)
+    assert digest == content_hash(messages, **extra)
+    assert text == similarity_text(messages, **extra)
 
 
 def test_output_is_deterministic_regardless_of_input_order():

@@ -1,7 +1,7 @@
 """The import's fast path: rows prepared by a forked helper process beside the inserting one.
 
-Small files are imported in one process; from ``imports.HELPER_MIN_BYTES`` on a forked helper parses,
-validates, hashes and encrypts the original while the import process inserts. Both must give the same
+Small files are imported in one process; from ``imports.HELPER_MIN_BYTES`` on a forked helper parses
+and validates (and another encrypts the original) while the import process inserts. Both must give the same
 result, and a failure on either side must leave nothing behind.
 """
 
@@ -17,7 +17,7 @@ from django.db import IntegrityError
 
 from datasets_app import dedup, parsing
 from datasets_app.models import Dataset, Example, Upload
-from datasets_app.services import datasets, imports, storage
+from datasets_app.services import datasets, duplicates, imports, storage
 
 pytestmark = pytest.mark.django_db
 
@@ -111,6 +111,10 @@ def test_both_paths_import_the_same_examples(dataset, helper, forks, tmp_path):
     assert [(e.source_line, e.messages, e.tags) for e in examples] == [
         (r.line, r.messages, r.tags) for r in records
     ]
+    # the duplicate hash is left to the duplicate analysis that follows the import
+    assert {e.content_hash for e in examples} == {""}
+    duplicates.recompute(dataset)
+    examples = list(dataset.examples.order_by("position"))
     assert [e.content_hash for e in examples] == [dedup.content_hash(r.messages) for r in records]
     assert [e.tags_text for e in examples] == [imports.tags_text(r.tags) for r in records]
     assert Dataset.objects.get(pk=dataset.pk).next_position == 40
@@ -195,6 +199,8 @@ def test_preference_and_csv_files_through_the_helper(curator, monkeypatch, tmp_p
     assert result.imported == 1
     ex = pref.examples.get()
     assert (ex.chosen, ex.rejected) == ("This one.", "That one.")
+    duplicates.recompute(pref)
+    ex.refresh_from_db()
     assert ex.content_hash == dedup.content_hash(ex.messages, ex.chosen, ex.rejected)
     csv = tmp_path / "qa.csv"
     csv.write_text('prompt,response\nWhere is my parcel?,"On its way, today."\n', encoding="utf-8")

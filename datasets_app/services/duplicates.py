@@ -6,10 +6,11 @@ import logging
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 
 from studio import audit
 
-from ..dedup import find_duplicate_groups, minhash_signature, similarity_text
+from ..dedup import find_duplicate_groups, hash_and_similarity_text, minhash_signature
 from ..models import Dataset, DuplicateGroup, Example
 
 log = logging.getLogger(__name__)
@@ -17,14 +18,19 @@ Decision = DuplicateGroup.Decision
 
 
 def _fill_signatures(dataset: Dataset, batch: int = 1000) -> None:
-    missing = Example.objects.filter(dataset=dataset, dropped=False, minhash__isnull=True)
+    """The exact-duplicate hash and the MinHash signature of every example that lacks them: imports
+    leave both to this pass (one normalisation of the text gives both), edits reset them."""
+    missing = Example.objects.filter(dataset=dataset, dropped=False).filter(
+        Q(minhash__isnull=True) | Q(content_hash="")
+    )
     while True:
         chunk = list(missing.order_by("pk")[:batch])
         if not chunk:
             return
         for ex in chunk:
-            ex.minhash = minhash_signature(similarity_text(ex.messages, ex.chosen, ex.rejected))
-        Example.objects.bulk_update(chunk, ["minhash"])
+            ex.content_hash, text = hash_and_similarity_text(ex.messages, ex.chosen, ex.rejected)
+            ex.minhash = minhash_signature(text)
+        Example.objects.bulk_update(chunk, ["content_hash", "minhash"])
 
 
 def recompute(dataset: Dataset) -> int:

@@ -4,15 +4,18 @@ An import is all-or-nothing: every good record of a file is inserted inside one 
 records are reported with their line numbers (and kept, encrypted, for download), and a file with
 no good record creates nothing. Logs carry ids and counts only, never text.
 
-Speed: records are parsed, validated, hashed and serialised into "prepared" row values
-(prepare_batches), then inserted a batch at a time with one executemany (SQLite) or COPY
+Speed: records are parsed, validated and serialised into "prepared" row values (prepare_batches),
+then inserted a batch at a time with one executemany (SQLite) or COPY
 (PostgreSQL). From HELPER_MIN_BYTES on, a forked helper process prepares the batches and another
-encrypts the original upload while this process inserts, so an import uses two cores.
+encrypts the original upload while this process inserts, so an import uses two cores. The
+duplicate hash is not computed here: the duplicate analysis that follows every import computes it
+with the MinHash signature, from one normalisation of the text (see services.duplicates).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -37,7 +40,6 @@ from studio import audit
 from studio.queueing import send_or_fail
 
 from .. import parsing
-from ..dedup import content_hash
 from ..models import Dataset, Example, Upload
 from . import progress, storage
 
@@ -268,7 +270,7 @@ def _record_bytes(rec: parsing.Record) -> bytes:
 #
 # A good record becomes a "prepared" tuple: its number among the good records of the file (from 0),
 # then the database values that vary per example: source_line, messages JSON, chosen, rejected, tags
-# JSON, tags_text, content_hash. Position (the dataset's next position + the number) and token count
+# JSON, tags_text. Position (the dataset's next position + the number) and token count
 # are added by the importing process. Batches hold the prepared tuples of up to
 # STUDIO_IMPORT_BATCH good records and the parsing.Rejection objects met on the way, in file order.
 
@@ -297,7 +299,6 @@ def prepare_batches(items: Iterable[parsing.Record | parsing.Rejection], batch_s
                 item.chosen,
                 item.rejected,
                 *tag_values,
-                content_hash(item.messages, item.chosen, item.rejected),
             )
         )
         good += 1
@@ -408,6 +409,7 @@ def _fork(target: Callable[[], None]) -> int:
     if pid:
         return pid
     code = 1  # pragma: no cover - below runs in the child (coverage does not follow forks)
+    gc.freeze()  # pragma: no cover - the inherited objects live until exit: no collection scans them
     try:  # pragma: no cover
         target()
         code = 0
@@ -473,7 +475,6 @@ _ROW_COLUMNS = (
     "rejected",
     "tags",
     "tags_text",
-    "content_hash",
     "token_count",
 )
 
@@ -541,13 +542,22 @@ def _insert_examples(
 def _sqlite_insert(connection, table: str, column_list: str, prepared: list[Prepared], offset: int, fixed):
     """executemany with only the per-example values bound: the position is the prepared number plus
     ``offset``, the token count 0 and the shared values are SQL literals (quoted by Django's schema
-    editor, as in migrations), which saves binding a dozen parameters per row."""
+    editor, as in migrations), which saves binding a dozen parameters per row.
+
+    The table's CHECK constraints are skipped for these rows (a third of the insert's time goes to
+    re-parsing every messages text for ``JSON_VALID``): the JSON texts come from orjson.dumps and the
+    integers from counting, so no check can fail. NOT NULL, UNIQUE and foreign keys still apply."""
     quote = connection.schema_editor().quote_value
     shared = ", ".join([quote(v) for v in fixed])
-    values = f"?+{int(offset)}, ?, ?, ?, ?, ?, ?, ?, 0, {shared}"
+    values = f"?+{int(offset)}, ?, ?, ?, ?, ?, ?, 0, {shared}"
     sql = f"INSERT INTO {table} ({column_list}) VALUES ({values})"  # noqa: S608 - names and quoted literals
     with connection.cursor() as cursor, connection.wrap_database_errors:
-        cursor.cursor.executemany(sql, prepared)
+        raw = cursor.cursor
+        raw.execute("PRAGMA ignore_check_constraints = ON")
+        try:
+            raw.executemany(sql, prepared)
+        finally:
+            raw.execute("PRAGMA ignore_check_constraints = OFF")
 
 
 def process(upload_id: int) -> ImportResult | None:
@@ -581,7 +591,7 @@ def process(upload_id: int) -> ImportResult | None:
             "progress": report_progress,
         }
         source = _open_source(upload, parse_args, batch_size)
-        with transaction.atomic():
+        with transaction.atomic(), _objects_frozen():
             locked = Dataset.objects.select_for_update().get(pk=dataset.pk)
             position = locked.next_position
             for batch in source.batches():
@@ -638,6 +648,18 @@ def process(upload_id: int) -> ImportResult | None:
     helper = isinstance(source, _ForkedSource)
     log.info("upload %s imported=%s rejected=%s helper=%s", upload.pk, imported, rejections.total, helper)
     return ImportResult(upload, imported, rejections.total, rejections.first)
+
+
+@contextlib.contextmanager
+def _objects_frozen():
+    """While the rows stream through, the garbage collector leaves the objects that existed before
+    alone (a worker process holds hundreds of thousands: full collections would scan them all
+    several times per import). They are handed back to it afterwards."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _close(source: _Source | None) -> None:
