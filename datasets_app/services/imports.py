@@ -270,20 +270,23 @@ def _record_bytes(rec: parsing.Record) -> bytes:
 #
 # A good record becomes a "prepared" tuple: its number among the good records of the file (from 0),
 # then the database values that vary per example: source_line, messages JSON, chosen, rejected, tags
-# JSON, tags_text. Position (the dataset's next position + the number) and token count
-# are added by the importing process. Batches hold the prepared tuples of up to
-# STUDIO_IMPORT_BATCH good records and the parsing.Rejection objects met on the way, in file order.
+# JSON, tags_text. Position (the dataset's next position + the number) and token count are added by
+# the importing process. A batch is a pair: the prepared tuples of up to STUDIO_IMPORT_BATCH good
+# records, and the parsing.Rejection objects met on the way (each list in file order), so that the
+# importing process hands the first list to the database as it is, without a loop over its rows.
 
 Prepared = tuple
+Batch = tuple[list[Prepared], list[parsing.Rejection]]
 
 
-def prepare_batches(items: Iterable[parsing.Record | parsing.Rejection], batch_size: int) -> Iterator[list]:
+def prepare_batches(items: Iterable[parsing.Record | parsing.Rejection], batch_size: int) -> Iterator[Batch]:
     tag_columns: dict[tuple[str, ...], tuple[str, str]] = {}  # tags -> (JSON, tags_text): few distinct ones
-    batch: list = []
-    good = number = 0
+    good: list[Prepared] = []
+    rejected: list[parsing.Rejection] = []
+    number = 0
     for item in items:
         if type(item) is parsing.Rejection:
-            batch.append(item)
+            rejected.append(item)
             continue
         key = tuple(item.tags)
         tag_values = tag_columns.get(key)
@@ -291,23 +294,13 @@ def prepare_batches(items: Iterable[parsing.Record | parsing.Rejection], batch_s
             if len(tag_columns) > 10_000:
                 tag_columns.clear()
             tag_values = tag_columns[key] = (json_text(item.tags), tags_text(item.tags))
-        batch.append(
-            (
-                number,
-                item.line,
-                json_text(item.messages),
-                item.chosen,
-                item.rejected,
-                *tag_values,
-            )
-        )
-        good += 1
+        good.append((number, item.line, json_text(item.messages), item.chosen, item.rejected, *tag_values))
         number += 1
-        if good >= batch_size:
-            yield batch
-            batch, good = [], 0
-    if batch:
-        yield batch
+        if len(good) >= batch_size:
+            yield good, rejected
+            good, rejected = [], []
+    if good or rejected:
+        yield good, rejected
 
 
 def _prepared_record(p: Prepared) -> parsing.Record:
@@ -323,7 +316,7 @@ class _Source:
     def __init__(self, path: str, parse_args: dict, batch_size: int):
         self._batches = prepare_batches(parsing.parse_file(path, **parse_args), batch_size)
 
-    def batches(self) -> Iterator[list]:
+    def batches(self) -> Iterator[Batch]:
         return self._batches
 
     def finish(self) -> None:
@@ -374,9 +367,9 @@ class _ForkedSource(_Source):
             if self._progress is not None:
                 self._progress(*frame[1:])
 
-    def batches(self) -> Iterator[list]:
+    def batches(self) -> Iterator[Batch]:
         while (frame := self._next())[0] == "batch":
-            yield frame[1]
+            yield frame[1], frame[2]
         if frame[0] != "parsed":
             raise RuntimeError(f"the import helper sent {frame[0]!r} before the end of the file")
 
@@ -421,8 +414,8 @@ def _fork(target: Callable[[], None]) -> int:
 
 
 def _prepare_into(read_fd: int, write_fd: int, path: str, parse_args: dict, batch_size: int) -> None:
-    """The preparing helper: frames ("ready" | "file_error", ...), ("batch", items)..., ("parsed",),
-    with ("progress", done, total) between them."""
+    """The preparing helper: frames ("ready" | "file_error", ...), ("batch", good rows, rejections)...,
+    ("parsed",), with ("progress", done, total) between them."""
     os.close(read_fd)
     with os.fdopen(write_fd, "wb", buffering=_ForkedSource.PIPE_BYTES) as out:
 
@@ -438,8 +431,8 @@ def _prepare_into(read_fd: int, write_fd: int, path: str, parse_args: dict, batc
             send("file_error", exc.code, exc.reason, exc.line)
             return
         send("ready")
-        for batch in prepare_batches(records, batch_size):
-            send("batch", batch)
+        for good, rejected in prepare_batches(records, batch_size):
+            send("batch", good, rejected)
             out.flush()
         send("parsed")
 
@@ -594,13 +587,9 @@ def process(upload_id: int) -> ImportResult | None:
         with transaction.atomic(), _objects_frozen():
             locked = Dataset.objects.select_for_update().get(pk=dataset.pk)
             position = locked.next_position
-            for batch in source.batches():
-                good: list[Prepared] = []
-                for item in batch:
-                    if type(item) is parsing.Rejection:
-                        rejections.add(item.line, item.code, item.reason, item.raw)
-                    else:
-                        good.append(item)
+            for good, rejected in source.batches():
+                for item in rejected:
+                    rejections.add(item.line, item.code, item.reason, item.raw)
                 counts = None
                 if count_tokens is not None:
                     good, counts = _within_context(good, count_tokens, context, dataset, rejections)
