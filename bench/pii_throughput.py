@@ -4,10 +4,12 @@
 
 Scrubs ``n`` synthetic support-chat messages (datasets_app.pii_data) three ways and prints messages/s:
 
-* studio: ``PiiScanner.scan`` (batched NER-only spaCy, deduplicated texts, prebuilt NlpArtifacts) +
+* studio: ``PiiScanner.scan`` (batched NER-only spaCy, deduplicated texts, prebuilt NlpArtifacts,
+  the distinct texts split over ``--processes`` processes as a dataset scan does) +
   ``Pseudonymizer.apply``;
-* naive: one ``AnalyzerEngine.analyze`` + ``AnonymizerEngine.anonymize`` per message, with the SAME
-  recognizers, threshold and post-filters but Presidio's stock full spaCy pipeline per call;
+* naive: one ``AnalyzerEngine.analyze`` + ``AnonymizerEngine.anonymize`` per message, in one process,
+  with the SAME recognizers, threshold and post-filters but Presidio's stock full spaCy pipeline per
+  call;
 * ceiling: raw ``nlp.pipe`` over the same texts with the full default pipeline (no Presidio at all).
 
 Then recall/precision per entity type and the share of business identifiers kept, for the studio
@@ -38,6 +40,7 @@ from presidio_anonymizer.entities import RecognizerResult as AnonymizerResult  #
 
 from datasets_app import pii  # noqa: E402
 from datasets_app.pii_data import PLANS, Evaluation, LabelledText, evaluate, generate  # noqa: E402
+from studio import forking  # noqa: E402
 
 SECRET = b"bench-secret"
 
@@ -160,6 +163,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=2, help="timed runs per arm, best is reported")
     parser.add_argument("--batch-size", type=int, default=256, help="studio nlp.pipe batch size")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=min(forking.available_cores(), 4),
+        help="processes the studio's scan uses (default: as STUDIO_PII_PROCESSES, the cores, at most 4)",
+    )
     parser.add_argument("--sweep", action="store_true", help="also run the score-threshold sweep")
     args = parser.parse_args()
 
@@ -183,7 +192,7 @@ def main() -> None:
     print("PII spans by type: " + ", ".join(f"{k} {v}" for k, v in spans.most_common()))
 
     policy = pii.PiiPolicy()
-    scanner = pii.PiiScanner(policy, batch_size=args.batch_size)
+    scanner = pii.PiiScanner(policy, batch_size=args.batch_size, processes=args.processes)
     naive_analyzer = AnalyzerEngine(
         registry=scanner.registry,
         nlp_engine=pii.make_nlp_engine(full_pipeline=True),
@@ -203,7 +212,10 @@ def main() -> None:
     n = len(texts)
     studio_rate, naive_rate, ceiling_rate = n / t_studio, n / t_naive, n / t_ceiling
     print(f"\nThroughput (best of {args.repeat}, {n} messages)")
-    print(f"  studio  PiiScanner.scan + Pseudonymizer:        {studio_rate:8.1f} msg/s  ({t_studio:.2f}s)")
+    print(
+        f"  studio  PiiScanner.scan + Pseudonymizer:        {studio_rate:8.1f} msg/s  ({t_studio:.2f}s, "
+        f"{args.processes} process{'es' if args.processes > 1 else ''})"
+    )
     print(f"  naive   analyze + anonymize per message:        {naive_rate:8.1f} msg/s  ({t_naive:.2f}s)")
     print(f"  ceiling raw nlp.pipe, full default pipeline:    {ceiling_rate:8.1f} msg/s  ({t_ceiling:.2f}s)")
     print(f"  studio / naive:   {studio_rate / naive_rate:.2f}x   (target >= 4x on 2 cores)")
@@ -225,7 +237,9 @@ def main() -> None:
     types = pii.ENTITY_TYPES
     print_quality("Studio defaults (PiiPolicy())", evaluate(data, studio_spans), types)
 
-    branded = pii.PiiScanner(pii.PiiPolicy(allow_list=list(PLANS)), batch_size=args.batch_size)
+    branded = pii.PiiScanner(
+        pii.PiiPolicy(allow_list=list(PLANS)), batch_size=args.batch_size, processes=args.processes
+    )
     branded_spans = [[(f.start, f.end, f.entity_type) for f in fs] for fs in branded.scan(texts)]
     print_quality(
         "Studio defaults + the company's plan names in allow_list (curator setup)",

@@ -51,6 +51,8 @@ from typing import TYPE_CHECKING, Any
 import phonenumbers
 import regex
 
+from studio import forking
+
 if TYPE_CHECKING:  # heavy imports happen lazily, see _engine()
     import tldextract
     from presidio_analyzer import EntityRecognizer, RecognizerResult
@@ -104,6 +106,9 @@ MASK_KEEP_LAST4 = frozenset({"CREDIT_CARD", "IBAN_CODE", "PHONE_NUMBER"})
 # Phone numbers score 0.4 without a context word (0.75 with one), SSNs 0.5 (0.85), IPs 0.6, NER 0.85;
 # 0.4 keeps context-less phone numbers while dropping Presidio's "very weak" SSN/IP patterns (<= 0.1).
 DEFAULT_THRESHOLD = 0.4
+# A scan splits its distinct texts over processes only in slices of at least this many: below it the
+# fork costs more than the second core gains.
+MIN_TEXTS_PER_PROCESS = 32
 
 # spaCy labels mapped to studio types. FAC (streets, buildings) counts as a location.
 _NER_LABEL_MAP = {
@@ -766,13 +771,16 @@ def _id_like(token: str) -> bool:
 class PiiScanner:
     """Batch PII scanner for one policy. Cheap to construct: the spaCy model is shared process-wide."""
 
-    def __init__(self, policy: PiiPolicy, batch_size: int = 256):
+    def __init__(self, policy: PiiPolicy, batch_size: int = 256, processes: int = 1):
+        """``processes`` > 1: :meth:`scan` splits its texts over that many processes (this one and
+        forked helpers, see studio.forking.split_map), with the same findings as one process."""
         errors = policy.validate()
         if errors:
             raise ValueError("invalid PII policy: " + "; ".join(errors))
         eng = _engine()
         self.policy = policy
         self.batch_size = batch_size
+        self.processes = max(1, processes)
         active = policy.active_types()
         self.entities: list[str] = active
         self.uses_ner = any(t in NER_ENTITY_TYPES for t in active)
@@ -828,8 +836,24 @@ class PiiScanner:
         for i, text in enumerate(texts):
             positions.setdefault(text, []).append(i)
         unique = list(positions)
+        spans_per_text = forking.split_map(
+            self._spans, unique, self.processes, min_per_process=MIN_TEXTS_PER_PROCESS
+        )
+        n_findings = 0
+        for text, spans in zip(unique, spans_per_text, strict=True):
+            for segment in positions[text]:
+                out[segment] = [
+                    Finding(segment, start, end, entity_type, score, text[start:end], source)
+                    for start, end, entity_type, score, source in spans
+                ]
+                n_findings += len(spans)
+        logger.info("pii scan: %d texts (%d unique), %d findings", len(texts), len(unique), n_findings)
+        return out
+
+    def _spans(self, texts: list[str]) -> list[list[tuple[int, int, str, float, str]]]:
+        """(start, end, type, score, source) spans of each text, in order (texts are distinct)."""
         filtered = []
-        for text, doc in zip(unique, self.nlp_engine.docs(unique), strict=True):
+        for text, doc in zip(texts, self.nlp_engine.docs(texts), strict=True):
             results = self.analyzer.analyze(
                 text,
                 language=LANGUAGE,
@@ -839,25 +863,12 @@ class PiiScanner:
             )
             filtered.append(self._filter(text, results))
         # The tagger runs once, batched, over the few texts with a sentence-initial one-word NER span.
-        pending = [text for text, (_, initial) in zip(unique, filtered, strict=True) if initial]
+        pending = [text for text, (_, initial) in zip(texts, filtered, strict=True) if initial]
         tags = dict(zip(pending, self._pos_tags(pending), strict=True))
-        n_findings = 0
-        for text, (candidates, initial) in zip(unique, filtered, strict=True):
-            spans = self._finish(text, candidates, initial, tags.get(text))
-            for segment in positions[text]:
-                out[segment] = [
-                    Finding(segment, start, end, entity_type, score, text[start:end], source)
-                    for start, end, entity_type, score, source in spans
-                ]
-                n_findings += len(spans)
-        logger.info(
-            "pii scan: %d texts (%d unique, %d POS-tagged), %d findings",
-            len(texts),
-            len(unique),
-            len(pending),
-            n_findings,
-        )
-        return out
+        return [
+            self._finish(text, candidates, initial, tags.get(text))
+            for text, (candidates, initial) in zip(texts, filtered, strict=True)
+        ]
 
     def postprocess(
         self, text: str, results: Iterable[RecognizerResult]

@@ -6,6 +6,7 @@ this file under their own header, or into a conftest.py next to the tests that u
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
@@ -426,3 +427,26 @@ def smollm2_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct"
     convert_gguf_to_safetensors(gguf, out)
     return out
+
+
+@pytest.fixture
+def forks(monkeypatch):
+    """The pids of the helper processes forked during the test (studio.forking and the import)."""
+    pids = []
+    real = os.fork
+
+    def fork():
+        pid = real()
+        if pid:
+            pids.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", fork)
+    return pids
+
+
+def assert_reaped(pids) -> None:
+    """Every one of these children has exited and been waited for (no zombie left)."""
+    for pid in pids:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)

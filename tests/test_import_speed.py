@@ -13,11 +13,13 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import assert_reaped
 from django.db import IntegrityError
 
 from datasets_app import dedup, parsing
 from datasets_app.models import Dataset, Example, Upload
 from datasets_app.services import datasets, duplicates, imports, storage
+from studio import forking
 
 pytestmark = pytest.mark.django_db
 
@@ -56,23 +58,7 @@ def helper(request, monkeypatch, settings):
 def force_helper(monkeypatch) -> None:
     monkeypatch.setattr(imports, "HELPER_MIN_BYTES", 0)
     # other tests may have left an idle daemon thread behind (tqdm's monitor): fork anyway
-    monkeypatch.setattr(imports, "_fork_is_safe", lambda: True)
-
-
-@pytest.fixture
-def forks(monkeypatch):
-    """The pids of helpers forked during the test."""
-    pids = []
-    real = imports.os.fork
-
-    def fork():
-        pid = real()
-        if pid:
-            pids.append(pid)
-        return pid
-
-    monkeypatch.setattr(imports.os, "fork", fork)
-    return pids
+    monkeypatch.setattr(forking, "fork_is_safe", lambda: True)
 
 
 @pytest.fixture
@@ -84,12 +70,6 @@ def run(dataset, path):
     upload = imports.receive_path(dataset, None, path)
     raw = Path(upload.raw_path)
     return imports.process(upload.pk), raw
-
-
-def assert_reaped(pids):
-    for pid in pids:
-        with pytest.raises(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
 
 
 def test_both_paths_import_the_same_examples(dataset, helper, forks, tmp_path):

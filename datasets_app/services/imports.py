@@ -21,11 +21,9 @@ import json
 import logging
 import os
 import pickle
-import signal
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -36,7 +34,7 @@ from django.db import connections, router, transaction
 from django.db.models import F, JSONField, Q
 from django.utils import timezone
 
-from studio import audit
+from studio import audit, forking
 from studio.queueing import send_or_fail
 
 from .. import parsing
@@ -340,12 +338,12 @@ class _ForkedSource(_Source):
         self._progress = parse_args.get("progress")
         try:
             if encrypt_to is not None:  # forked before the pipe exists, so it holds no end of it
-                self._encryptor = _fork(lambda: storage.encrypt_file(Path(path), encrypt_to))
+                self._encryptor = forking.fork(lambda: storage.encrypt_file(Path(path), encrypt_to))
                 self._pids.append(self._encryptor)
             read_fd, write_fd = os.pipe()
             with contextlib.suppress(OSError, AttributeError):  # Linux: room for about one batch
                 fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, self.PIPE_BYTES)
-            preparer = _fork(lambda: _prepare_into(read_fd, write_fd, path, parse_args, batch_size))
+            preparer = forking.fork(lambda: _prepare_into(read_fd, write_fd, path, parse_args, batch_size))
             self._pids.append(preparer)
             os.close(write_fd)
             self._in = os.fdopen(read_fd, "rb", buffering=self.PIPE_BYTES)
@@ -387,30 +385,10 @@ class _ForkedSource(_Source):
 
     def close(self) -> None:
         for pid in self._pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
+            forking.stop(pid)
         self._pids = []
         if hasattr(self, "_in"):
             self._in.close()
-
-
-def _fork(target: Callable[[], None]) -> int:
-    """Run ``target`` in a forked child that exits with 0 when it returns, 1 when it raises."""
-    pid = os.fork()
-    if pid:
-        return pid
-    code = 1  # pragma: no cover - below runs in the child (coverage does not follow forks)
-    gc.freeze()  # pragma: no cover - the inherited objects live until exit: no collection scans them
-    try:  # pragma: no cover
-        target()
-        code = 0
-    except BaseException as exc:  # noqa: BLE001 - report the kind only: messages can quote user text
-        with contextlib.suppress(Exception):
-            os.write(2, f"import helper stopped: {type(exc).__name__}\n".encode())
-    finally:
-        os._exit(code)
 
 
 def _prepare_into(read_fd: int, write_fd: int, path: str, parse_args: dict, batch_size: int) -> None:
@@ -447,15 +425,9 @@ def _open_source(upload: Upload, parse_args: dict, batch_size: int) -> _Source:
     encrypt_to = None
     if settings.STUDIO_ORIGINAL_UPLOADS == "encrypt":
         encrypt_to = storage.data_path("uploads", "originals", f"{upload.pk}.enc")
-    if os.path.getsize(path) >= HELPER_MIN_BYTES and _fork_is_safe():
+    if os.path.getsize(path) >= HELPER_MIN_BYTES and forking.fork_is_safe():
         return _ForkedSource(path, parse_args, batch_size, encrypt_to)
     return _Source(path, parse_args, batch_size)
-
-
-def _fork_is_safe() -> bool:
-    """Only a single-threaded process is forked: a lock another thread holds at the fork would stay
-    held forever in the helper. (A Celery prefork worker process runs its tasks on one thread.)"""
-    return hasattr(os, "fork") and threading.active_count() == 1
 
 
 # Columns that vary per example, in the order _insert_examples puts them; every other column of
