@@ -5,11 +5,11 @@ records are reported with their line numbers (and kept, encrypted, for download)
 no good record creates nothing. Logs carry ids and counts only, never text.
 
 Speed: records are parsed, validated and serialised into "prepared" row values (prepare_batches),
-then inserted a batch at a time with one executemany (SQLite) or COPY
-(PostgreSQL). From HELPER_MIN_BYTES on, a forked helper process prepares the batches and another
-encrypts the original upload while this process inserts, so an import uses two cores. The
-duplicate hash is not computed here: the duplicate analysis that follows every import computes it
-with the MinHash signature, from one normalisation of the text (see services.duplicates).
+then inserted a batch at a time with one executemany (SQLite) or COPY (PostgreSQL). From
+HELPER_MIN_BYTES on, a forked helper process prepares the batches and another encrypts the original
+upload while this process inserts, so an import uses two cores. The duplicate hash is not computed
+here: the duplicate analysis that follows every import computes it with the MinHash signature, from
+one normalisation of the text (see services.duplicates).
 """
 
 from __future__ import annotations
@@ -326,7 +326,7 @@ class _Source:
 
 class _ForkedSource(_Source):
     """Prepared batches from a forked helper process, so that this process only inserts while a
-    second core parses, validates and hashes: the helper prepares batch n+1 while batch n is inserted.
+    second core parses, validates and serialises: the helper prepares batch n+1 while batch n is inserted.
     A second forked helper encrypts the original meanwhile (the CPU left over on both cores).
     Frames are pickled tuples on a pipe; the helpers never touch the database. Fork (not spawn)
     keeps them cheap: they share the loaded code and settings."""
