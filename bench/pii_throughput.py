@@ -167,7 +167,7 @@ def main() -> None:
         "--processes",
         type=int,
         default=min(forking.available_cores(), 4),
-        help="processes the studio's scan uses (default: as STUDIO_PII_PROCESSES, the cores, at most 4)",
+        help="processes the studio's scan uses (default: as STUDIO_CURATION_PROCESSES, the cores, at most 4)",
     )
     parser.add_argument("--sweep", action="store_true", help="also run the score-threshold sweep")
     args = parser.parse_args()

@@ -207,10 +207,12 @@ if STUDIO_ORIGINAL_UPLOADS not in {"encrypt", "delete"}:
 # --- Curation -------------------------------------------------------------------------------------
 STUDIO_NEAR_DUP_THRESHOLD = envfloat("STUDIO_NEAR_DUP_THRESHOLD", 0.85)
 STUDIO_PII_BATCH = envint("STUDIO_PII_BATCH", 256)
-# Processes a dataset scan spreads its texts over (the worker process and forked helpers); default:
-# the CPU cores this process may use, at most 4. 1 scans in the worker process alone.
-STUDIO_PII_PROCESSES = envint(
-    "STUDIO_PII_PROCESSES", min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 4)
+# Processes a curation task spreads its CPU work over (a dataset's PII scan, the duplicate analysis's
+# signatures): the worker process and forked helpers. Default: the CPU cores this process may use, at
+# most 4. 1 keeps the work in the worker process.
+STUDIO_CURATION_PROCESSES = envint(
+    "STUDIO_CURATION_PROCESSES",
+    min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 4),
 )
 STUDIO_IMPORT_BATCH = envint("STUDIO_IMPORT_BATCH", 1000)
 STUDIO_DEFAULT_BASE_MODEL = envstr("STUDIO_DEFAULT_BASE_MODEL", "SmolLM2-135M-Instruct")

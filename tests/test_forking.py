@@ -82,3 +82,45 @@ def test_a_scan_over_two_processes_finds_what_one_process_finds(forks):
     assert_reaped(forks)
     assert two == one
     assert sum(map(len, one)) > 100  # the data has PII: the comparison is not between empty lists
+
+
+@pytest.mark.django_db
+def test_duplicate_signatures_over_two_processes_match_one_process(curator, forks, settings, monkeypatch):
+    from datasets_app.dedup import content_hash, minhash_signature, similarity_text
+    from datasets_app.models import DuplicateGroup, Example
+    from datasets_app.services import datasets, duplicates
+
+    settings.STUDIO_CURATION_PROCESSES = 2
+    monkeypatch.setattr(duplicates, "MIN_ROWS_PER_PROCESS", 10)
+    dataset = datasets.create_dataset("Dups", "sft", curator)
+    words = [
+        "parcel",
+        "refund",
+        "router",
+        "invoice",
+        "warranty",
+        "battery",
+        "login",
+        "ticket",
+        "charger",
+        "screen",
+    ]
+    texts = [" ".join(words[(i * 7 + j) % 10] + str(i) for j in range(12)) for i in range(60)]
+    texts += [texts[3].upper(), texts[5] + " !", texts[8].replace(words[0], "box", 1)]
+    Example.objects.bulk_create(
+        Example(
+            dataset=dataset,
+            position=i,
+            messages=[{"role": "user", "content": text}, {"role": "assistant", "content": "Noted."}],
+            content_hash="",
+        )
+        for i, text in enumerate(texts)
+    )
+    groups = duplicates.recompute(dataset)
+    assert len(forks) == 1
+    assert_reaped(forks)
+    for ex in Example.objects.filter(dataset=dataset):
+        assert ex.content_hash == content_hash(ex.messages)
+        assert bytes(ex.minhash) == minhash_signature(similarity_text(ex.messages))
+    kinds = sorted(DuplicateGroup.objects.filter(dataset=dataset).values_list("kind", flat=True))
+    assert groups == len(kinds) and kinds.count("exact") == 2  # upper-cased and "!" copies

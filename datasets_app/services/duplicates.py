@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Q
 
-from studio import audit
+from studio import audit, forking
 
 from ..dedup import find_duplicate_groups, hash_and_similarity_text, minhash_signature
 from ..models import Dataset, DuplicateGroup, Example
@@ -17,20 +17,44 @@ log = logging.getLogger(__name__)
 Decision = DuplicateGroup.Decision
 
 
-def _fill_signatures(dataset: Dataset, batch: int = 1000) -> None:
+def _fill_signatures(dataset: Dataset, batch: int = 2000) -> None:
     """The exact-duplicate hash and the MinHash signature of every example that lacks them: imports
-    leave both to this pass (one normalisation of the text gives both), edits reset them."""
+    leave both to this pass (one normalisation of the text gives both), edits reset them. The
+    signatures of a batch are computed over STUDIO_CURATION_PROCESSES processes, and written with one
+    executemany (Django's bulk_update builds a CASE expression per row: 60% of this pass's time)."""
     missing = Example.objects.filter(dataset=dataset, dropped=False).filter(
         Q(minhash__isnull=True) | Q(content_hash="")
     )
+    table = connection.ops.quote_name(Example._meta.db_table)
+    sql = f"UPDATE {table} SET content_hash = %s, minhash = %s WHERE id = %s"  # noqa: S608 - model name
+    last = 0
     while True:
-        chunk = list(missing.order_by("pk")[:batch])
-        if not chunk:
+        rows = list(
+            missing.filter(pk__gt=last)
+            .order_by("pk")
+            .values_list("pk", "messages", "chosen", "rejected")[:batch]
+        )
+        if not rows:
             return
-        for ex in chunk:
-            ex.content_hash, text = hash_and_similarity_text(ex.messages, ex.chosen, ex.rejected)
-            ex.minhash = minhash_signature(text)
-        Example.objects.bulk_update(chunk, ["content_hash", "minhash"])
+        last = rows[-1][0]
+        signed = forking.split_map(
+            _signatures, rows, settings.STUDIO_CURATION_PROCESSES, min_per_process=MIN_ROWS_PER_PROCESS
+        )
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.executemany(sql, signed)
+
+
+# Below this many examples per process the fork costs more than the second core gains.
+MIN_ROWS_PER_PROCESS = 200
+
+
+def _signatures(rows: list[tuple]) -> list[tuple[str, bytes, int]]:
+    """(content hash, MinHash signature, id) of each (id, messages, chosen, rejected) row."""
+    out = []
+    for pk, messages, chosen, rejected in rows:
+        digest, text = hash_and_similarity_text(messages, chosen, rejected)
+        out.append((digest, minhash_signature(text), pk))
+    return out
 
 
 def recompute(dataset: Dataset) -> int:

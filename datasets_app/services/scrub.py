@@ -63,7 +63,7 @@ def scan_examples(
 ) -> int:
     """Scan examples (all active ones by default); replaces their unapplied findings. Returns the
     number of findings created. Decisions to keep a value are remembered across re-scans."""
-    scanner = PiiScanner(policy_for(dataset), processes=settings.STUDIO_PII_PROCESSES)
+    scanner = PiiScanner(policy_for(dataset), processes=settings.STUDIO_CURATION_PROCESSES)
     qs = Example.objects.filter(dataset=dataset, dropped=False)
     if example_ids is not None:
         qs = qs.filter(pk__in=list(example_ids))
