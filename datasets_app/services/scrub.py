@@ -18,7 +18,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, Max, Min
+from django.db.models import Max, Min
 from django.utils import timezone
 
 from studio import audit
@@ -112,9 +112,11 @@ def _scan_chunk(dataset: Dataset, scanner: PiiScanner, ids: list[int]) -> int:
         list(Example.objects.select_for_update().filter(pk__in=ids).values_list("pk", flat=True))
         PiiFinding.objects.filter(example_id__in=ids, decision=Decision.PENDING).delete()
         PiiFinding.objects.bulk_create(new)
-        for ex in examples:
-            status = _status(ex.pk, has_new=ex.pk in with_findings)
-            Example.objects.filter(pk=ex.pk).update(pii_status=status)
+        by_status: dict[str, list[int]] = defaultdict(list)
+        for pk, status in _statuses([ex.pk for ex in examples], with_new=with_findings).items():
+            by_status[status].append(pk)
+        for status, pks in by_status.items():  # a few UPDATEs per chunk, not one per example
+            Example.objects.filter(pk__in=pks).update(pii_status=status)
     return len(new)
 
 
@@ -122,18 +124,28 @@ def value_digest(entity_type: str, value: str) -> str:
     return hmac.new(pseudonym_secret(), f"{entity_type}\x00{value}".encode(), hashlib.sha256).hexdigest()
 
 
-def _status(example_id: int, has_new: bool = False) -> str:
-    decisions = dict(
-        PiiFinding.objects.filter(example_id=example_id)
-        .values_list("decision")
-        .annotate(n=Count("id"))
-        .values_list("decision", "n")
+def _status(example_id: int) -> str:
+    return _statuses([example_id])[example_id]
+
+
+def _statuses(example_ids: list[int], with_new: Iterable[int] = ()) -> dict[int, str]:
+    """The PII status of each example from its findings (one query): pending while a finding waits
+    for a decision (or the example is in ``with_new``), reviewed when all are decided, else clean."""
+    decided: set[int] = set()
+    pending = set(with_new)
+    rows = (
+        PiiFinding.objects.filter(example_id__in=example_ids).values_list("example_id", "decision").distinct()
     )
-    if has_new or decisions.get(Decision.PENDING):
-        return Example.Pii.PENDING
-    if decisions:
-        return Example.Pii.REVIEWED
-    return Example.Pii.CLEAN
+    for example_id, decision in rows:
+        (pending if decision == Decision.PENDING else decided).add(example_id)
+    return {
+        pk: Example.Pii.PENDING
+        if pk in pending
+        else Example.Pii.REVIEWED
+        if pk in decided
+        else Example.Pii.CLEAN
+        for pk in example_ids
+    }
 
 
 # --- applying -----------------------------------------------------------------------------------------
