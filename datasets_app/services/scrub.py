@@ -134,18 +134,19 @@ def _statuses(example_ids: list[int], with_new: Iterable[int] = ()) -> dict[int,
     decided: set[int] = set()
     pending = set(with_new)
     rows = (
-        PiiFinding.objects.filter(example_id__in=example_ids).values_list("example_id", "decision").distinct()
+        PiiFinding.objects.filter(example_id__in=example_ids).order_by().values_list("example_id", "decision")
     )
-    for example_id, decision in rows:
+    for example_id, decision in rows.distinct():
         (pending if decision == Decision.PENDING else decided).add(example_id)
-    return {
-        pk: Example.Pii.PENDING
-        if pk in pending
-        else Example.Pii.REVIEWED
-        if pk in decided
-        else Example.Pii.CLEAN
-        for pk in example_ids
-    }
+    statuses = {}
+    for pk in example_ids:
+        if pk in pending:
+            statuses[pk] = Example.Pii.PENDING
+        elif pk in decided:
+            statuses[pk] = Example.Pii.REVIEWED
+        else:
+            statuses[pk] = Example.Pii.CLEAN
+    return statuses
 
 
 # --- applying -----------------------------------------------------------------------------------------
