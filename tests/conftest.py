@@ -450,3 +450,40 @@ def assert_reaped(pids) -> None:
     for pid in pids:
         with pytest.raises(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
+
+
+def assert_curve_continues(job, total_steps: int, resumed_step: int) -> None:
+    """A job resumed from its checkpoint at ``resumed_step``: the loss curve has every step once (no gap,
+    no duplicate), the first attempt logged up to the checkpoint and the second after it, and the job
+    registered exactly one model version."""
+    from eval_app.models import ModelVersion
+
+    steps = list(job.metrics.filter(name="loss").order_by("step").values_list("step", flat=True))
+    assert steps == list(range(1, total_steps + 1))
+    attempts = dict(job.metrics.filter(name="loss").values_list("step", "attempt"))
+    assert attempts[resumed_step] == 1 and attempts[resumed_step + 1] == 2
+    assert ModelVersion.objects.filter(training_job=job).count() == 1
+
+
+def job_verbs(job) -> list[str]:
+    """The audit verbs of a training job, in order."""
+    from studio.models import AuditEvent
+
+    return list(
+        AuditEvent.objects.filter(object_id=str(job.pk), verb__startswith="training.job")
+        .order_by("id")
+        .values_list("verb", flat=True)
+    )
+
+
+def openai_client(base_url: str, key: str):
+    """The official openai client against the studio's /v1, one connection per request, no retries."""
+    import openai
+
+    return openai.OpenAI(
+        base_url=f"{base_url}/v1",
+        api_key=key,
+        max_retries=0,
+        timeout=120,
+        default_headers={"Connection": "close"},
+    )

@@ -14,7 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from conftest import kill_worker, make_version, smoke_request, wait_for
+from conftest import assert_curve_continues, job_verbs, kill_worker, make_version, smoke_request, wait_for
 from django.urls import reverse
 from django.utils import timezone
 from test_faults_services import small_disk  # noqa: F401 - fixture: a real 32 MiB tmpfs (root only)
@@ -296,7 +296,6 @@ def test_job_failed_mid_run_is_resumed_by_a_worker_from_its_checkpoint(
 ):
     """SIGKILL mid-run with a cap of one attempt: the watchdog fails the job (worker_lost). The engineer
     resumes it from the page; a fresh worker continues from the checkpoint and succeeds."""
-    from eval_app.models import ModelVersion
     from studio.tasks import watchdog
 
     settings.STUDIO_JOB_MAX_ATTEMPTS = 1
@@ -337,17 +336,8 @@ def test_job_failed_mid_run_is_resumed_by_a_worker_from_its_checkpoint(
     assert done.state == "succeeded", (done.error_code, done.error_message, done.error_traceback[-2000:])
     assert done.attempt == 2 and done.attempt_started_step == step and done.step == 60
     assert not done.error_code and not done.error_message
-    steps = list(done.metrics.filter(name="loss").order_by("step").values_list("step", flat=True))
-    assert steps == list(range(1, 61))  # the curve continues: no gap, no duplicate
-    attempts = dict(done.metrics.filter(name="loss").values_list("step", "attempt"))
-    assert attempts[step] == 1 and attempts[step + 1] == 2
-    assert ModelVersion.objects.filter(training_job=done).count() == 1
-    verbs = list(
-        AuditEvent.objects.filter(object_id=str(job.pk), verb__startswith="training.job")
-        .order_by("id")
-        .values_list("verb", flat=True)
-    )
-    assert verbs == [
+    assert_curve_continues(done, 60, step)
+    assert job_verbs(job) == [
         "training.job.create",
         "training.job.start",
         "training.job.fail",
@@ -403,24 +393,14 @@ def test_disk_full_job_is_resumed_from_the_page_after_space_is_freed(
     """A real size-limited filesystem fills up after the first checkpoint: the job fails with the disk-full
     reason, the page offers the resume its suggestion names, and once space is freed the same job
     continues from that checkpoint to the end."""
-    import os
-
-    from test_faults_services import fill
+    from test_faults_services import fill_after_first_publish
 
     from training_app.trainer import run as trainer_run
 
     version = make_version(curator, train=16, eval_=2)
     settings.DATA_DIR = small_disk
-    published = []
     original_publish = trainer_run._atomic_publish
-
-    def publish_then_fill(tmp: str, final: str) -> None:
-        original_publish(tmp, final)
-        published.append(os.path.basename(final))
-        if len(published) == 1:
-            fill(small_disk)
-
-    monkeypatch.setattr(trainer_run, "_atomic_publish", publish_then_fill)
+    fill_after_first_publish(monkeypatch, small_disk)
     job = jobs.create_job(
         smoke_request(version, tiny_base, max_steps=8, checkpoint_every=2, batch_size=2, max_length=128),
         engineer,

@@ -428,6 +428,25 @@ def fill(disk: Path, leave: int = 8192) -> None:
     os.truncate(filler, max(filler.stat().st_size - leave, 0))
 
 
+def fill_after_first_publish(monkeypatch, disk: Path) -> list[str]:
+    """Patch the trainer so that the disk fills up right after its first checkpoint is published.
+    Returns the names of the published checkpoints, appended as they come. To stop filling, set
+    ``trainer_run._atomic_publish`` back to the original with ``monkeypatch.setattr``."""
+    from training_app.trainer import run as trainer_run
+
+    published = []
+    original_publish = trainer_run._atomic_publish
+
+    def publish_then_fill(tmp: str, final: str) -> None:
+        original_publish(tmp, final)
+        published.append(os.path.basename(final))
+        if len(published) == 1:
+            fill(disk)  # the first checkpoint is on disk; now the disk is (nearly) full
+
+    monkeypatch.setattr(trainer_run, "_atomic_publish", publish_then_fill)
+    return published
+
+
 @pytest.mark.django_db
 def test_disk_full_during_checkpoint_fails_job_with_reason_and_keeps_earlier_checkpoint(
     small_disk, settings, monkeypatch, tiny_model_dir, curator, engineer, admin_user
@@ -442,16 +461,7 @@ def test_disk_full_during_checkpoint_fails_job_with_reason_and_keeps_earlier_che
     version = make_version(curator, train=16, eval_=2)
     settings.DATA_DIR = small_disk  # jobs write their data files and checkpoints under DATA_DIR/jobs/
 
-    published = []
-    original_publish = trainer_run._atomic_publish
-
-    def publish_then_fill(tmp: str, final: str) -> None:
-        original_publish(tmp, final)
-        published.append(os.path.basename(final))
-        if len(published) == 1:
-            fill(small_disk)  # the first checkpoint is on disk; now the disk is (nearly) full
-
-    monkeypatch.setattr(trainer_run, "_atomic_publish", publish_then_fill)
+    published = fill_after_first_publish(monkeypatch, small_disk)
     job = jobs.create_job(
         smoke_request(version, base, max_steps=12, checkpoint_every=2, batch_size=2, max_length=128), engineer
     )

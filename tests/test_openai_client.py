@@ -8,6 +8,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from conftest import openai_client
 from test_serving import HELLO, build_ascii_tiny_model, build_line, save_tiny_adapter
 
 from eval_app.inference import get_model, spec_for_version
@@ -41,13 +42,7 @@ def client_for_key(live_server):
     clients = []
 
     def make(key: str):
-        client = openai.OpenAI(
-            base_url=f"{live_server.url}/v1",
-            api_key=key,
-            max_retries=0,
-            timeout=120,
-            default_headers={"Connection": "close"},
-        )
+        client = openai_client(live_server.url, key)
         clients.append(client)
         return client
 

@@ -8,10 +8,9 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import make_version, smoke_request, wait_for
+from conftest import assert_curve_continues, job_verbs, make_version, smoke_request, wait_for
 
 from eval_app.models import ModelVersion
-from studio.models import AuditEvent
 from training_app.models import ComputeNode, TrainingJob, TrainingMetric
 from training_app.services import jobs, register_local_dir
 
@@ -73,17 +72,8 @@ def test_sigkilled_worker_job_is_requeued_and_resumes_from_checkpoint(
     assert resumed_step in (checkpoint_step, checkpoint_step + 3), (resumed_step, checkpoint_step)
     checkpoint_step = resumed_step
     # the loss curve continues where the checkpoint left it: every step once, no gap, no duplicate
-    steps = list(done.metrics.filter(name="loss").order_by("step").values_list("step", flat=True))
-    assert steps == list(range(1, 121))
-    attempts = dict(done.metrics.filter(name="loss").values_list("step", "attempt"))
-    assert attempts[checkpoint_step] == 1 and attempts[checkpoint_step + 1] == 2
-    assert ModelVersion.objects.filter(training_job=done).count() == 1
-    verbs = list(
-        AuditEvent.objects.filter(object_id=str(job.pk), verb__startswith="training.job")
-        .order_by("id")
-        .values_list("verb", flat=True)
-    )
-    assert verbs == [
+    assert_curve_continues(done, 120, checkpoint_step)
+    assert job_verbs(job) == [
         "training.job.create",
         "training.job.start",
         "training.job.requeue",

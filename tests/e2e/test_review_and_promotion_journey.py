@@ -17,9 +17,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import openai
 import pytest
-from conftest import make_version, smoke_request, wait_for
+from conftest import make_version, openai_client, smoke_request, wait_for
 from django.urls import reverse
 from playwright.sync_api import expect
 
@@ -294,13 +293,7 @@ def test_reviewers_vote_and_admin_promotes_then_rolls_back(
     assert raw_key.startswith("fts_")
     expected = {v1.pk: answer(v1), v2.pk: answer(v2)}
     assert expected[v1.pk] != expected[v2.pk]  # the two versions can be told apart by their answer
-    client = openai.OpenAI(
-        base_url=f"{live_server.url}/v1",
-        api_key=raw_key,
-        max_retries=0,
-        timeout=120,
-        default_headers={"Connection": "close"},
-    )
+    client = openai_client(live_server.url, raw_key)
     try:
         ids = [m.id for m in client.models.list()]
         assert f"{LINE}@production" in ids and f"{LINE}/2" in ids
