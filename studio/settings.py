@@ -13,6 +13,8 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from studio.forking import available_cores
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -210,10 +212,7 @@ STUDIO_PII_BATCH = envint("STUDIO_PII_BATCH", 256)
 # Processes a curation task spreads its CPU work over (a dataset's PII scan, the duplicate analysis's
 # signatures): the worker process and forked helpers. Default: the CPU cores this process may use, at
 # most 4. 1 keeps the work in the worker process.
-STUDIO_CURATION_PROCESSES = envint(
-    "STUDIO_CURATION_PROCESSES",
-    min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 4),
-)
+STUDIO_CURATION_PROCESSES = envint("STUDIO_CURATION_PROCESSES", min(available_cores(), 4))
 STUDIO_IMPORT_BATCH = envint("STUDIO_IMPORT_BATCH", 1000)
 STUDIO_DEFAULT_BASE_MODEL = envstr("STUDIO_DEFAULT_BASE_MODEL", "SmolLM2-135M-Instruct")
 STUDIO_MODELS_DIR = DATA_DIR / "models"
