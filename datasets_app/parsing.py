@@ -31,6 +31,7 @@ from itertools import chain, islice, pairwise
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
+import msgspec
 import orjson
 
 __all__ = [
@@ -145,6 +146,27 @@ class Record:
     tags: list[str]
     chosen: str | None = None
     rejected: str | None = None
+
+
+class JsonRecord(Record):
+    """A Record from the typed fast path, whose messages arrive as the JSON text they are stored
+    as: the import writes that text as it is, and ``messages`` decodes it only when read."""
+
+    def __init__(self, line: int, messages_json: str, tags: list[str]) -> None:
+        self.line, self.messages_json, self.tags = line, messages_json, tags
+        self.chosen = self.rejected = None
+
+    @property
+    def messages(self) -> list[dict]:  # type: ignore[override]
+        return orjson.loads(self.messages_json)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Record):
+            return NotImplemented
+        fields = ("line", "messages", "tags", "chosen", "rejected")
+        return all(getattr(self, f) == getattr(other, f) for f in fields)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 @dataclass
@@ -551,6 +573,59 @@ def _holds_containers(obj: dict, skip: tuple[str, ...]) -> bool:
     return any(type(v) is dict or type(v) is list for k, v in obj.items() if k not in skip)
 
 
+class _TypedTurn(msgspec.Struct, forbid_unknown_fields=True):
+    role: str
+    content: str
+
+
+class _TypedChat(msgspec.Struct, forbid_unknown_fields=True):
+    messages: list[_TypedTurn]
+    tags: list[str] = []
+
+
+_TYPED_CHAT = msgspec.json.Decoder(_TypedChat)
+_ENCODE = msgspec.json.Encoder().encode
+
+
+def _typed_record(data: bytes, line: int) -> JsonRecord | None:
+    """The most common line, ``{"messages": [{"role", "content"}...], "tags"?: [str...]}`` with no
+    other key, decoded straight into typed structs (msgspec checks the shape and the types in C) and
+    its messages encoded back to the JSON text that is stored: no dict per message is built. Same
+    checks and results as ``fast_record``; anything else (another key, another type, a problem to
+    report) returns None."""
+    if b"\x00" in data:
+        return None
+    try:
+        chat = _TYPED_CHAT.decode(data)
+    except (msgspec.DecodeError, ValueError):  # ValueError: bytes that are not UTF-8
+        return None
+    expect, dialogue, first = "user", 0, True
+    for turn in chat.messages:
+        role, content = turn.role, turn.content
+        if role == expect:
+            expect = "assistant" if expect == "user" else "user"
+            dialogue += 1
+        elif role != "system" or not first:
+            return None
+        first = False
+        if (
+            not content
+            or content.isspace()
+            or "\x00" in content
+            or (not content.isascii() and _SURROGATE.search(content))
+        ):
+            return None
+    if not dialogue or expect != "user":
+        return None
+    kept: dict[str, None] = {}
+    for tag in chat.tags:
+        if "\x00" in tag or (not tag.isascii() and _SURROGATE.search(tag)):
+            return None
+        if tag := tag.strip():
+            kept[tag] = None
+    return JsonRecord(line, _ENCODE(chat.messages).decode("utf-8"), list(kept))
+
+
 class _OpenAIFormat(_JsonFormat):
     name = "openai"
 
@@ -560,8 +635,11 @@ class _OpenAIFormat(_JsonFormat):
 
         Only for records the general path would accept unchanged (exact role names, alternating
         turns, string tags), so the result is always the same as ``_finish(normalise(...))``; any
-        doubt (orjson refusing the text, unusual roles, a problem to report) returns None.
+        doubt (orjson refusing the text, unusual roles, a problem to report) returns None. The
+        typed path goes first; this one takes the lines it leaves (extra keys, ``"tags": null``).
         """
+        if record := _typed_record(data, line):
+            return record
         if b"\x00" in data:
             return None
         try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import assert_reaped
-from django.db import IntegrityError
+from django.db import IntegrityError, connection
 
 from datasets_app import dedup, parsing
 from datasets_app.models import Dataset, Example, Upload
@@ -201,3 +201,40 @@ def test_a_threaded_process_is_not_forked(dataset, monkeypatch, forks, tmp_path)
         stop.set()
         thread.join()
     assert forks == [] and result.imported == 40
+
+
+@pytest.mark.django_db(transaction=True)
+def test_foreign_key_checks_are_off_only_for_the_import_on_sqlite(curator, tmp_path):
+    """On SQLite the import's transaction skips the per-row foreign key checks (its two parents are
+    held by the write lock) and the connection has them back afterwards; PostgreSQL keeps them."""
+    dataset = datasets.create_dataset("Keys", "sft", curator)
+    seen = []
+    real = imports._insert_examples
+
+    def spy(*args, **kwargs):
+        with connection.cursor() as cursor:
+            cursor.execute("PRAGMA foreign_keys" if connection.vendor == "sqlite" else "SELECT 1")
+            seen.append(cursor.fetchone()[0])
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(imports, "_insert_examples", spy)
+        result, _ = run(dataset, write_file(tmp_path / "f.jsonl"))
+    assert result.imported == 40 and seen
+    assert set(seen) == ({0} if connection.vendor == "sqlite" else {1})
+    with pytest.raises(IntegrityError):  # enforced again on this connection
+        Example.objects.create(dataset_id=dataset.pk + 1000, position=0, messages=[], content_hash="")
+
+
+def test_an_upload_deleted_before_its_import_adds_nothing(dataset, monkeypatch, tmp_path):
+    real = imports._open_source
+
+    def deleted_meanwhile(upload, *args):
+        Upload.objects.filter(pk=upload.pk).delete()
+        return real(upload, *args)
+
+    monkeypatch.setattr(imports, "_open_source", deleted_meanwhile)
+    with pytest.raises(Upload.DoesNotExist):
+        run(dataset, write_file(tmp_path / "f.jsonl"))
+    assert Example.objects.count() == 0 and not Upload.objects.exists()
+    assert Dataset.objects.get(pk=dataset.pk).next_position == 0

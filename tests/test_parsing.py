@@ -8,6 +8,7 @@ import json
 import tracemalloc
 from pathlib import Path
 
+import orjson
 import pytest
 
 from datasets_app import parsing
@@ -800,3 +801,40 @@ def test_fast_path_gives_the_same_records_and_rejections(tmp_path, monkeypatch, 
     general = list(parse_file(path, fmt="openai"))
     assert fast == general
     assert sum(isinstance(item, Record) for item in fast) == 9
+
+
+def test_typed_path_takes_plain_chat_lines_only_and_agrees_with_the_general_path(tmp_path, monkeypatch):
+    """The msgspec path takes lines with nothing but valid messages and string tags; every other line
+    (extra keys, null tags, a problem to report) falls through, and the records it makes carry the same
+    messages, tags and stored JSON as the general path's."""
+    lines = [line.encode() for line in FAST_PATH_LINES] + [
+        b'{"messages": [{"role": "user", "content": "caf\xc3\xa9 \\u2028 \\u0001"}, '
+        b'{"role": "assistant", "content": "b"}], "tags": ["x", " y ", "x"]}',
+        b'{"messages": [{"role": "user", "content": "\xed\xa0\x80"}, {"role": "assistant", "content": "b"}]}',
+        b'{"messages": [{"role": "user", "content": "a\\udc00"}, {"role": "assistant", "content": "b"}]}',
+        b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "tags": [null]}',
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    taken = []
+    real = parsing._typed_record
+
+    def spy(data: bytes, line: int):
+        record = real(data, line)
+        if record is not None:
+            taken.append(line)
+        return record
+
+    monkeypatch.setattr(parsing, "_typed_record", spy)
+    typed = list(parse_file(path, fmt="openai"))
+    assert taken == [1, 2, len(FAST_PATH_LINES) + 1]  # line 3 has "tags": null and a message key "x"
+    monkeypatch.setattr(parsing._OpenAIFormat, "fast_record", None)
+    general = list(parse_file(path, fmt="openai"))
+    assert typed == general
+    for item in typed:
+        if item.line in taken:
+            assert type(item) is parsing.JsonRecord
+            twin = next(g for g in general if g.line == item.line)
+            assert json.loads(item.messages_json) == twin.messages
+            assert item.messages_json == orjson.dumps(twin.messages).decode()  # stored byte for byte alike
+    assert typed[-1].line == len(lines) and type(typed[-1]) is not parsing.JsonRecord
