@@ -339,7 +339,7 @@ class _ForkedSource(_Source):
         self._progress = parse_args.get("progress")
         try:
             if encrypt_to is not None:  # forked before the pipe exists, so it holds no end of it
-                self._encryptor = forking.fork(lambda: _encrypt_yielding(Path(path), encrypt_to))
+                self._encryptor = forking.fork(lambda: storage.encrypt_file(Path(path), encrypt_to))
                 self._pids.append(self._encryptor)
             read_fd, write_fd = os.pipe()
             with contextlib.suppress(OSError, AttributeError):  # Linux: room for about one batch
@@ -390,14 +390,6 @@ class _ForkedSource(_Source):
         self._pids = []
         if hasattr(self, "_in"):
             self._in.close()
-
-
-def _encrypt_yielding(path: Path, dest: Path) -> None:
-    """The encrypting helper, at a lower CPU priority: nothing waits for it until the end, while the
-    importing process waits for every batch the preparing helper sends, so that one runs first."""
-    with contextlib.suppress(OSError):
-        os.nice(10)
-    storage.encrypt_file(path, dest)
 
 
 def _prepare_into(read_fd: int, write_fd: int, path: str, parse_args: dict, batch_size: int) -> None:
