@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gc
 import json
+import random
 import tracemalloc
 from pathlib import Path
 
@@ -838,3 +839,47 @@ def test_typed_path_takes_plain_chat_lines_only_and_agrees_with_the_general_path
             assert json.loads(item.messages_json) == twin.messages
             assert item.messages_json == orjson.dumps(twin.messages).decode()  # stored byte for byte alike
     assert typed[-1].line == len(lines) and type(typed[-1]) is not parsing.JsonRecord
+
+
+def test_fast_paths_agree_with_the_general_path_on_random_lines(tmp_path, monkeypatch):
+    """Seeded random lines around the fast paths' edges (roles, blank or odd content, escapes, tags,
+    extra keys, broken bytes): the typed and orjson paths never give another result than the general
+    path, line for line."""
+    rng = random.Random(20261122)
+    roles = ["user", "assistant", "system", "User", "tool", "", 3, None]
+    contents = ["hi", "", "  ", "\n", "a\u0000b", "caf\u00e9", "\ud83d\ude00", "x\u2028y", "tab\there", 7, None]
+    tag_values = ["billing", " billing ", "", "a|b", 5, None, "\u00e9t\u00e9"]
+
+    def record() -> dict:
+        turns = []
+        for _ in range(rng.randint(0, 4)):
+            turn = {"role": rng.choice(roles), "content": rng.choice(contents)}
+            if rng.random() < 0.1:
+                turn[rng.choice(["name", "weight"])] = rng.choice([1, "n", [1], {"a": 1}])
+            if rng.random() < 0.1:
+                turn = dict(reversed(list(turn.items())))
+            turns.append(turn)
+        if rng.random() < 0.5:  # many well-formed conversations
+            turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": rng.choice(contents)}]
+        obj = {"messages": turns}
+        if rng.random() < 0.5:
+            obj["tags"] = rng.choice([None, "x", [rng.choice(tag_values) for _ in range(rng.randint(0, 3))]])
+        if rng.random() < 0.15:
+            obj[rng.choice(["id", "meta", "chosen"])] = rng.choice([1, "s", [1, 2], {"k": "v"}, 10**30])
+        return obj
+
+    lines = []
+    for _ in range(1500):
+        data = json.dumps(record(), ensure_ascii=rng.random() < 0.5).encode("utf-8", "surrogatepass")
+        if rng.random() < 0.05:
+            cut = rng.randrange(len(data))
+            data = data[:cut] + rng.choice([b"\xff", b"\x00", b"", b'"', b"\\"]) + data[cut + 1 :]
+        lines.append(data)
+    path = tmp_path / "random.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    fast = list(parse_file(path, fmt="openai"))
+    typed = sum(type(item) is parsing.JsonRecord for item in fast)
+    monkeypatch.setattr(parsing._OpenAIFormat, "fast_record", None)
+    general = list(parse_file(path, fmt="openai"))
+    assert fast == general
+    assert typed > 100 and sum(isinstance(item, Record) for item in general) > typed  # both paths exercised
