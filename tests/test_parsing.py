@@ -847,7 +847,19 @@ def test_fast_paths_agree_with_the_general_path_on_random_lines(tmp_path, monkey
     path, line for line."""
     rng = random.Random(20261122)
     roles = ["user", "assistant", "system", "User", "tool", "", 3, None]
-    contents = ["hi", "", "  ", "\n", "a\u0000b", "caf\u00e9", "\ud83d\ude00", "x\u2028y", "tab\there", 7, None]
+    contents = [
+        "hi",
+        "",
+        "  ",
+        "\n",
+        "a\u0000b",
+        "caf\u00e9",
+        "\ud83d\ude00",
+        "x\u2028y",
+        "tab\there",
+        7,
+        None,
+    ]
     tag_values = ["billing", " billing ", "", "a|b", 5, None, "\u00e9t\u00e9"]
 
     def record() -> dict:
