@@ -587,6 +587,16 @@ _TYPED_CHAT = msgspec.json.Decoder(_TypedChat)
 _ENCODE = msgspec.json.Encoder().encode
 
 
+def _plain_content(text: str) -> bool:
+    """Content the general path takes as it is: not blank, no NUL, no lone surrogate."""
+    return (
+        bool(text)
+        and not text.isspace()
+        and "\x00" not in text
+        and (text.isascii() or not _SURROGATE.search(text))
+    )
+
+
 def _typed_record(data: bytes, line: int) -> JsonRecord | None:
     """The most common line, ``{"messages": [{"role", "content"}...], "tags"?: [str...]}`` with no
     other key, decoded straight into typed structs (msgspec checks the shape and the types in C) and
@@ -608,12 +618,7 @@ def _typed_record(data: bytes, line: int) -> JsonRecord | None:
         elif role != "system" or not first:
             return None
         first = False
-        if (
-            not content
-            or content.isspace()
-            or "\x00" in content
-            or (not content.isascii() and _SURROGATE.search(content))
-        ):
+        if not _plain_content(content):
             return None
     if not dialogue or expect != "user":
         return None
@@ -668,12 +673,7 @@ class _OpenAIFormat(_JsonFormat):
                 dialogue += 1
             elif role != "system" or messages:
                 return None
-            if (
-                not content
-                or content.isspace()
-                or "\x00" in content
-                or (not content.isascii() and _SURROGATE.search(content))
-            ):
+            if not _plain_content(content):
                 return None
             messages.append({"role": role, "content": content})
         if not dialogue or expect != "user":
