@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -238,3 +240,72 @@ def test_an_upload_deleted_before_its_import_adds_nothing(dataset, monkeypatch, 
         run(dataset, write_file(tmp_path / "f.jsonl"))
     assert Example.objects.count() == 0 and not Upload.objects.exists()
     assert Dataset.objects.get(pk=dataset.pk).next_position == 0
+
+
+EMBEDDED_IMPORT = """
+import json, sys
+from pathlib import Path
+
+import django
+
+django.setup()
+from django.core.management import call_command
+from django.db import connection
+
+call_command("migrate", verbosity=0)
+from datasets_app.services import datasets, imports
+from studio import forking
+
+forks, fork = [], forking.fork
+forking.fork = lambda target: forks.append(fork(target)) or forks[-1]
+dataset = datasets.create_dataset("Embedded", "sft", None)
+result = imports.process(imports.receive_path(dataset, None, Path(sys.argv[1])).pk)
+with connection.cursor() as cursor:
+    cursor.execute("PRAGMA foreign_keys")
+    keys = cursor.fetchone()[0]
+    cursor.execute("PRAGMA foreign_key_check")
+    orphans = cursor.fetchall()
+    cursor.execute(
+        "SELECT COUNT(*) FROM datasets_app_example WHERE NOT (JSON_VALID(messages) AND JSON_VALID(tags)"
+        " AND JSON_VALID(kept_digests) AND token_count >= 0 AND source_line >= 0)"
+    )
+    failing_checks = cursor.fetchone()[0]
+    cursor.execute("SELECT position, source_line, messages, tags FROM datasets_app_example ORDER BY position")
+    rows = cursor.fetchall()
+print(json.dumps({"imported": result.imported, "rejected": result.rejected, "keys": keys, "forks": len(forks),
+                  "orphans": len(orphans), "failing_checks": failing_checks, "rows": rows}))
+"""
+
+
+@pytest.mark.django_db(databases=[])
+def test_embedded_sqlite_import_through_the_helpers_in_a_fresh_process(tmp_path):
+    """The default (embedded) mode end to end on SQLite, whatever database the suite runs on: a file
+    above HELPER_MIN_BYTES goes through the forked helpers, the typed parse path, the insert without
+    CHECK or foreign key checks, and leaves rows that pass every one of those checks, with foreign
+    keys enforced again on the connection afterwards."""
+    rows = [{**ROWS[i % len(ROWS)], "tags": ["t"] if i % 2 else []} for i in range(40_000)]
+    path = write_file(tmp_path / "big.jsonl", rows)
+    assert path.stat().st_size > imports.HELPER_MIN_BYTES
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'embedded.sqlite3'}",
+        "STUDIO_VAR_DIR": str(tmp_path / "var"),
+        "STUDIO_DATA_DIR": str(tmp_path / "data"),
+        "DJANGO_SETTINGS_MODULE": "studio.settings",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", EMBEDDED_IMPORT, str(path)],
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (figures["imported"], figures["rejected"], figures["forks"]) == (40_000, 3, 2)
+    assert (figures["keys"], figures["orphans"], figures["failing_checks"]) == (1, 0, 0)
+    good = [r for r in parsing.parse_file(path) if isinstance(r, parsing.Record)]
+    assert [(p, line, json.loads(m), json.loads(t)) for p, line, m, t in figures["rows"]] == [
+        (i, r.line, r.messages, r.tags) for i, r in enumerate(good)
+    ]
