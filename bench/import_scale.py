@@ -121,9 +121,8 @@ def main() -> None:
             path = Path(tmp) / f"import-{n}.jsonl"
             make_file(path, n)
             runs = []
-            for attempt in range(
-                args.repeat
-            ):  # baseline and import side by side, so both see the same machine
+            for attempt in range(args.repeat):
+                # the baseline right before the import, so that both see the machine in the same state
                 baseline = bare_json(path)
                 env = dict(os.environ)
                 if not args.tokenizer:
@@ -147,8 +146,7 @@ def main() -> None:
                     f"{figures['helper_peak_rss_mb']:.0f} MB = {figures['total_rss_mb']:.0f} MB"
                 )
             middle = sorted(runs, key=lambda f: f["ratio"])[len(runs) // 2]
-            results[n] = {**middle, "total_rss_mb": max(f["total_rss_mb"] for f in runs)}
-            results[n]["peak_rss_mb"] = max(f["peak_rss_mb"] for f in runs)
+            results[n] = {key: max(f[key] for f in runs) for key in ("total_rss_mb", "peak_rss_mb")}
             print(
                 f"{n:>7} examples: median ratio {middle['ratio']:.2f}x of {len(runs)} (target <= 3x); "
                 f"highest peak RSS {results[n]['total_rss_mb']:.0f} MB with helpers (target < 500 MB)"

@@ -511,9 +511,9 @@ def _sqlite_insert(connection, table: str, column_list: str, prepared: list[Prep
     editor, as in migrations), which saves binding a dozen parameters per row.
 
     The table's CHECK constraints are skipped for these rows (a third of the insert's time goes to
-    re-parsing every messages text for ``JSON_VALID``): the JSON texts come from orjson.dumps and the
-    integers from counting, so no check can fail. NOT NULL and UNIQUE still apply; foreign keys are
-    not checked during an import either (see _parents_held)."""
+    re-parsing every messages text for ``JSON_VALID``): the JSON texts come from orjson or msgspec
+    and the integers from counting, so no check can fail. NOT NULL and UNIQUE still apply; foreign
+    keys are not checked during an import either (see _parents_held)."""
     quote = connection.schema_editor().quote_value
     shared = ", ".join([quote(v) for v in fixed])
     values = f"?+{int(offset)}, ?, ?, ?, ?, ?, ?, 0, {shared}"
@@ -614,8 +614,7 @@ def process(upload_id: int) -> ImportResult | None:
     return ImportResult(upload, imported, rejections.total, rejections.first)
 
 
-@contextlib.contextmanager
-def _parents_held():
+def _parents_held() -> contextlib.AbstractContextManager:
     """On SQLite, the import's transaction runs without per-row foreign key checks, as Django's
     ``loaddata`` does (they were about 30% of the insert's time: two parent lookups per example).
     Every example of an import references the same dataset and upload, which the transaction reads
@@ -624,10 +623,8 @@ def _parents_held():
     transaction: inside an enclosing one (tests) the checks simply stay on."""
     connection = connections[router.db_for_write(Example)]
     if connection.vendor != "sqlite":
-        yield
-        return
-    with connection.constraint_checks_disabled():
-        yield
+        return contextlib.nullcontext()
+    return connection.constraint_checks_disabled()
 
 
 @contextlib.contextmanager
