@@ -10,6 +10,10 @@ database under a temp dir) so its peak RSS is its own. From 4 MB on, the import 
 original upload); their peak RSS and CPU time are printed too, and the memory target is checked
 against the import process plus its largest helper. Targets: peak RSS under 500 MB, growing under 20%
 from 10k to 100k; import time within 3× of the bare json.loads loop. Prints figures; asserts nothing.
+
+Each run also times the database's share alone ("floor"): the same rows, parsed and prepared
+beforehand, inserted and committed by the studio's own insert code into a fresh database, nothing
+else. No import of the file can take less than that plus reading the file once.
 """
 
 from __future__ import annotations
@@ -97,6 +101,32 @@ def child(path: str, with_tokenizer: bool) -> None:
     print(json.dumps(figures))
 
 
+def floor_child(path: str) -> None:
+    """Runs in a fresh process: the database work of an import alone, on rows prepared untimed."""
+    import django
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "studio.settings")
+    sys.path.insert(0, str(ROOT))
+    django.setup()
+    from django.core.management import call_command
+    from django.db import transaction
+
+    call_command("migrate", verbosity=0)
+    from datasets_app import parsing
+    from datasets_app.services import datasets, imports
+
+    ds = datasets.create_dataset(f"floor-{time.time()}", "sft", "bench")
+    upload = imports.receive_path(ds, None, Path(path))
+    batches = list(imports.prepare_batches(parsing.parse_file(path, kind="sft"), 1000))
+    t0 = time.perf_counter()
+    with imports._parents_held(), transaction.atomic():
+        position = 0
+        for good, _rejected in batches:
+            imports._insert_examples(ds, upload, good, position, None)
+            position += len(good)
+    print(json.dumps({"seconds": time.perf_counter() - t0, "rows": position}))
+
+
 def bare_json(path: Path) -> float:
     t0 = time.perf_counter()
     with open(path, encoding="utf-8") as fh:
@@ -111,7 +141,11 @@ def main() -> None:
     ap.add_argument("--tokenizer", action="store_true", help="count tokens with the registered base model")
     ap.add_argument("--repeat", type=int, default=3, help="runs per size; the median ratio is the figure")
     ap.add_argument("--child", default="")
+    ap.add_argument("--floor-child", default="")
     args = ap.parse_args()
+    if args.floor_child:
+        floor_child(args.floor_child)
+        return
     if args.child:
         child(args.child, args.tokenizer)
         return
@@ -137,6 +171,12 @@ def main() -> None:
                 figures = json.loads(out.stdout.strip().splitlines()[-1])
                 figures.update(json_loads_s=baseline, ratio=figures["seconds"] / baseline)
                 figures["total_rss_mb"] = figures["peak_rss_mb"] + figures["helper_peak_rss_mb"]
+                if not args.tokenizer:
+                    env["DATABASE_URL"] += "-floor"
+                    cmd = [sys.executable, __file__, "--floor-child", str(path)]
+                    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+                    floor = json.loads(out.stdout.strip().splitlines()[-1])
+                    figures["floor_ratio"] = floor["seconds"] / baseline
                 runs.append(figures)
                 print(
                     f"{n:>7} examples ({path.stat().st_size / 1e6:.1f} MB), run {attempt + 1}: import "
@@ -144,11 +184,14 @@ def main() -> None:
                     f"{baseline:.2f} s, ratio {figures['ratio']:.2f}x; CPU {figures['cpu_s']:.2f} s + helpers "
                     f"{figures['helper_cpu_s']:.2f} s; peak RSS {figures['peak_rss_mb']:.0f} MB + largest helper "
                     f"{figures['helper_peak_rss_mb']:.0f} MB = {figures['total_rss_mb']:.0f} MB"
+                    + (f"; database alone {figures['floor_ratio']:.2f}x" if "floor_ratio" in figures else "")
                 )
             middle = sorted(runs, key=lambda f: f["ratio"])[len(runs) // 2]
             results[n] = {key: max(f[key] for f in runs) for key in ("total_rss_mb", "peak_rss_mb")}
+            floors = sorted(f["floor_ratio"] for f in runs if "floor_ratio" in f)
+            floor = f", database alone median {floors[len(floors) // 2]:.2f}x" if floors else ""
             print(
-                f"{n:>7} examples: median ratio {middle['ratio']:.2f}x of {len(runs)} (target <= 3x); "
+                f"{n:>7} examples: median ratio {middle['ratio']:.2f}x of {len(runs)} (target <= 3x){floor}; "
                 f"highest peak RSS {results[n]['total_rss_mb']:.0f} MB with helpers (target < 500 MB)"
             )
     if len(results) >= 2:
