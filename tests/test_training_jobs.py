@@ -7,7 +7,7 @@ from io import StringIO
 from pathlib import Path
 
 import pytest
-from conftest import make_version, smoke_request
+from conftest import job_verbs, make_version, smoke_request
 from django.core.management import CommandError, call_command
 from django.urls import reverse
 from django.utils import timezone
@@ -523,3 +523,171 @@ def test_catalog_shows_which_devices_each_model_fits(client_for, engineer, tiny_
     fit = jobs.device_fit(tiny_base, jobs.known_devices())
     assert {(f["device"], f["fits"]) for f in fit} == {("toy GPU", False), ("big GPU", True)}
     assert "too large" in body and "fits" in body
+
+
+# --- review findings: merge rights and state, odd base models, limits ------------------------------------
+
+
+def _succeeded_lora_job(engineer, sft_version, tiny_base):
+    job = jobs.create_job(smoke_request(sft_version, tiny_base), engineer)
+    final = job.output_dir / "final"
+    final.mkdir(parents=True)
+    (final / "adapter_config.json").write_text("{}")
+    TrainingJob.objects.filter(pk=job.pk).update(state="succeeded", artifacts_dir=str(final))
+    job.refresh_from_db()
+    return job
+
+
+def test_only_the_owner_or_an_admin_merges_and_only_once_at_a_time(
+    client_for, make_user, engineer, admin_user, sft_version, tiny_base, django_capture_on_commit_callbacks
+):
+    job = _succeeded_lora_job(engineer, sft_version, tiny_base)
+    stranger = make_user("eve", "engineer")
+    with pytest.raises(jobs.JobRefused, match="owner or an admin"):
+        jobs.request_merge(job, stranger)
+    response = client_for(stranger).post(reverse("training:job_merge", args=[job.pk]), follow=True)
+    assert "owner or an admin" in response.content.decode()
+    job.refresh_from_db()
+    assert job.merge_state == "" and "training.job.merge" not in job_verbs(job)
+
+    with django_capture_on_commit_callbacks() as callbacks:
+        jobs.request_merge(job, engineer)
+    assert len(callbacks) == 1  # one merge task
+    job.refresh_from_db()
+    assert job.merge_state == "pending"
+    with pytest.raises(jobs.JobRefused, match="already under way"):
+        jobs.request_merge(job, admin_user)
+    body = client_for(engineer).get(reverse("training:job_live", args=[job.pk])).content.decode()
+    assert "Merging the adapter" in body and "job_merge" not in body and "/merge/" not in body
+
+
+def test_a_failed_merge_is_recorded_and_can_be_retried(engineer, sft_version, tiny_base, monkeypatch):
+    from training_app.trainer import run
+
+    job = _succeeded_lora_job(engineer, sft_version, tiny_base)
+    jobs.request_merge(job, engineer)
+
+    def broken(base_dir, adapter_dir, out_dir):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(run, "merge_adapter", broken)
+    assert jobs.merge(job) is None
+    job.refresh_from_db()
+    assert job.merge_state == "failed" and "OSError" in job.merge_error and "disk full" not in job.merge_error
+    assert not (Path(job.artifacts_dir) / "merged").exists()
+    assert not list(Path(job.artifacts_dir).glob(".merged-*"))
+
+    def works(base_dir, adapter_dir, out_dir):
+        Path(out_dir).mkdir()
+        (Path(out_dir) / "config.json").write_text("{}")
+
+    monkeypatch.setattr(run, "merge_adapter", works)
+    jobs.request_merge(job, engineer)  # a failed merge may be asked again
+    assert jobs.merge(job) == Path(job.artifacts_dir) / "merged"
+    job.refresh_from_db()
+    assert job.merge_state == "done" and job.merge_error == ""
+    verbs = job_verbs(job)
+    assert verbs.count("training.job.merge") == 2
+    assert "training.job.merge_fail" in verbs and "training.job.merged" in verbs
+
+
+def test_base_model_with_missing_files_or_gpt2_config_never_breaks_the_pages(
+    client_for, engineer, admin_user, sft_version, tiny_base, tmp_path
+):
+    import json
+    import shutil
+
+    from training_app.trainer.estimate import UnknownModelShape, check_model_shape
+
+    # GPT-2 style names are understood
+    check_model_shape({"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 100})
+    with pytest.raises(UnknownModelShape, match="hidden_size"):
+        check_model_shape({"vocab_size": 100})
+    # a registered model whose directory disappeared
+    copy = tmp_path / "gone"
+    shutil.copytree(tiny_base.local_dir, copy)
+    gone = register_local_dir("gone", copy, admin_user)
+    shutil.rmtree(copy)
+    page = client_for(engineer).get(reverse("training:base_models"))
+    assert page.status_code == 200 and "unknown" in page.content.decode()
+    with pytest.raises(jobs.JobRefused) as exc:
+        jobs.create_job(smoke_request(sft_version, gone), engineer)
+    assert any("files are missing or unreadable" in p for p in exc.value.problems)
+    client = client_for(engineer)
+    page = client.get(reverse("training:job_new") + "?preset=smoke")
+    data = {**page.context["form"].initial, "dataset_version": sft_version.pk, "base_model": gone.pk}
+    data = {k: v for k, v in data.items() if v is not None and v is not False}
+    response = client.post(reverse("training:job_estimate"), data)
+    assert response.status_code == 200 and "files are missing" in response.content.decode()
+    # a model whose config gives no sizes is refused when added
+    odd = tmp_path / "odd"
+    shutil.copytree(tiny_base.local_dir, odd)
+    (odd / "config.json").write_text(json.dumps({"architectures": ["Odd"], "vocab_size": 100}))
+    with pytest.raises(UnknownModelShape):
+        register_local_dir("odd", odd, admin_user)
+    assert not BaseModel.objects.filter(name="odd").exists()
+
+
+def test_limits_that_would_overflow_or_fail_on_the_worker_are_refused_before_launch(
+    engineer, curator, sft_version, tiny_base
+):
+    with pytest.raises(jobs.JobRefused) as exc:
+        jobs.create_job(smoke_request(sft_version, tiny_base, max_steps=10**19), engineer)
+    assert any("Max steps must be between 1 and 10,000,000" in p for p in exc.value.problems)
+    req = smoke_request(sft_version, tiny_base)
+    req.method, req.merge = "sft", True
+    with pytest.raises(jobs.JobRefused) as exc:
+        jobs.create_job(req, engineer)
+    assert any("Merging only applies to adapter methods" in p for p in exc.value.problems)
+    prefs = make_version(curator, kind="preference", name="prefs")
+    req = smoke_request(prefs, tiny_base, packing=True)
+    req.method = "dpo"
+    with pytest.raises(jobs.JobRefused) as exc:
+        jobs.create_job(req, engineer)
+    assert any("Packing is not available for DPO" in p for p in exc.value.problems)
+    assert not TrainingJob.objects.exists()
+
+
+def test_packed_step_estimate_is_the_trainers_packing(sft_version, tiny_base):
+    from training_app.trainer.data import pack_examples
+
+    config, problems = jobs.normalise_config(
+        {**smoke_request(sft_version, tiny_base).config, "packing": True}
+    )
+    assert not problems
+    lengths = list(sft_version.examples.filter(split="train").values_list("token_count", flat=True))
+    config["max_length"] = max(lengths) + 1  # two examples rarely share a row: ceil(sum/len) undercounts
+    figures = jobs.estimate(dataset_version=sft_version, base_model=tiny_base, method="lora", config=config)
+    truncated = [min(n, config["max_length"]) for n in lengths]
+    assert figures["rows"] == len(pack_examples(truncated, config["max_length"]))
+
+
+def test_nul_byte_in_an_artifact_name_is_not_found(client_for, engineer, sft_version, tiny_base):
+    job = _succeeded_lora_job(engineer, sft_version, tiny_base)
+    client = client_for(engineer)
+    assert client.get(f"/training/jobs/{job.pk}/artifacts/a%00b").status_code == 404
+    assert jobs.artifact_path(job, "a\x00b") is None
+
+
+def test_base_model_status_changes_follow_the_lifecycle(client_for, admin_user, tiny_base):
+    client = client_for(admin_user)
+    url = reverse("training:base_model_status", args=[tiny_base.pk])
+    events = AuditEvent.objects.filter(verb__startswith="base_model.").count()
+    client.post(url, {"status": "active"})  # already active: nothing happens, nothing audited
+    assert AuditEvent.objects.filter(verb__startswith="base_model.").count() == events
+    client.post(url, {"status": "retired"})
+    tiny_base.refresh_from_db()
+    assert tiny_base.status == "retired"
+    register_local_dir("tiny-llama", tiny_base.local_dir, admin_user)  # a refresh keeps it retired
+    tiny_base.refresh_from_db()
+    assert tiny_base.status == "retired"
+    client.post(url, {"status": "active"})
+    tiny_base.refresh_from_db()
+    assert tiny_base.status == "active"
+    failed = BaseModel.objects.create(name="broken", source_kind="gguf", source="/x.gguf", status="failed")
+    response = client.post(
+        reverse("training:base_model_status", args=[failed.pk]), {"status": "active"}, follow=True
+    )
+    failed.refresh_from_db()
+    assert failed.status == "failed" and "cannot be made available" in response.content.decode()
+    assert "Reactivate" not in client.get(reverse("training:base_models")).content.decode().split("broken")[1]

@@ -99,6 +99,15 @@ class TrainingJob(models.Model):
     estimate = models.JSONField(default=dict)  # tokens, steps, memory at launch
     merge_requested = models.BooleanField(default=False)
 
+    class Merge(models.TextChoices):  # a merge asked for after the job succeeded (the job page's button)
+        NONE = "", "Not asked"
+        PENDING = "pending", "Merging"
+        DONE = "done", "Merged"
+        FAILED = "failed", "Merge failed"
+
+    merge_state = models.CharField(max_length=8, choices=Merge.choices, default=Merge.NONE, blank=True)
+    merge_error = models.TextField(blank=True)
+
     state = models.CharField(max_length=10, choices=State.choices, default=State.QUEUED, db_index=True)
     priority = models.IntegerField(default=0)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")

@@ -59,8 +59,13 @@ def base_model_status(request, pk: int):
     if status not in (BaseModel.Status.ACTIVE, BaseModel.Status.RETIRED):
         messages.error(request, "Unknown status.")
     else:
-        services.set_status(model, status, request.user)
-        messages.success(request, f"{model.name} is now {model.get_status_display().lower()}.")
+        try:
+            services.set_status(model, status, request.user)
+        except services.BaseModelRefused as exc:
+            messages.error(request, str(exc))
+        else:
+            label = BaseModel.Status(status).label.lower()
+            messages.success(request, f"{model.name} is now {label}.")
     return redirect("training:base_models")
 
 
@@ -149,13 +154,17 @@ def _live_context(job: TrainingJob, request) -> dict:
         elif name == "tokens_per_second":
             curves["speed"].setdefault("tokens/s", []).append((step, value))
     position = job_service.queue_positions().get(job.pk) if job.state == TrainingJob.State.QUEUED else None
+    artifacts = job_service.artifact_files(job)
     return {
         "job": job,
         "curves": curves,
         "position": position,
         "manageable": job_service.can_manage(job, request.user),
-        "artifacts": job_service.artifact_files(job),
-        "merge_possible": job.state == TrainingJob.State.SUCCEEDED and job.method != TrainingJob.Method.SFT,
+        "artifacts": artifacts,
+        "merge_possible": job.state == TrainingJob.State.SUCCEEDED
+        and job.method != TrainingJob.Method.SFT
+        and job.merge_state != TrainingJob.Merge.PENDING
+        and not any(f["name"].startswith("merged/") for f in artifacts),
         "resume_from": _resume_from(job),
         "version": getattr(job, "model_version", None) if job.state == TrainingJob.State.SUCCEEDED else None,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -28,16 +29,18 @@ def register_local_dir(
 ) -> BaseModel:
     """Register (or refresh) a base model from a local Hugging Face directory."""
     from ..trainer.convert import describe_model_dir
+    from ..trainer.estimate import check_model_shape
 
     meta = describe_model_dir(path)
+    check_model_shape(json.loads((path / "config.json").read_text()))
     template = ""
     tok_cfg = path / "tokenizer_config.json"
     if tok_cfg.exists():
-        import json
-
         template = json.loads(tok_cfg.read_text()).get("chat_template") or ""
     if not template and (path / "chat_template.jinja").exists():
         template = (path / "chat_template.jinja").read_text()
+    existing = BaseModel.objects.filter(name=name).values_list("status", flat=True).first()
+    status = BaseModel.Status.RETIRED if existing == BaseModel.Status.RETIRED else BaseModel.Status.ACTIVE
     with transaction.atomic():
         model, created = BaseModel.objects.update_or_create(
             name=name,
@@ -50,7 +53,7 @@ def register_local_dir(
                 "architecture": meta.get("architecture", ""),
                 "license": license,
                 "chat_template": template if isinstance(template, str) else "",
-                "status": BaseModel.Status.ACTIVE,
+                "status": status,
                 "error": "",
             },
         )
@@ -87,8 +90,26 @@ def register_bundled_smollm2(user) -> BaseModel:
     return register_gguf(SMOLLM2_NAME, find_smollm2_gguf(), user, license="Apache-2.0")
 
 
+# Admins retire an available model or bring a retired one back; a model being prepared or whose
+# preparation failed changes only through the worker (a failed one is added again once fixed).
+STATUS_CHANGES = {
+    (BaseModel.Status.ACTIVE, BaseModel.Status.RETIRED),
+    (BaseModel.Status.RETIRED, BaseModel.Status.ACTIVE),
+}
+
+
 def set_status(model: BaseModel, status: str, user) -> None:
     with transaction.atomic():
+        model = BaseModel.objects.select_for_update().get(pk=model.pk)
+        if (model.status, status) not in STATUS_CHANGES:
+            raise BaseModelRefused(
+                f"{model.name} is {model.get_status_display().lower()}; it cannot be made "
+                f"{BaseModel.Status(status).label.lower()} from there."
+            )
+        if status == BaseModel.Status.ACTIVE and not (model.local_dir / "config.json").is_file():
+            raise BaseModelRefused(
+                f"{model.name}'s files are missing at {model.local_dir}; restore them before reactivating it."
+            )
         model.status = status
         model.save(update_fields=["status"])
         audit.record(user, f"base_model.{status}", model)

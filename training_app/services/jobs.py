@@ -109,6 +109,7 @@ def check_config(
     config: dict,
     replay_version: DatasetVersion | None = None,
     replay_percent: float = 0.0,
+    merge: bool = False,
 ) -> list[str]:
     """Every reason this job cannot run, in plain words (empty when it can)."""
     problems: list[str] = []
@@ -117,7 +118,17 @@ def check_config(
     if base_model is None:
         problems.append("Choose a base model.")
     elif base_model.status != BaseModel.Status.ACTIVE:
-        problems.append(f"Base model {base_model.name} is retired; choose an available one.")
+        state = {BaseModel.Status.FAILED: "could not be prepared"}.get(base_model.status, base_model.status)
+        problems.append(f"Base model {base_model.name} is {state}; choose an available one.")
+    elif not _model_config(base_model):
+        problems.append(
+            f"Base model {base_model.name}'s files are missing or unreadable at {base_model.local_dir}: "
+            "an admin can restore them or retire the model."
+        )
+    if method == Method.DPO and config.get("packing"):
+        problems.append("Packing is not available for DPO; turn packing off.")
+    if merge and method == Method.SFT:
+        problems.append("Merging only applies to adapter methods (LoRA, QLoRA, DPO); turn merge off for SFT.")
     if dataset_version is None:
         problems.append("Choose a frozen dataset version.")
     else:
@@ -165,6 +176,9 @@ def check_config(
     return problems
 
 
+MAX_STEPS = 10_000_000  # far beyond any run here, and within the step columns of every database
+
+
 def _range_problems(config: dict, base_model: BaseModel | None) -> list[str]:
     problems = []
     checks = [
@@ -190,8 +204,8 @@ def _range_problems(config: dict, base_model: BaseModel | None) -> list[str]:
     if not 0 < config.get("dpo_beta", 0.1) <= 10:
         problems.append("DPO beta must be above 0 and at most 10.")
     max_steps = config.get("max_steps")
-    if max_steps is not None and max_steps < 1:
-        problems.append("Max steps must be at least 1, or empty to train by epochs.")
+    if max_steps is not None and not 1 <= max_steps <= MAX_STEPS:
+        problems.append(f"Max steps must be between 1 and {MAX_STEPS:,}, or empty to train by epochs.")
     if max_steps is None and not 0 < config.get("epochs", 0) <= 100:
         problems.append("Epochs must be above 0 and at most 100 (or set max steps).")
     if config.get("lr_scheduler") not in SCHEDULERS:
@@ -252,7 +266,9 @@ def estimate(
     max_length = config["max_length"]
     truncated = [min(n, max_length) for n in lengths]
     if config.get("packing") and method != Method.DPO:
-        rows = max(1, math.ceil(sum(truncated) / max_length))
+        from ..trainer.data import pack_examples
+
+        rows = max(1, len(pack_examples(truncated, max_length)))  # the trainer's own packing
     else:
         rows = len(lengths)
     per_step = config["batch_size"] * config["grad_accum"]
@@ -263,6 +279,11 @@ def estimate(
     else:
         epochs = config["epochs"]
         steps = math.ceil(steps_per_epoch * epochs)
+    if steps > MAX_STEPS:
+        raise JobRefused(
+            f"This run would take {steps:,} steps, more than the {MAX_STEPS:,} a job may take: "
+            "train fewer epochs, set max steps or raise the batch size."
+        )
     tokens_per_epoch = sum(truncated)
     figures = {
         "examples": len(lengths),
@@ -277,7 +298,12 @@ def estimate(
     }
     devices = known_devices()
     target = device or devices[0]
-    memory = _memory(base_model, method, config, target)
+    from ..trainer.estimate import UnknownModelShape
+
+    try:
+        memory = _memory(base_model, method, config, target)
+    except UnknownModelShape as exc:
+        raise JobRefused(f"Base model {base_model.name}: {exc}. Choose another base model.") from None
     figures["memory"] = memory.as_dict()
     figures["devices"] = [
         {"label": d.get("label") or d.get("name"), "kind": d.get("kind"), "total_bytes": d.get("total_bytes")}
@@ -294,15 +320,23 @@ def device_fit(base_model: BaseModel, devices: list[dict], method: str = "lora")
         **preset,
         "max_length": min(preset["max_length"], base_model.context_length or preset["max_length"]),
     }
+    from ..trainer.estimate import UnknownModelShape
+
     rows = []
     for device in devices:
-        memory = _memory(base_model, method, config, device)
         label = device.get("label") or device.get("name")
+        try:
+            memory = _memory(base_model, method, config, device)
+        except UnknownModelShape as exc:
+            rows.append({"device": label, "fits": None, "suggestion": f"Unknown: {exc}."})
+            continue
         rows.append({"device": label, "fits": memory.fits, "suggestion": memory.suggestion})
     return rows
 
 
 def _memory(base_model: BaseModel, method: str, config: dict, device: dict):
+    """Raises UnknownModelShape when the model's files do not give its sizes (device_fit shows
+    "unknown"; a job cannot be launched: check_config refuses a model whose config is unreadable)."""
     from ..trainer.estimate import estimate_memory
 
     return estimate_memory(
@@ -354,6 +388,7 @@ def preview(request: JobRequest) -> tuple[dict, str, list[str], dict | None]:
         config=config,
         replay_version=request.replay_version,
         replay_percent=request.replay_percent,
+        merge=request.merge,
     )
     if request.preset and request.preset not in PRESETS:
         problems.append(f"Preset “{request.preset}” is unknown; choose one of {', '.join(PRESETS)}.")
@@ -365,14 +400,17 @@ def preview(request: JobRequest) -> tuple[dict, str, list[str], dict | None]:
         )
     if problems:
         return config, model_name, problems, None
-    figures = estimate(
-        dataset_version=request.dataset_version,
-        base_model=request.base_model,
-        method=request.method,
-        config=config,
-        replay_version=request.replay_version,
-        replay_percent=request.replay_percent,
-    )
+    try:
+        figures = estimate(
+            dataset_version=request.dataset_version,
+            base_model=request.base_model,
+            method=request.method,
+            config=config,
+            replay_version=request.replay_version,
+            replay_percent=request.replay_percent,
+        )
+    except JobRefused as exc:
+        return config, model_name, exc.problems, None
     return config, model_name, [], figures
 
 
@@ -956,39 +994,65 @@ def artifact_files(job: TrainingJob) -> list[dict]:
 
 def artifact_path(job: TrainingJob, name: str) -> Path | None:
     """Resolve a requested artifact strictly inside the job's artifacts dir, or None."""
-    if not job.artifacts_dir:
+    if not job.artifacts_dir or "\x00" in name:
         return None
     root = Path(job.artifacts_dir).resolve()
-    target = (root / name).resolve()
-    if root not in target.parents or not target.is_file():
+    try:
+        target = (root / name).resolve()
+        if root not in target.parents or not target.is_file():
+            return None
+    except (OSError, ValueError):  # a name too long or otherwise impossible: not an artifact
         return None
     return target
 
 
 def request_merge(job: TrainingJob, user) -> None:
-    if job.state != State.SUCCEEDED:
-        raise JobRefused("Only a succeeded job's adapter can be merged.")
-    if job.method == Method.SFT:
-        raise JobRefused("A full fine-tune already is a complete model; there is no adapter to merge.")
-    if (Path(job.artifacts_dir) / "merged").is_dir():
-        raise JobRefused("The merged model already exists.")
-    audit.record(user, "training.job.merge", job)
-    from ..tasks import merge_job
+    """Queue the merge of a succeeded job's adapter into a full model (owner or admin, once at a time)."""
+    if not can_manage(job, user):
+        raise JobRefused("Only the job's owner or an admin can merge its adapter.")
+    with transaction.atomic():
+        job = TrainingJob.objects.select_for_update().get(pk=job.pk)
+        if job.state != State.SUCCEEDED:
+            raise JobRefused("Only a succeeded job's adapter can be merged.")
+        if job.method == Method.SFT:
+            raise JobRefused("A full fine-tune already is a complete model; there is no adapter to merge.")
+        if job.merge_state == TrainingJob.Merge.PENDING:
+            raise JobRefused("The merge is already under way; the merged model appears under Artifacts.")
+        if (Path(job.artifacts_dir) / "merged").is_dir():
+            raise JobRefused("The merged model already exists.")
+        job.merge_state, job.merge_error = TrainingJob.Merge.PENDING, ""
+        job.save(update_fields=["merge_state", "merge_error"])
+        audit.record(user, "training.job.merge", job)
+        from ..tasks import merge_job
 
-    transaction.on_commit(lambda: merge_job.delay(job.pk))
+        transaction.on_commit(lambda: merge_job.delay(job.pk))
 
 
-def merge(job: TrainingJob) -> Path:
+def merge(job: TrainingJob) -> Path | None:
+    """Worker side of request_merge; the outcome is recorded on the job and in the audit log."""
     from ..trainer.run import merge_adapter
 
     final = Path(job.artifacts_dir)
     out = final / "merged"
+    if out.is_dir():  # a redelivered task whose first run finished
+        TrainingJob.objects.filter(pk=job.pk).update(merge_state=TrainingJob.Merge.DONE, merge_error="")
+        return out
     tmp = final / f".merged-{uuid.uuid4().hex[:8]}"
     try:
         merge_adapter(str(job.base_model.local_dir), str(final), str(tmp))
         os.replace(tmp, out)
+    except Exception as exc:
+        log.exception("merging job %s failed", job.pk)
+        reason = (
+            f"The merge failed ({type(exc).__name__}); an engineer can find the details in the worker log."
+        )
+        TrainingJob.objects.filter(pk=job.pk).update(merge_state=TrainingJob.Merge.FAILED, merge_error=reason)
+        audit.record(None, "training.job.merge_fail", job, error=type(exc).__name__)
+        return None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    TrainingJob.objects.filter(pk=job.pk).update(merge_state=TrainingJob.Merge.DONE, merge_error="")
+    audit.record(None, "training.job.merged", job)
     return out
 
 

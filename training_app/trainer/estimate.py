@@ -53,20 +53,41 @@ def _cfg(model_config: dict) -> dict:
     return model_config.get("text_config", model_config)
 
 
+class UnknownModelShape(ValueError):
+    """The model's config.json does not give the sizes a memory estimate needs."""
+
+
+def _size(cfg: dict, *names: str, default=None) -> int:
+    """The first of ``names`` present (Llama-style names first, then GPT-2 style ones)."""
+    for name in names:
+        if cfg.get(name):
+            return int(cfg[name])
+    if default is None:
+        raise UnknownModelShape(
+            f"the model's config.json gives none of {', '.join(names)}, so its memory cannot be estimated"
+        )
+    return default
+
+
 def _dims(model_config: dict) -> dict:
     cfg = _cfg(model_config)
-    hidden = int(cfg["hidden_size"])
-    heads = int(cfg.get("num_attention_heads", 1))
-    head_dim = int(cfg.get("head_dim") or hidden // heads)
-    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    hidden = _size(cfg, "hidden_size", "n_embd", "d_model")
+    heads = _size(cfg, "num_attention_heads", "n_head", default=1)
+    head_dim = _size(cfg, "head_dim", default=hidden // heads)
+    kv_heads = _size(cfg, "num_key_value_heads", default=heads)
     return {
         "hidden": hidden,
-        "inter": int(cfg.get("intermediate_size", 4 * hidden)),
-        "layers": int(cfg["num_hidden_layers"]),
+        "inter": _size(cfg, "intermediate_size", "n_inner", default=4 * hidden),
+        "layers": _size(cfg, "num_hidden_layers", "n_layer", "num_layers"),
         "q": heads * head_dim,
         "kv": kv_heads * head_dim,
-        "vocab": int(cfg.get("vocab_size", 32000)),
+        "vocab": _size(cfg, "vocab_size", default=32000),
     }
+
+
+def check_model_shape(model_config: dict) -> None:
+    """Raises UnknownModelShape when the studio could not estimate this model's memory."""
+    _dims(model_config)
 
 
 def _module_shapes(model_config: dict) -> dict[str, tuple[int, int]]:
