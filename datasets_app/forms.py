@@ -108,7 +108,7 @@ class PolicyForm(forms.Form):
             self.fields[f"op_{t}"] = forms.ChoiceField(choices=OPERATORS, label=t, required=False)
         if policy is not None and not self.is_bound:
             self.initial.update(
-                enabled_types=policy.enabled_types,
+                enabled_types=[t for t in policy.enabled_types if t in ENTITY_TYPES],  # custom: below
                 threshold=policy.threshold,
                 custom_recognizers="\n".join(
                     f"{c.entity_type}: {c.regex}" for c in policy.custom_recognizers
@@ -140,7 +140,14 @@ class PolicyForm(forms.Form):
         d = self.cleaned_data
         custom = d["custom_recognizers"]
         enabled = list(d["enabled_types"]) + [c.entity_type for c in custom]
-        operators = {name[3:]: value for name, value in d.items() if name.startswith("op_") and value}
+        # operator fields exist for the custom types of the stored policy too: keep only the types
+        # that still exist, or removing a custom recognizer would leave an operator for an unknown type
+        known = set(ENTITY_TYPES) | {c.entity_type for c in custom}
+        operators = {
+            name[3:]: value
+            for name, value in d.items()
+            if name.startswith("op_") and value and name[3:] in known
+        }
         return PiiPolicy(
             enabled_types=list(dict.fromkeys(enabled)),
             threshold=d["threshold"],
@@ -152,9 +159,9 @@ class PolicyForm(forms.Form):
 
 
 class SplitForm(forms.Form):
-    train = forms.FloatField(min_value=0, initial=80, label="Train %")
-    eval = forms.FloatField(min_value=0, initial=10, label="Eval %")
-    golden = forms.FloatField(min_value=0, initial=10, label="Golden %")
+    train = forms.FloatField(min_value=0, max_value=100, initial=80, label="Train %")
+    eval = forms.FloatField(min_value=0, max_value=100, initial=10, label="Eval %")
+    golden = forms.FloatField(min_value=0, max_value=100, initial=10, label="Golden %")
     seed = forms.IntegerField(initial=42)
 
     def clean(self):

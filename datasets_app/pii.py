@@ -266,16 +266,21 @@ def _as_list(value: Any, default: list) -> list:
 
 def _regex_error(pattern: str) -> str | None:
     """Compile with ``re`` (the documented dialect) and ``regex`` (Presidio's engine)."""
+    # OverflowError: a repeat count beyond the engine's range ("a{99999999999999}"); RecursionError:
+    # nesting too deep for the compiler; both are the pattern's fault, not the studio's.
+    too_big = (TypeError, ValueError, OverflowError, RecursionError, MemoryError)
     try:
         re.compile(pattern)
     except re.error as exc:
         return str(exc)
-    except (TypeError, ValueError) as exc:
-        return str(exc)
+    except too_big as exc:
+        return str(exc) or type(exc).__name__
     try:
         regex.compile(pattern)
     except regex.error as exc:
         return str(exc)
+    except too_big as exc:
+        return str(exc) or type(exc).__name__
     return None
 
 

@@ -64,7 +64,9 @@ def _overview(dataset: Dataset) -> dict:
     active = dataset.examples.filter(dropped=False)
     splits = dict(active.values_list("split").annotate(n=Count("id")).values_list("split", "n"))
     pii = dict(active.values_list("pii_status").annotate(n=Count("id")).values_list("pii_status", "n"))
-    pending = PiiFinding.objects.filter(dataset=dataset, decision=PiiFinding.Decision.PENDING).count()
+    pending = PiiFinding.objects.filter(
+        dataset=dataset, decision=PiiFinding.Decision.PENDING, example__dropped=False
+    ).count()  # as the PII page and the freeze check count them: dropped examples are not reviewed
     lengths = list(active.values_list("token_count", flat=True))
     from .tokens import token_stats
 
@@ -277,11 +279,11 @@ def pii_review(request, pk: int):
 @require_POST
 def pii_decide(request, pk: int):
     dataset = get_object_or_404(Dataset, pk=pk)
-    ids = [int(i) for i in request.POST.getlist("finding") if i.isdigit()]
+    ids = [int(i) for i in request.POST.getlist("finding") if i.isascii() and i.isdigit()]
     accept = request.POST.get("action") == "accept"
     n = scrub.decide(dataset, ids, accept, request.user)
     if request.htmx and len(ids) == 1:
-        f = PiiFinding.objects.filter(pk=ids[0]).select_related("example").first()
+        f = PiiFinding.objects.filter(pk=ids[0], dataset=dataset).select_related("example").first()
         if f is None:  # superseded by an overlapping redaction
             return HttpResponse("")
         return render(
@@ -290,7 +292,7 @@ def pii_decide(request, pk: int):
             {"row": {"f": f, **scrub.finding_context(f, f.example)}},
         )
     messages.success(request, f"{n} findings {'scrubbed' if accept else 'kept as not personal data'}.")
-    return redirect(request.POST.get("next") or reverse("datasets:pii", args=[dataset.pk]))
+    return redirect("datasets:pii", dataset.pk)
 
 
 @role_required(CURATOR)

@@ -13,6 +13,8 @@ import time
 import uuid
 from functools import wraps
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -200,8 +202,18 @@ def _log_completion(key, name: str, version: ModelVersion, result: Completion, s
 def chat_completions(request):
     started = time.perf_counter()
     try:
-        body = json.loads(request.body or b"null")
-    except (ValueError, UnicodeDecodeError):
+        raw = request.body
+    except RequestDataTooBig:
+        return error(
+            413,
+            f"The request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE // (1024 * 1024)} MB; "
+            "send fewer or shorter messages.",
+            "invalid_request_error",
+            "request_too_large",
+        )
+    try:
+        body = json.loads(raw or b"null")
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
         return error(400, "The request body is not valid JSON.", "invalid_request_error", "invalid_json")
     try:
         chat = serving.parse_chat_request(body)

@@ -84,7 +84,9 @@ def promotion_request(request, version_pk: int):
     run = None
     run_id = (request.POST.get("eval_run") or "").strip()
     if run_id:
-        run = EvalRun.objects.filter(pk=run_id if run_id.isdigit() else 0, candidate=version).first()
+        run = EvalRun.objects.filter(
+            pk=int(run_id) if run_id.isascii() and run_id.isdigit() else 0, candidate=version
+        ).first()
         if run is None:
             messages.error(
                 request, "That evaluation run is not a run of this version; choose one from the list."

@@ -63,7 +63,7 @@ def run_new(request):
     else:
         initial = {}
         version_id = request.GET.get("version", "")
-        if version_id.isdigit():
+        if version_id.isascii() and version_id.isdigit():
             version = (
                 ModelVersion.objects.filter(pk=int(version_id)).select_related("dataset_version").first()
             )

@@ -62,7 +62,7 @@ def review_next(request):
         return redirect("eval:review", held.comparison_id) if held else redirect("eval:reviews")
     if "run" in request.POST:
         raw = request.POST.get("run", "")
-        if raw.isdigit():
+        if raw.isascii() and raw.isdigit():
             request.session[SESSION_RUN] = int(raw)
         else:
             request.session.pop(SESSION_RUN, None)

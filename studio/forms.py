@@ -6,6 +6,7 @@ from __future__ import annotations
 from django import forms
 from django.contrib.auth import get_user_model, password_validation
 from django.contrib.auth.forms import SetPasswordForm
+from django.contrib.auth.models import Group
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import Q
@@ -23,6 +24,25 @@ def assigned_roles(user) -> list[str]:
     """The role groups a user is a direct member of, in ROLES order (not the roles admin implies)."""
     names = set(user.groups.filter(name__in=ROLES).values_list("name", flat=True)) if user.pk else set()
     return [role for role in ROLES if role in names]
+
+
+def _admin_changes_locked() -> None:
+    """Serialise every change that could remove an admin: the admin group's row stays locked until
+    the transaction ends, so two admins demoting each other at the same moment cannot both pass the
+    last-admin check below."""
+    Group.objects.select_for_update().filter(name=ADMIN).exists()
+
+
+def _an_admin_remains() -> None:
+    """Inside the transaction, after the change: refuse (and so roll back) when no active account
+    would be left that can administer the studio."""
+    admins = User.objects.filter(is_active=True).filter(
+        Q(is_superuser=True) | Q(groups__name=ADMIN) | Q(groups__permissions__codename="administer")
+    )
+    if not admins.exists():
+        raise ValidationError(
+            "This would leave the studio without an active admin; make someone else admin first."
+        )
 
 
 def set_roles(user, roles) -> None:
@@ -69,7 +89,8 @@ class UserCreateForm(forms.ModelForm):
         widgets = {"username": forms.TextInput(attrs={"autocomplete": "off", "autofocus": True})}
 
     def clean_username(self):
-        username = self.cleaned_data["username"]
+        # the model normalises (NFKC) on save: compare the name it will store, or "ＡＤＡ" passes
+        username = User.normalize_username(self.cleaned_data["username"])
         if User.objects.filter(username__iexact=username).exists():
             raise ValidationError("A user with that username already exists.")
         return username
@@ -131,8 +152,10 @@ class UserEditForm(forms.ModelForm):
         roles_after = self.cleaned_data["roles"]
         fields = [name for name in self.changed_data if name != "roles"]
         with transaction.atomic():
+            _admin_changes_locked()
             user = super().save()
             set_roles(user, roles_after)
+            _an_admin_remains()
             data = {"fields": fields}  # names only: the values are personal data
             if roles_after != self.roles_before:
                 data["roles"] = {"before": self.roles_before, "after": roles_after}
@@ -162,9 +185,11 @@ def set_active(actor, user, active: bool) -> bool:
     if not active and user.pk == getattr(actor, "pk", None):
         raise ValidationError("You can't deactivate your own account. Ask another admin to do it.")
     with transaction.atomic():
+        _admin_changes_locked()
         changed = User.objects.filter(pk=user.pk, is_active=not active).update(is_active=active)
         if not changed:
             return False
+        _an_admin_remains()
         user.is_active = active
         audit.record(actor, "user.reactivated" if active else "user.deactivated", user, active=active)
     return True

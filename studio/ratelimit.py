@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+import unicodedata
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -57,7 +58,9 @@ def ip_key(request) -> str:
 
 
 def username_key(username: str) -> str:
-    return _key("user", (username or "").strip().lower())
+    # The sign-in form NFKC-normalises the username before authenticating ("ａｄａ" signs in as
+    # "ada"), so the counter must too, or every look-alike spelling would get fresh guesses.
+    return _key("user", unicodedata.normalize("NFKC", username or "").strip().casefold())
 
 
 def _window_end(key: str, now: float) -> float | None:

@@ -9,16 +9,19 @@ from django.core.files.uploadhandler import StopUpload, TemporaryFileUploadHandl
 
 class LimitedTemporaryFileUploadHandler(TemporaryFileUploadHandler):
     def handle_raw_input(self, input_data, META, content_length, boundary, encoding=None):
-        self.too_large = False
-        self.received = 0
         # Content-Length includes the multipart framing; a little over the limit is allowed for it.
-        if content_length and content_length > settings.STUDIO_UPLOAD_MAX_BYTES + 64 * 1024:
+        # StopUpload may only be raised while the parser reads a file (raised here it escapes as a
+        # 500): mark the request and stop at the file's first chunk. The form fields before the file
+        # (the CSRF token) are still read, so the page can say why.
+        self.too_large = bool(
+            content_length and content_length > settings.STUDIO_UPLOAD_MAX_BYTES + 64 * 1024
+        )
+        if self.too_large:
             self.request.upload_too_large = True
-            raise StopUpload(connection_reset=True)
         return None
 
     def receive_data_chunk(self, raw_data, start):
-        if start + len(raw_data) > settings.STUDIO_UPLOAD_MAX_BYTES:
+        if self.too_large or start + len(raw_data) > settings.STUDIO_UPLOAD_MAX_BYTES:
             self.request.upload_too_large = True
             self.file.close()
             raise StopUpload(connection_reset=True)

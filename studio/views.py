@@ -230,7 +230,11 @@ def user_edit(request, pk: int):
         form = UserEditForm(request.POST, instance=target, actor=request.user)
         if form.is_valid():
             if form.has_changes:
-                form.save()
+                try:
+                    form.save()
+                except ValidationError as error:
+                    form.add_error(None, error)
+                    return _user_edit_page(request, target, form=form)
                 messages.success(request, f"Saved {target.get_username()}.")
             else:
                 messages.info(request, "Nothing changed.")

@@ -58,7 +58,10 @@ def _signatures(rows: list[tuple]) -> list[tuple[str, bytes, int]]:
 
 
 def recompute(dataset: Dataset) -> int:
-    """Rebuild the undecided duplicate groups of a dataset. Groups already decided are kept."""
+    """Rebuild the undecided duplicate groups of a dataset. Decided groups are kept, and their active
+    examples still take part: a new copy of an example kept by an earlier decision forms a new group
+    with it (which moves the kept example into that group for the curator to decide again); a group
+    made only of examples already decided is left as it was."""
     _fill_signatures(dataset)
     decided_members = set(
         Example.objects.filter(
@@ -68,12 +71,12 @@ def recompute(dataset: Dataset) -> int:
     items = [
         (pk, h, bytes(sig))
         for pk, h, sig in Example.objects.filter(dataset=dataset, dropped=False)
-        .exclude(pk__in=decided_members)
         .order_by("position")
         .values_list("pk", "content_hash", "minhash")
         .iterator(chunk_size=5000)
     ]
-    groups = find_duplicate_groups(items, threshold=settings.STUDIO_NEAR_DUP_THRESHOLD)
+    found = find_duplicate_groups(items, threshold=settings.STUDIO_NEAR_DUP_THRESHOLD)
+    groups = [g for g in found if not set(g.member_ids) <= decided_members]
     with transaction.atomic():
         Example.objects.filter(dataset=dataset, duplicate_group__decision=Decision.PENDING).update(
             duplicate_group=None
@@ -94,18 +97,34 @@ def _check(decision: str) -> None:
 
 
 def decide(group: DuplicateGroup, decision: str, user) -> None:
+    """Keep one: the first member not already dropped stays (the first of all when every one was),
+    the others are dropped. Keep all: every member is active again. The audit event names the
+    examples the decision dropped and restored."""
     _check(decision)
     with transaction.atomic():
         members = list(group.members.order_by("position"))
         if decision == Decision.KEEP_ONE:
-            Example.objects.filter(pk__in=[m.pk for m in members[1:]]).update(dropped=True)
-            Example.objects.filter(pk=members[0].pk).update(dropped=False)
+            kept = next((m for m in members if not m.dropped), members[0]) if members else None
+            keep = [kept] if kept else []
         else:
-            Example.objects.filter(pk__in=[m.pk for m in members]).update(dropped=False)
+            keep = members
+        keep_ids = {m.pk for m in keep}
+        restored = [m.pk for m in members if m.dropped and m.pk in keep_ids]
+        dropped = [m.pk for m in members if not m.dropped and m.pk not in keep_ids]
+        Example.objects.filter(pk__in=dropped).update(dropped=True)
+        Example.objects.filter(pk__in=restored).update(dropped=False)
         group.decision = decision
         group.decided_by = user
         group.save(update_fields=["decision", "decided_by"])
-        audit.record(user, f"duplicates.{decision}", group.dataset, group=group.pk, members=len(members))
+        audit.record(
+            user,
+            f"duplicates.{decision}",
+            group.dataset,
+            group=group.pk,
+            members=len(members),
+            dropped=dropped,
+            restored=restored,
+        )
 
 
 def decide_all(dataset: Dataset, decision: str, user) -> int:

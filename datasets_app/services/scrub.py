@@ -261,7 +261,9 @@ def decide(dataset: Dataset, finding_ids: list[int], accept: bool, user, *, note
 
 
 def decide_type(dataset: Dataset, entity_type: str, accept: bool, user) -> int:
-    """Bulk accept or reject every pending finding of one type, in chunks."""
+    """Bulk accept or reject every pending finding of one type, in chunks. Dropped examples are
+    included on purpose: they are not reviewed, but they stay in the database, and scrubbing them too
+    leaves no raw personal data behind (``import_dataset --scrub`` relies on it)."""
     total = 0
     while True:
         ids = list(

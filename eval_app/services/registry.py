@@ -66,7 +66,7 @@ def resolve_model_name(name: str) -> ModelVersion:
         return row.version
     if "/" in name:
         line, _, number = name.rpartition("/")
-        if not line or not number.isdigit():
+        if not line or not (number.isascii() and number.isdigit()):
             raise ValueError(f"{name!r} is not a model name: use <line>@<alias> or <line>/<version>")
         try:
             return ModelVersion.objects.select_related("registered_model", "base_model").get(

@@ -21,6 +21,10 @@ class Command(BaseCommand):
         if version is None:
             raise CommandError(f"dataset version {opts['version_id']} does not exist")
         out = Path(opts["out"])
+        if not out.parent.is_dir():
+            raise CommandError(f"--out: the folder {out.parent} does not exist; create it or choose another.")
+        if out.is_dir():
+            raise CommandError(f"--out: {out} is a folder; give a file name, e.g. {out / 'dataset.jsonl'}.")
         tmp = out.with_name(out.name + ".part")
         n = 0
         with open(tmp, "wb") as fh:

@@ -51,7 +51,7 @@ class Command(BaseCommand):
             raise CommandError(f"Dataset version {opts['dataset_version']} does not exist.")
         baseline_version = None
         baseline = opts["baseline"]
-        if baseline.isdigit():
+        if baseline.isascii() and baseline.isdigit():
             baseline_version = ModelVersion.objects.filter(pk=int(baseline)).first()
             if baseline_version is None:
                 raise CommandError(f"Baseline model version {baseline} does not exist.")
