@@ -68,16 +68,24 @@ class ChainReport:
     checked: int
     broken_at: int | None = None
     problem: str = ""
+    head_id: int | None = None  # the newest event: record its hash elsewhere to detect truncation
+    head_hash: str = ""
 
     @property
     def ok(self) -> bool:
-        return self.broken_at is None
+        return self.broken_at is None and not self.problem
 
 
-def verify_chain() -> ChainReport:
-    """Walk the chain in insertion order; report the first event whose link or content is wrong."""
+def verify_chain(expect: str = "") -> ChainReport:
+    """Walk the chain in insertion order; report the first event whose link or content is wrong.
+
+    The chain cannot show that its newest events were deleted (what is left still links up). For that,
+    ``expect`` is a head hash recorded earlier outside the database (``verify_audit`` prints it): it
+    must still be in the chain."""
     prev = GENESIS
     checked = 0
+    head_id = None
+    seen_expected = not expect
     for event in AuditEvent.objects.order_by("id").iterator(chunk_size=2000):
         if event.prev_hash != prev:
             return ChainReport(
@@ -89,5 +97,13 @@ def verify_chain() -> ChainReport:
         if compute_hash(event) != event.hash:
             return ChainReport(checked, event.pk, "its content does not match its hash (the row was edited)")
         prev = event.hash
+        head_id = event.pk
+        seen_expected = seen_expected or event.hash == expect
         checked += 1
-    return ChainReport(checked)
+    report = ChainReport(checked, head_id=head_id, head_hash=prev if head_id else "")
+    if not seen_expected:
+        report.problem = (
+            f"the recorded head {expect[:16]}… is no longer in the log: events after it were deleted "
+            "(or the hash was not recorded from this studio)"
+        )
+    return report

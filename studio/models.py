@@ -7,11 +7,14 @@ from django.db import models
 
 
 class AuditEvent(models.Model):
-    """One state change, append-only. Each event holds the hash of the previous one, so editing or
-    deleting a row anywhere in the chain is detected by `manage.py verify_audit`."""
+    """One state change, append-only. Each event holds the hash of the previous one, so editing,
+    inserting or deleting a row inside the chain is detected by `manage.py verify_audit`; deleting
+    the newest rows is detected against a head recorded elsewhere (`verify_audit --expect HASH`)."""
 
     created_at = models.DateTimeField(db_index=True)
-    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    # PROTECT: the actor's id is part of the event's hash, so a user with events is deactivated, never
+    # deleted (SET_NULL would rewrite the rows and break the chain).
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT)
     actor_name = models.CharField(max_length=150, blank=True)  # kept if the user is deleted
     verb = models.CharField(max_length=64, db_index=True)
     object_type = models.CharField(max_length=64, db_index=True, blank=True)

@@ -435,7 +435,11 @@ def test_verify_audit_reports_an_intact_chain(admin_user, target):
         audit.record(admin_user, verb, target)
     status, out, _ = verify_audit()
     assert status == 0
-    assert out.strip() == "Audit chain intact: 3 events checked."
+    head = AuditEvent.objects.order_by("-id").first()
+    assert out.strip().splitlines() == [
+        "Audit chain intact: 3 events checked.",
+        f"Head: event #{head.pk} {head.hash}",
+    ]
 
 
 def test_edited_event_is_detected(admin_user, target, client_for):
@@ -464,6 +468,30 @@ def test_deleted_event_is_detected(admin_user, target):
     assert status == 1
     assert f"Audit chain broken at event #{events[2].pk}:" in err
     assert "deleted or inserted" in err
+
+
+def test_deleted_newest_events_are_detected_against_a_recorded_head(admin_user, target):
+    events = [audit.record(admin_user, f"step.{i}", target) for i in range(4)]
+    out, err = io.StringIO(), io.StringIO()
+    call_command("verify_audit", "--expect", events[3].hash, stdout=out, stderr=err)
+    assert "Audit chain intact: 4 events checked." in out.getvalue()
+    table = connection.ops.quote_name(AuditEvent._meta.db_table)
+    with connection.cursor() as cursor:  # the newest two: what is left still links up
+        cursor.execute(f"DELETE FROM {table} WHERE id >= %s", [events[2].pk])  # noqa: S608 - constant table name
+    assert verify_audit()[0] == 0  # without a recorded head the chain cannot tell
+    with pytest.raises(SystemExit) as exit_:
+        call_command("verify_audit", "--expect", events[3].hash, stdout=out, stderr=err)
+    assert exit_.value.code == 1
+    assert "Audit chain truncated" in err.getvalue() and "no longer in the log" in err.getvalue()
+
+
+def test_a_user_with_audit_events_is_kept_so_the_chain_stays_intact(admin_user, target):
+    from django.db.models import ProtectedError
+
+    audit.record(target, "x.by_tom")
+    with pytest.raises(ProtectedError):
+        target.delete()
+    assert verify_audit()[0] == 0
 
 
 def test_audit_events_cannot_be_changed_through_the_orm(admin_user):

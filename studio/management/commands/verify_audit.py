@@ -8,12 +8,29 @@ from studio.audit import verify_chain
 
 
 class Command(BaseCommand):
-    help = "Check that the audit log's hash chain is intact (exit status 1 if it is not)."
+    help = (
+        "Check that the audit log's hash chain is intact (exit status 1 if it is not). Prints the head "
+        "hash: keep it outside the studio and pass it back with --expect to also detect deleted newest events."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--expect",
+            default="",
+            metavar="HASH",
+            help="a head hash printed by an earlier run: it must still be in the chain",
+        )
 
     def handle(self, *args, **options):
-        report = verify_chain()
+        expect = options["expect"].strip().lower()
+        report = verify_chain(expect)
         if report.ok:
             self.stdout.write(f"Audit chain intact: {report.checked} events checked.")
+            if report.head_id:
+                self.stdout.write(f"Head: event #{report.head_id} {report.head_hash}")
             return
-        self.stderr.write(f"Audit chain broken at event #{report.broken_at}: {report.problem}")
+        if report.broken_at is not None:
+            self.stderr.write(f"Audit chain broken at event #{report.broken_at}: {report.problem}")
+        else:
+            self.stderr.write(f"Audit chain truncated: {report.problem}")
         sys.exit(1)
