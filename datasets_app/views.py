@@ -333,7 +333,7 @@ def example_list(request, pk: int):
     if q:
         qs = search.search(qs, q)
     if tag:
-        qs = qs.filter(tags_text__contains=f"|{tag}|")
+        qs = qs.filter(tags_text__contains=imports.tag_filter_text(tag))
     if split in Example.Split.values:
         qs = qs.filter(split=split)
     if state == "active":

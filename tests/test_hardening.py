@@ -217,3 +217,27 @@ def test_export_to_a_missing_folder_is_a_clear_error(curator, tmp_path):
         "export_dataset", str(version.pk), "--out", str(tmp_path / "x.jsonl"), stdout=out, stderr=StringIO()
     )
     assert (tmp_path / "x.jsonl").is_file()
+
+
+def test_tag_filter_matches_whole_tags_only(curator, client_for, tmp_path):
+    import importlib
+
+    from django.apps import apps
+
+    dataset = datasets.create_dataset("Tags", "sft", curator)
+    rows = [{**GOOD[2], "tags": ["billing", "refund"]}, {**GOOD[0], "tags": ["billing|refund"]}]
+    import_file(dataset, write_jsonl(tmp_path / "t.jsonl", rows))
+    client = client_for(curator)
+    url = reverse("datasets:examples", args=[dataset.pk])
+
+    def positions(tag):
+        return [e.position for e in client.get(url, {"tag": tag}).context["page"]]
+
+    assert positions("billing|refund") == [1]
+    assert positions("billing") == [0] and positions("refund") == [0]
+    # rows written before the change (a bare "|" inside the tag) are rewritten by the migration
+    Example.objects.filter(position=1).update(tags_text="|billing|refund|")
+    migration = importlib.import_module("datasets_app.migrations.0003_tags_text_bar")
+    migration.rewrite(apps, None)
+    assert positions("billing|refund") == [1]
+    assert Example.objects.get(position=0).tags_text == "|billing|refund|"

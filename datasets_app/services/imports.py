@@ -228,8 +228,18 @@ def json_text(value) -> str:
         return json.dumps(value)
 
 
+# "|" separates the tags in tags_text; a "|" inside a tag is stored as this control character, or a
+# filter for "billing|refund" would match the two tags billing and refund.
+TAG_BAR = "\x1f"
+
+
+def tag_filter_text(tag: str) -> str:
+    """What ``tags_text`` contains when an example has exactly this tag."""
+    return "|" + tag.replace("|", TAG_BAR) + "|"
+
+
 def tags_text(tags: list[str]) -> str:
-    return ("|" + "|".join(tags) + "|")[:1000] if tags else ""
+    return ("|" + "|".join(t.replace("|", TAG_BAR) for t in tags) + "|")[:1000] if tags else ""
 
 
 class _Rejections:
