@@ -27,7 +27,7 @@ def analyse_dataset(dataset_id: int, user_id: int | None = None, scrub_all: bool
     dataset = Dataset.objects.get(pk=dataset_id)
     progress.set_progress("scan", dataset_id, "Finding duplicates", 0, 1)
     duplicates.recompute(dataset)
-    unscanned = dataset.examples.filter(dropped=False, pii_status="unscanned").values_list("pk", flat=True)
+    unscanned = dataset.examples.filter(pii_status="unscanned").values_list("pk", flat=True)
     scrub.scan_examples(dataset, list(unscanned), on_progress=scrub.scan_progress_callback(dataset_id))
     if scrub_all:
         user = get_user_model().objects.filter(pk=user_id).first()

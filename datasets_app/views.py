@@ -469,6 +469,8 @@ def example_drop(request, pk: int):
     with transaction.atomic():
         Example.objects.filter(pk=pk).update(dropped=drop)
         audit.record(request.user, "example.drop" if drop else "example.restore", example)
+        if drop:
+            scrub.scrub_dropped(example.dataset, [pk], request.user)
     return redirect(example)
 
 

@@ -241,3 +241,86 @@ def test_tag_filter_matches_whole_tags_only(curator, client_for, tmp_path):
     migration.rewrite(apps, None)
     assert positions("billing|refund") == [1]
     assert Example.objects.get(position=0).tags_text == "|billing|refund|"
+
+
+# --- no raw personal data left in dropped examples or in SQLite's write-ahead log --------------------------
+
+CANARY = "dup.canary.7f3a@example.com"
+
+
+def _canary_rows(n=2):
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"Write to {CANARY} about my parcel."},
+                {"role": "assistant", "content": "Done."},
+            ]
+        }
+    ] * n + [GOOD[2]]
+
+
+def _texts(dataset) -> str:
+    return json.dumps(list(Example.objects.filter(dataset=dataset).values_list("messages", flat=True)))
+
+
+def test_dropped_duplicates_are_scanned_and_scrubbed_without_review(curator, tmp_path):
+    from datasets_app.tasks import analyse_dataset
+
+    dataset = datasets.create_dataset("Dropped", "sft", curator)
+    import_file(dataset, write_jsonl(tmp_path / "d.jsonl", _canary_rows()))
+    analyse_dataset(dataset.pk)
+    duplicates.decide_all(dataset, "keep_one", curator)
+    dropped = Example.objects.get(dataset=dataset, dropped=True)
+    assert CANARY not in json.dumps(dropped.messages) and dropped.pii_status == "reviewed"
+    # the kept copy is reviewed by the curator as usual; then nothing raw is left anywhere
+    kept = PiiFinding.objects.filter(dataset=dataset, decision="pending")
+    assert {f.example.dropped for f in kept} == {False}
+    from datasets_app.services import scrub
+
+    scrub.decide(dataset, list(kept.values_list("pk", flat=True)), True, curator)
+    assert CANARY not in _texts(dataset)
+    versions.freeze(dataset, curator, "clean")
+
+
+def test_an_example_dropped_before_or_after_its_scan_keeps_no_raw_text(curator, client_for, tmp_path):
+    from datasets_app.services import scrub
+
+    dataset = datasets.create_dataset("Dropped2", "sft", curator)
+    import_file(dataset, write_jsonl(tmp_path / "d.jsonl", _canary_rows(1) + [GOOD[1]]))
+    first = Example.objects.get(dataset=dataset, position=0)
+    Example.objects.filter(pk=first.pk).update(dropped=True)  # dropped before the scan
+    assert "have not been scanned" in " ".join(versions.blockers(dataset))
+    scrub.scan_examples(dataset)
+    first.refresh_from_db()
+    assert CANARY not in json.dumps(first.messages)
+    email = Example.objects.get(dataset=dataset, position=2)  # scanned, then dropped by hand
+    assert PiiFinding.objects.filter(example=email, decision="pending").exists()
+    client_for(curator).post(reverse("datasets:example_drop", args=[email.pk]), {"drop": "1"})
+    assert not PiiFinding.objects.filter(example=email, decision="pending").exists()
+    assert "maria.gonzalez@example.com" not in _texts(dataset)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_import_leaves_no_row_text_in_the_sqlite_wal(curator, tmp_path, monkeypatch, settings):
+    from django.db import connection
+
+    from datasets_app.services import imports
+
+    if connection.vendor != "sqlite":
+        pytest.skip("the write-ahead log is SQLite's")
+    dataset = datasets.create_dataset("Wal", "sft", curator)
+    rows = [{"messages": [{"role": "user", "content": f"{CANARY} {i} " + "x" * 200}, GOOD[2]["messages"][-1]]}
+            for i in range(20_000)]  # fmt: skip
+    path = write_jsonl(tmp_path / "w.jsonl", rows)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(imports.audit, "record", broken)
+    upload = imports.receive_path(dataset, None, path)
+    with pytest.raises(RuntimeError):
+        imports.process(upload.pk)
+    assert not Example.objects.filter(dataset=dataset).exists()
+    wal = settings.DATABASES["default"]["TEST"]["NAME"] + "-wal"
+    with open(wal, "rb") as fh:
+        assert CANARY.encode() not in fh.read()

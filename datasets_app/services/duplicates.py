@@ -12,6 +12,7 @@ from studio import audit, forking
 
 from ..dedup import find_duplicate_groups, hash_and_similarity_text, minhash_signature
 from ..models import Dataset, DuplicateGroup, Example
+from .scrub import scrub_dropped
 
 log = logging.getLogger(__name__)
 Decision = DuplicateGroup.Decision
@@ -125,6 +126,8 @@ def decide(group: DuplicateGroup, decision: str, user) -> None:
             dropped=dropped,
             restored=restored,
         )
+        if dropped:
+            scrub_dropped(group.dataset, dropped, user)
 
 
 def decide_all(dataset: Dataset, decision: str, user) -> int:

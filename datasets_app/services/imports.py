@@ -35,6 +35,7 @@ from django.db.models import F, JSONField, Q
 from django.utils import timezone
 
 from studio import audit, forking
+from studio.db import checkpoint_wal
 from studio.queueing import send_or_fail
 
 from .. import parsing
@@ -605,6 +606,7 @@ def process(upload_id: int) -> ImportResult | None:
         return ImportResult(upload, 0, rejections.total, rejections.first)
     except BaseException:
         _close(source)
+        checkpoint_wal()  # the rolled-back rows' text must not stay in SQLite's write-ahead log
         log.exception("upload %s failed", upload.pk)
         rejections.writer.close(keep=False)
         Upload.objects.filter(pk=upload.pk).update(
@@ -692,6 +694,7 @@ def _finish(upload: Upload, imported: int, rejections: _Rejections, error: str =
 
 
 def _refuse(upload: Upload, rejections: _Rejections, reason: str, file_error) -> None:
+    checkpoint_wal()  # rows inserted before the refusal were rolled back: drop them from the WAL too
     upload.status = Upload.Status.REJECTED
     _finish(upload, 0, rejections, error=reason, file_error=file_error)
     _dispose_original(upload)

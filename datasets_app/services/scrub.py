@@ -61,10 +61,11 @@ def scan_examples(
     *,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> int:
-    """Scan examples (all active ones by default); replaces their unapplied findings. Returns the
-    number of findings created. Decisions to keep a value are remembered across re-scans."""
+    """Scan examples (all of them by default, dropped ones too: see scrub_dropped); replaces their
+    unapplied findings. Returns the number of findings created. Decisions to keep a value are
+    remembered across re-scans."""
     scanner = PiiScanner(policy_for(dataset), processes=settings.STUDIO_CURATION_PROCESSES)
-    qs = Example.objects.filter(dataset=dataset, dropped=False)
+    qs = Example.objects.filter(dataset=dataset)
     if example_ids is not None:
         qs = qs.filter(pk__in=list(example_ids))
     ids = list(qs.order_by("position").values_list("pk", flat=True))
@@ -76,7 +77,26 @@ def scan_examples(
         if on_progress:
             on_progress(min(offset + batch, len(ids)), len(ids))
     log.info("dataset %s scanned examples=%s findings=%s", dataset.pk, len(ids), created)
+    scrub_dropped(dataset, ids)
     return created
+
+
+def scrub_dropped(dataset: Dataset, example_ids: Iterable[int] | None = None, user=None) -> int:
+    """Apply every pending finding of the dataset's dropped examples (or of those among
+    ``example_ids``) without review. Dropped examples are never trained on nor listed for review, but
+    they stay in the database, restorable: they keep no raw personal data either (a restored example
+    comes back scrubbed; its findings show as applied)."""
+    pending = PiiFinding.objects.filter(dataset=dataset, decision=Decision.PENDING, example__dropped=True)
+    if example_ids is not None:
+        pending = pending.filter(example_id__in=list(example_ids))
+    total = 0
+    while ids := list(pending.order_by("example_id").values_list("pk", flat=True)[:2000]):
+        total += redact(dataset, list(PiiFinding.objects.filter(pk__in=ids)), user)
+    if total:
+        audit.record(
+            user, "pii.accept", dataset, findings=total, note="dropped examples, applied without review"
+        )
+    return total
 
 
 def _scan_chunk(dataset: Dataset, scanner: PiiScanner, ids: list[int]) -> int:
@@ -371,7 +391,7 @@ def scan_attempts(dataset_id: int, before=None) -> tuple[int, dict | None]:
     failed (with `before`, only those written before it count: a fresh edit's own re-scan is on its way)."""
     from studio.models import AuditEvent
 
-    unscanned = Example.objects.filter(dataset_id=dataset_id, dropped=False, pii_status=Example.Pii.UNSCANNED)
+    unscanned = Example.objects.filter(dataset_id=dataset_id, pii_status=Example.Pii.UNSCANNED)
     span = unscanned.aggregate(oldest=Min("updated_at"))
     if before is not None:
         unscanned = unscanned.filter(updated_at__lt=before)
@@ -408,7 +428,7 @@ def scan_failure(dataset: Dataset) -> str | None:
 
 
 def requeue_stale_scans() -> list[int]:
-    """Datasets whose PII scan stopped (its worker was killed): active examples still unscanned and unchanged
+    """Datasets whose PII scan stopped (its worker was killed): examples still unscanned and unchanged
     for SCAN_STALE_AFTER (an edit's own re-scan is younger), no import under way, no scan progress in
     that time. Queues the analysis again for each (it scans only
     the unscanned examples, and a chunk's findings are replaced, never added twice), up to
@@ -420,7 +440,7 @@ def requeue_stale_scans() -> list[int]:
     cutoff = timezone.now() - SCAN_STALE_AFTER
     busy = Upload.objects.filter(status__in=[Upload.Status.QUEUED, Upload.Status.PROCESSING])
     candidates = (
-        Example.objects.filter(dropped=False, pii_status=Example.Pii.UNSCANNED, updated_at__lt=cutoff)
+        Example.objects.filter(pii_status=Example.Pii.UNSCANNED, updated_at__lt=cutoff)
         .exclude(dataset_id__in=busy.values("dataset_id"))
         .values_list("dataset_id", flat=True)
         .distinct()
@@ -436,7 +456,7 @@ def requeue_stale_scans() -> list[int]:
         dataset = Dataset.objects.get(pk=dataset_id)
         if attempts >= settings.STUDIO_JOB_MAX_ATTEMPTS:
             unscanned = Example.objects.filter(
-                dataset_id=dataset_id, dropped=False, pii_status=Example.Pii.UNSCANNED
+                dataset_id=dataset_id, pii_status=Example.Pii.UNSCANNED
             ).count()
             audit.record(
                 None, SCAN_FAIL, dataset, reason="worker_lost", attempts=attempts, unscanned=unscanned
