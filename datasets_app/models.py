@@ -68,9 +68,12 @@ class Upload(models.Model):
     rejects_path = models.CharField(max_length=500, blank=True)  # encrypted rejected lines
     imported_count = models.PositiveIntegerField(default=0)
     rejected_count = models.PositiveIntegerField(default=0)
-    # {"counts": {code: n}, "first": [{"line", "code", "reason"}...100], "file_error": {...}}
+    # {"counts": {code: n}, "first": [{"line", "code"}...100], "file_error": {"code", "line"}}
     report = models.JSONField(default=dict, blank=True)
-    error = models.TextField(blank=True)  # plain-words reason for a failure
+    error = models.TextField(blank=True)  # plain-words reason for a failure (the studio's own words)
+    # The reasons of those first rejected lines and of a whole-file refusal, encrypted like the upload:
+    # they may quote the file's values (a role, a key, a CSV cell). storage.seal({"reasons", "error"})
+    sealed = models.TextField(blank=True)
     attempts = models.PositiveSmallIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -88,6 +91,25 @@ class Upload(models.Model):
     @property
     def is_active(self) -> bool:
         return self.status in {self.Status.QUEUED, self.Status.PROCESSING}
+
+    def _unsealed(self) -> dict:
+        from .services.storage import unseal
+
+        return unseal(self.sealed, {})
+
+    def first_rejections(self) -> list[dict]:
+        """The first rejected lines: line, code and reason (decrypted)."""
+        reasons = self._unsealed().get("reasons", [])
+        rows = self.report.get("first", [])
+        return [
+            {**row, "reason": reasons[i] if i < len(reasons) else row.get("code", "")}
+            for i, row in enumerate(rows)
+        ]
+
+    @property
+    def error_text(self) -> str:
+        """Why nothing was imported, in full (decrypted where it quotes the file)."""
+        return self._unsealed().get("error") or self.error
 
 
 class Example(models.Model):

@@ -728,4 +728,4 @@ def test_preference_dataset_import_scan_freeze_export(curator, tmp_path):
     assert lines[1]["chosen"] == "Hi there!" and lines[1]["rejected"] == "Go away."
     # an SFT file cannot go into a preference dataset
     sft = import_file(ds, write_jsonl(tmp_path / "s.jsonl", GOOD))
-    assert sft.imported == 0 and "preference" in Upload.objects.order_by("-pk").first().error.lower()
+    assert sft.imported == 0 and "preference" in Upload.objects.order_by("-pk").first().error_text.lower()

@@ -237,17 +237,18 @@ def check_outcome(client, dataset, response, upload, expected):
     ):
         assert client.get(url).status_code == 200
     if expected == "rejected":
-        assert upload.status == Upload.Status.REJECTED, (upload.status, upload.error, upload.report)
+        assert upload.status == Upload.Status.REJECTED, (upload.status, upload.error_text, upload.report)
         assert Example.objects.count() == 0 and upload.imported_count == 0
-        assert len(upload.error) > 20 and escape(upload.error) in html
+        assert len(upload.error_text) > 20 and escape(upload.error_text) in html
         return
     _, good, bad_lines = expected
-    assert upload.status == Upload.Status.IMPORTED, (upload.status, upload.error, upload.report)
+    assert upload.status == Upload.Status.IMPORTED, (upload.status, upload.error_text, upload.report)
     assert Example.objects.filter(upload=upload).count() == upload.imported_count == good
     assert Example.objects.count() == good
     assert upload.rejected_count == len(bad_lines)
     assert [r["line"] for r in upload.report["first"]] == bad_lines
-    for r in upload.report["first"]:
+    assert all(set(r) == {"line", "code"} for r in upload.report["first"])  # the reasons are sealed
+    for r in upload.first_rejections():
         assert len(r["reason"]) > 10 and escape(r["reason"]) in html
     if bad_lines:
         assert "Rejected lines" in html

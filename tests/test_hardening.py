@@ -324,3 +324,27 @@ def test_a_failed_import_leaves_no_row_text_in_the_sqlite_wal(curator, tmp_path,
     wal = settings.DATABASES["default"]["TEST"]["NAME"] + "-wal"
     with open(wal, "rb") as fh:
         assert CANARY.encode() not in fh.read()
+
+
+def test_rejection_reasons_that_quote_the_file_are_stored_encrypted(curator, client_for, tmp_path):
+    """A reason may quote the line (an unknown role, a key, a value): the database keeps it sealed
+    (encrypted like the upload), the upload page and the command line still show it in full."""
+    canary = "canary-role-7f3a@example.com"
+    dataset = datasets.create_dataset("Reasons", "sft", curator)
+    bad = json.dumps({"messages": [{"role": canary, "content": "x"}, {"role": "assistant", "content": "y"}]})
+    result = import_file(dataset, write_jsonl(tmp_path / "r.jsonl", GOOD[2:], [bad]))
+    upload = result.upload
+    upload.refresh_from_db()
+    assert canary not in json.dumps(upload.report) + upload.error + upload.sealed
+    assert canary in upload.first_rejections()[0]["reason"]
+    page = client_for(curator).get(upload.get_absolute_url()).content.decode()
+    assert canary in page
+    # a whole-file refusal quoting the file's keys
+    keys = tmp_path / "k.jsonl"
+    keys.write_text(json.dumps({"Zxqvbnm Canarysson": 1, canary: 2}) + "\n")
+    refused = import_file(datasets.create_dataset("Keys", "sft", curator), keys).upload
+    refused.refresh_from_db()
+    assert refused.status == "rejected"
+    assert canary not in json.dumps(refused.report) + refused.error + refused.sealed
+    assert canary in refused.error_text
+    assert canary in client_for(curator).get(refused.get_absolute_url()).content.decode()

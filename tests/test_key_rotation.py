@@ -5,7 +5,9 @@ import pytest
 from cryptography.fernet import Fernet
 from django.core.management import call_command
 
-from datasets_app.services.storage import data_path, decrypt_chunks, encrypt_chunks
+from datasets_app.services.storage import data_path, decrypt_chunks, encrypt_chunks, seal, unseal
+
+pytestmark = pytest.mark.django_db
 
 
 def _read(path) -> bytes:
@@ -50,3 +52,25 @@ def test_a_file_no_key_can_read_is_reported_and_left_alone(settings, capsys):
         call_command("rotate_encryption_key")
     assert "no configured key decrypts it" in capsys.readouterr().err
     assert path.read_bytes() == before
+
+
+def test_sealed_rejection_reasons_in_the_database_rotate_too(settings, capsys, curator):
+    from datasets_app.models import Upload
+    from datasets_app.services import datasets
+
+    old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    settings.STUDIO_ENCRYPTION_KEY = old
+    dataset = datasets.create_dataset("Keys", "sft", curator)
+    upload = Upload.objects.create(
+        dataset=dataset, original_name="x.jsonl", sealed=seal({"reasons": ["why"]})
+    )
+    settings.STUDIO_ENCRYPTION_KEY = f"{new},{old}"
+    with pytest.raises(SystemExit):
+        call_command("rotate_encryption_key", "--check")
+    assert "1 upload record(s) still under an old key" in capsys.readouterr().out
+    call_command("rotate_encryption_key")
+    assert "1 upload record(s) re-encrypted" in capsys.readouterr().out
+    settings.STUDIO_ENCRYPTION_KEY = new
+    upload.refresh_from_db()
+    assert unseal(upload.sealed) == {"reasons": ["why"]}
+    call_command("rotate_encryption_key", "--check")

@@ -679,18 +679,28 @@ def _within_context(
 
 
 def _finish(upload: Upload, imported: int, rejections: _Rejections, error: str = "", file_error=None) -> None:
+    """Record the outcome. Reasons that may quote the file's content (every line's reason, and a
+    whole-file refusal's: ``file_error`` given) are stored sealed (encrypted); the rest in clear."""
     upload.imported_count = imported
     upload.rejected_count = rejections.total
     upload.rejects_path = rejections.close()
-    upload.report = {"counts": dict(rejections.counts), "first": rejections.first}
+    first = [{"line": r["line"], "code": r["code"]} for r in rejections.first]
+    upload.report = {"counts": dict(rejections.counts), "first": first}
+    secret = {"reasons": [r["reason"] for r in rejections.first]}
     if file_error:
-        upload.report["file_error"] = file_error
+        upload.report["file_error"] = {"code": file_error["code"], "line": file_error["line"]}
+        secret["error"] = error
+        error = FILE_REFUSED
+    upload.sealed = storage.seal(secret) if secret["reasons"] or "error" in secret else ""
     if upload.format == "" and upload.status == Upload.Status.IMPORTED:
         with contextlib.suppress(parsing.FileError):
             upload.format = parsing.detect_format(upload.raw_path)
     upload.error = error
     upload.finished_at = timezone.now()
     upload.save()
+
+
+FILE_REFUSED = "The file was refused as a whole; the reason is on the upload's page."
 
 
 def _refuse(upload: Upload, rejections: _Rejections, reason: str, file_error) -> None:

@@ -7,6 +7,7 @@ Several comma-separated keys may be configured: the first encrypts, all decrypt 
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import uuid
@@ -80,6 +81,26 @@ def decrypt_chunks(path: Path) -> Iterator[bytes]:
                 raise DecryptionError(
                     f"{path.name} cannot be decrypted with the configured STUDIO_ENCRYPTION_KEY"
                 )
+
+
+def seal(value) -> str:
+    """A small JSON value encrypted for a database column (a Fernet token, text)."""
+    return _fernet().encrypt(json.dumps(value, ensure_ascii=False).encode()).decode()
+
+
+def unseal(token: str, default=None):
+    """The value of ``seal``; ``default`` when empty or when no configured key decrypts it."""
+    if not token:
+        return default
+    try:
+        return json.loads(_fernet().decrypt(token.encode()))
+    except InvalidToken:
+        return default
+
+
+def reseal(token: str) -> str:
+    """The same value under the first configured key (key rotation)."""
+    return _fernet().rotate(token.encode()).decode()
 
 
 def reencrypt_file(path: Path) -> None:

@@ -49,7 +49,7 @@ class Command(BaseCommand):
             for r in exc.result.rejections:
                 self.stdout.write(f"line {r['line']}: {r['reason']}")
             imports.delete_upload_files(exc.result.upload)
-            raise CommandError(exc.result.upload.error or "nothing could be imported")
+            raise CommandError(exc.result.upload.error_text or "nothing could be imported")
         except (imports.ImportRefused, datasets.EditRefused) as exc:
             raise CommandError(str(exc))
         for r in result.rejections:

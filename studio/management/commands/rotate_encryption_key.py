@@ -1,4 +1,5 @@
-"""Re-encrypt every encrypted file under the data dir with the first key of STUDIO_ENCRYPTION_KEY.
+"""Re-encrypt every encrypted file under the data dir, and the sealed reasons of uploads in the
+database, with the first key of STUDIO_ENCRYPTION_KEY.
 
 Rotation: put the new key first and keep the old one after it (`STUDIO_ENCRYPTION_KEY=new,old`), restart
 web and workers, run this command, then drop the old key.  Files already under the new key are skipped, so
@@ -13,7 +14,8 @@ from cryptography.fernet import Fernet, InvalidToken
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from datasets_app.services.storage import MAGIC, DecryptionError, decrypt_chunks, reencrypt_file
+from datasets_app.models import Upload
+from datasets_app.services.storage import MAGIC, DecryptionError, decrypt_chunks, reencrypt_file, reseal
 
 
 def encrypted_files(root: Path):
@@ -37,7 +39,10 @@ def under_primary_key(path: Path, primary: Fernet) -> bool:
 
 
 class Command(BaseCommand):
-    help = "Re-encrypt the data dir's encrypted files with the first configured STUDIO_ENCRYPTION_KEY."
+    help = (
+        "Re-encrypt the data dir's encrypted files and the uploads' sealed reasons with the first "
+        "configured STUDIO_ENCRYPTION_KEY."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("--check", action="store_true", help="only report files still under an old key")
@@ -63,12 +68,34 @@ class Command(BaseCommand):
                 rotated += 1
             except DecryptionError:
                 failed.append(str(name))
+        old_records = resealed = 0  # sealed upload reasons in the database
+        for upload in Upload.objects.exclude(sealed="").only("pk", "sealed").iterator():
+            name = f"upload {upload.pk} (rejection reasons, in the database)"
+            try:
+                primary.decrypt(upload.sealed.encode())
+                continue
+            except InvalidToken:
+                old_records += 1
+            if check:
+                self.stdout.write(f"old key: {name}")
+                continue
+            try:
+                Upload.objects.filter(pk=upload.pk).update(sealed=reseal(upload.sealed))
+                resealed += 1
+            except InvalidToken:
+                failed.append(name)
         summary = f"{current} file(s) already under the first key"
         summary += f", {stale} still under an old key" if check else f", {rotated} re-encrypted"
+        if old_records:
+            summary += (
+                f"; {old_records} upload record(s) still under an old key"
+                if check
+                else f"; {resealed} upload record(s) re-encrypted"
+            )
         self.stdout.write(summary + ".")
         for name in failed:
             self.stderr.write(
                 f"{name}: no configured key decrypts it; add the key it was written with to STUDIO_ENCRYPTION_KEY."
             )
-        if failed or (check and stale):
+        if failed or (check and (stale or old_records)):
             sys.exit(1)
