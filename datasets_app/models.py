@@ -179,22 +179,31 @@ class Example(models.Model):
     def get_absolute_url(self) -> str:
         return reverse("datasets:example", args=[self.pk])
 
-    # Segments are the texts a PII finding points into: every message's content, then chosen/rejected.
+    # Segments are the texts a PII finding points into: every message's content, then chosen/rejected,
+    # then the tags (free text from the upload: scanned and scrubbed like the rest).
     def segments(self) -> list[str]:
         texts = [m["content"] for m in self.messages]
         if self.chosen is not None:
             texts.append(self.chosen)
         if self.rejected is not None:
             texts.append(self.rejected)
-        return texts
+        return texts + list(self.tags or [])
 
     def segment_label(self, index: int) -> str:
         n = len(self.messages)
         if index < n:
             return self.messages[index]["role"]
-        return "chosen" if index == n and self.chosen is not None else "rejected"
+        index -= n
+        for name in ("chosen", "rejected"):
+            if getattr(self, name) is not None:
+                if index == 0:
+                    return name
+                index -= 1
+        return "tag"
 
     def set_segments(self, texts: list[str]) -> None:
+        from .services.imports import tags_text
+
         n = len(self.messages)
         self.messages = [{"role": m["role"], "content": texts[i]} for i, m in enumerate(self.messages)]
         rest = texts[n:]
@@ -202,6 +211,9 @@ class Example(models.Model):
             self.chosen = rest.pop(0)
         if self.rejected is not None:
             self.rejected = rest.pop(0)
+        if self.tags:
+            self.tags = rest[: len(self.tags)]  # one per tag (a finding's offsets stay valid)
+            self.tags_text = tags_text(self.tags)
 
 
 class PiiFinding(models.Model):

@@ -348,3 +348,22 @@ def test_rejection_reasons_that_quote_the_file_are_stored_encrypted(curator, cli
     assert canary not in json.dumps(refused.report) + refused.error + refused.sealed
     assert canary in refused.error_text
     assert canary in client_for(curator).get(refused.get_absolute_url()).content.decode()
+
+
+def test_tags_are_scanned_and_scrubbed_like_the_messages(curator, client_for, tmp_path):
+    from datasets_app.services import scrub
+
+    tag = "zq.tag.canary@example.com"
+    dataset = datasets.create_dataset("TagsPii", "sft", curator)
+    import_file(dataset, write_jsonl(tmp_path / "t.jsonl", [{**GOOD[2], "tags": ["math", tag]}]))
+    scrub.scan_examples(dataset)
+    example = Example.objects.get(dataset=dataset)
+    finding = PiiFinding.objects.get(example=example, entity_type="EMAIL_ADDRESS")
+    assert example.segment_label(finding.segment) == "tag"
+    assert tag in client_for(curator).get(reverse("datasets:pii", args=[dataset.pk])).content.decode()
+    scrub.apply_all(dataset, curator)
+    example.refresh_from_db()
+    assert example.tags[0] == "math" and tag not in json.dumps(example.tags) + example.tags_text
+    assert example.tags[1].startswith("<EMAIL_ADDRESS") and example.tags_text == f"|math|{example.tags[1]}|"
+    version = versions.freeze(dataset, curator, "clean")
+    assert tag not in json.dumps(version.counts)
