@@ -712,10 +712,11 @@ def test_promote_command_refusals_exit_non_zero(world):
     assert "[FAIL] At least 30 votes: no evaluation run" in out.getvalue()
     with pytest.raises(CommandError, match="already waiting"):
         call_command("promote", str(v.pk), "--by", "rita")
-    with pytest.raises(CommandError, match=r"policy: fails \(votes, win_rate, pii\)"):
+    with pytest.raises(CommandError, match=r"policy: fails \(votes, win_rate, pii\).*no request was filed"):
         call_command(
             "promote", str(v.pk), "--alias", "staging", "--by", "rita", "--strict", stdout=StringIO()
         )
+    assert not PromotionRequest.objects.filter(alias="staging").exists()  # --strict files nothing
 
 
 # =====================================================================================================

@@ -367,3 +367,79 @@ def test_tags_are_scanned_and_scrubbed_like_the_messages(curator, client_for, tm
     assert example.tags[1].startswith("<EMAIL_ADDRESS") and example.tags_text == f"|math|{example.tags[1]}|"
     version = versions.freeze(dataset, curator, "clean")
     assert tag not in json.dumps(version.counts)
+
+
+# --- command line: bad input is a one-line error naming the argument, and nothing is left behind ---------
+
+
+def test_commands_refuse_arguments_that_are_not_utf8_text(curator):
+    with pytest.raises(CommandError, match="USERNAME: not valid UTF-8"):
+        call_command("create_user", "g\udcffh", "--role", "curator", stdout=StringIO())
+    with pytest.raises(CommandError, match="--name: not valid UTF-8"):
+        call_command("import_dataset", "/dev/null", "--name", "x\udcff", stdout=StringIO())
+
+
+def test_import_of_a_file_whose_name_is_not_utf8(curator, tmp_path, settings):
+    from pathlib import Path
+
+    path = Path(str(tmp_path / "nonutf") + "\udcff.jsonl")  # the file system allows any bytes
+    write_jsonl(path, GOOD[2:])
+    call_command("import_dataset", str(path), "--name", "Bytes", stdout=StringIO(), stderr=StringIO())
+    upload = Upload.objects.get()
+    assert upload.original_name == "nonutf\ufffd.jsonl"
+    assert not list((Path(settings.DATA_DIR) / "uploads" / "incoming").glob("*"))
+
+
+def test_import_command_names_and_users_are_checked(curator, tmp_path):
+    path = write_jsonl(tmp_path / "f.jsonl", GOOD[2:])
+    call_command("import_dataset", str(path), "--name", "Same", stdout=StringIO(), stderr=StringIO())
+    # the same name with a trailing space is the same dataset (names are stored stripped)
+    call_command("import_dataset", str(path), "--name", "Same ", stdout=StringIO(), stderr=StringIO())
+    assert Example.objects.filter(dataset__name="Same").count() == 2
+    with pytest.raises(CommandError, match="1 to 120 characters"):
+        call_command("import_dataset", str(path), "--name", "  ", stdout=StringIO())
+    with pytest.raises(CommandError, match="--user: no user called"):
+        call_command("import_dataset", str(path), "--name", "Other", "--user", "nobody", stdout=StringIO())
+
+
+def test_register_base_model_keeps_its_files_inside_the_models_dir(tmp_path, settings):
+    from pathlib import Path
+
+    gguf = tmp_path / "bogus.gguf"
+    gguf.write_bytes(b"not a gguf")
+    for name in ("../../escape", "/tmp/abs", "with space"):
+        with pytest.raises(CommandError, match="Name: use letters"):
+            call_command("register_base_model", "--gguf", str(gguf), "--name", name, stdout=StringIO())
+    assert not list(Path(settings.DATA_DIR).parent.glob("*escape*"))
+    with pytest.raises(CommandError, match="could not be registered"):
+        call_command("register_base_model", "--gguf", str(gguf), "--name", "bogus", stdout=StringIO())
+    empty = tmp_path / "nomodel"
+    empty.mkdir()
+    (empty / "config.json").write_text("[]")
+    with pytest.raises(CommandError, match="holds no .safetensors"):
+        call_command("register_base_model", "--dir", str(empty), stdout=StringIO())
+
+
+def test_other_commands_bad_input(admin_user, curator, tmp_path, settings):
+    with pytest.raises(CommandError, match="64 hexadecimal"):
+        call_command("verify_audit", "--expect", "nothex", stdout=StringIO())
+    dataset = scanned(datasets.create_dataset("Out", "sft", curator), tmp_path, rows=GOOD[2:])
+    version = versions.freeze(dataset, curator, "v1")
+    with pytest.raises(CommandError, match="could not be written"):
+        call_command("export_dataset", str(version.pk), "--out", "/proc/x.jsonl", stdout=StringIO())
+    settings.STUDIO_ENCRYPTION_KEY = "garbage"
+    with pytest.raises(CommandError, match="key 1 of 1 is not a Fernet key"):
+        call_command("rotate_encryption_key", stdout=StringIO())
+
+
+def test_setup_refuses_a_plain_user_called_admin(make_user, monkeypatch):
+    monkeypatch.delenv("STUDIO_ADMIN_PASSWORD", raising=False)
+    make_user("admin", "curator")
+    with pytest.raises(CommandError, match="called 'admin' exists but is not an admin"):
+        call_command("setup_studio", "--skip-model", "--skip-demo", stdout=StringIO(), stderr=StringIO())
+    monkeypatch.setenv("STUDIO_ADMIN_PASSWORD", "x")
+    from django.contrib.auth import get_user_model
+
+    get_user_model().objects.filter(username="admin").delete()
+    with pytest.raises(CommandError, match="STUDIO_ADMIN_PASSWORD: This password is too short"):
+        call_command("setup_studio", "--skip-model", "--skip-demo", stdout=StringIO(), stderr=StringIO())

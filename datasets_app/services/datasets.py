@@ -21,13 +21,18 @@ class EditRefused(Exception):
 def create_dataset(
     name: str, kind: str, user, *, description: str = "", base_model=None, policy: PiiPolicy | None = None
 ):
+    name = name.strip()
+    if not name or len(name) > 120:
+        raise EditRefused("Name: give the dataset a name of 1 to 120 characters.")
+    if Dataset.objects.filter(name=name).exists():
+        raise EditRefused(f"Name: a dataset called “{name}” already exists; choose another name.")
     policy = policy or PiiPolicy()
     errors = policy.validate()
     if errors:
         raise EditRefused("; ".join(errors))
     with transaction.atomic():
         dataset = Dataset.objects.create(
-            name=name.strip(),
+            name=name,
             kind=kind,
             description=description.strip(),
             owner=user if getattr(user, "is_authenticated", False) else None,

@@ -94,17 +94,22 @@ def receive_upload(dataset: Dataset, user, name: str, chunks: Iterable[bytes], *
     if size == 0:
         storage.remove_quietly(dest)
         raise ImportRefused("The file is empty. Choose a file with one conversation per line.")
-    upload = Upload.objects.create(
-        dataset=dataset,
-        uploaded_by=user if getattr(user, "is_authenticated", False) else None,
-        original_name=Path(name).name[:255],
-        size=size,
-        sha256=digest.hexdigest(),
-        format=fmt,
-        raw_path=str(dest),
-        status=Upload.Status.QUEUED,
-    )
-    return upload
+    # a file name from the file system may hold bytes that are not UTF-8 (lone surrogates here)
+    shown = Path(name).name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")[:255]
+    try:
+        return Upload.objects.create(
+            dataset=dataset,
+            uploaded_by=user if getattr(user, "is_authenticated", False) else None,
+            original_name=shown,
+            size=size,
+            sha256=digest.hexdigest(),
+            format=fmt,
+            raw_path=str(dest),
+            status=Upload.Status.QUEUED,
+        )
+    except BaseException:  # no row, no file: the plaintext copy must not stay behind
+        storage.remove_quietly(dest)
+        raise
 
 
 def receive_path(dataset: Dataset, user, path: Path, *, fmt: str = "") -> Upload:

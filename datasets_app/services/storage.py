@@ -73,6 +73,8 @@ def decrypt_chunks(path: Path) -> Iterator[bytes]:
         if fh.read(len(MAGIC)) != MAGIC:
             raise DecryptionError(f"{path.name} is not an encrypted studio file")
         while header := fh.read(4):
+            if len(header) < 4:
+                raise DecryptionError(f"{path.name} is cut off (an incomplete frame at its end)")
             (length,) = struct.unpack(">I", header)
             token = fh.read(length)
             try:

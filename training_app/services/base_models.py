@@ -119,25 +119,36 @@ class BaseModelRefused(Exception):
     """The base model cannot be added as asked; the message says what to do instead."""
 
 
+def check_name(name: str) -> None:
+    """A base model's name is also its folder under the models dir: no path parts, no spaces."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name or "") or ".." in name:
+        raise BaseModelRefused("Name: use letters, digits, dots, hyphens and underscores (max 100).")
+
+
+def check_local_dir(path: Path) -> None:
+    if not path.is_absolute() or not (path / "config.json").is_file():
+        raise BaseModelRefused(
+            f"Source: {path} is not a Hugging Face model directory on this server (an absolute path "
+            "holding config.json, safetensors weights and the tokenizer)."
+        )
+    if not any(path.glob("*.safetensors")):
+        raise BaseModelRefused(f"Source: {path} holds no .safetensors weights.")
+
+
 def add_base_model(name: str, kind: str, source: str, user, *, license: str = "") -> BaseModel:
     """Admin UI: a local directory registers at once; a GGUF file (converted once) or a hub id (only
     where a hub or mirror is reachable) is prepared by a worker and becomes available when done."""
     import re
 
     name, source = name.strip(), source.strip()
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
-        raise BaseModelRefused("Name: use letters, digits, dots, hyphens and underscores (max 100).")
+    check_name(name)
     if BaseModel.objects.filter(name=name).exists():
         raise BaseModelRefused(f"Name: a base model called {name} already exists.")
     if kind == BaseModel.Source.LOCAL_DIR:
         path = Path(source)
-        if not path.is_absolute() or not (path / "config.json").is_file():
-            raise BaseModelRefused(
-                f"Source: {source} is not a Hugging Face model directory on this server (an absolute path "
-                "holding config.json, safetensors weights and the tokenizer)."
-            )
-        if not any(path.glob("*.safetensors")):
-            raise BaseModelRefused(f"Source: {source} holds no .safetensors weights.")
+        check_local_dir(path)
         try:
             return register_local_dir(name, path, user, license=license)
         except Exception as exc:  # unreadable config/weights: say which, keep nothing half-written

@@ -392,6 +392,8 @@ def preview(request: JobRequest) -> tuple[dict, str, list[str], dict | None]:
     )
     if request.preset and request.preset not in PRESETS:
         problems.append(f"Preset “{request.preset}” is unknown; choose one of {', '.join(PRESETS)}.")
+    if not -1000 <= request.priority <= 1000:
+        problems.append(f"Priority must be between -1000 and 1000 (got {request.priority}).")
     model_name = (request.model_name or "").strip() or _default_model_name(request.dataset_version)
     if slugify(model_name) != model_name:
         problems.append(

@@ -3,13 +3,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
+
+from studio.cli import StudioCommand
 
 from ...models import DatasetVersion
 from ...services.versions import export_lines
 
 
-class Command(BaseCommand):
+class Command(StudioCommand):
     help = "Write a frozen dataset version as OpenAI chat JSONL, in import order."
 
     def add_arguments(self, parser):
@@ -27,10 +29,15 @@ class Command(BaseCommand):
             raise CommandError(f"--out: {out} is a folder; give a file name, e.g. {out / 'dataset.jsonl'}.")
         tmp = out.with_name(out.name + ".part")
         n = 0
-        with open(tmp, "wb") as fh:
-            for line in export_lines(version):
-                fh.write(line)
-                n += 1
-        os.replace(tmp, out)
+        try:
+            with open(tmp, "wb") as fh:
+                for line in export_lines(version):
+                    fh.write(line)
+                    n += 1
+            os.replace(tmp, out)
+        except OSError as exc:  # read-only or full file system, a name too long, a folder in the way
+            if tmp.is_file():
+                tmp.unlink()
+            raise CommandError(f"--out: {out} could not be written ({exc.strerror or exc}).") from None
         self.stderr.write(f"wrote {n} examples of {version} (sha256 {version.sha256})")
         self.stdout.write(str(out))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.db import transaction
 
+from studio.cli import StudioCommand
 from training_app.models import BaseModel
 
 from ...models import Dataset
@@ -14,7 +15,7 @@ from ...pii import DEFAULT_KEEP_PATTERNS, PiiPolicy
 from ...services import datasets, duplicates, imports, scrub, versions
 
 
-class Command(BaseCommand):
+class Command(StudioCommand):
     help = "Import PATH into the dataset NAME (created if needed); prints the dataset id, or the version id with --freeze."
 
     def add_arguments(self, parser):
@@ -32,13 +33,18 @@ class Command(BaseCommand):
         parser.add_argument("--freeze", action="store_true", help="freeze a version after importing")
         parser.add_argument("--user", default="", help="username recorded as the actor")
 
+    path_options = ("path",)
+
     def handle(self, *args, **opts):
         from django.contrib.auth import get_user_model
 
         path = Path(opts["path"])
         if not path.is_file():
             raise CommandError(f"{path}: no such file")
+        opts["name"] = opts["name"].strip()
         user = get_user_model().objects.filter(username=opts["user"]).first() if opts["user"] else None
+        if opts["user"] and user is None:
+            raise CommandError(f"--user: no user called “{opts['user']}”.")
         actor = user or "cli"
         try:
             with transaction.atomic():  # a file with no good line creates nothing, not even the dataset

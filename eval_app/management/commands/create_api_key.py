@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
+
+from studio.cli import StudioCommand
 
 from ...services import serving
 
 
-class Command(BaseCommand):
+class Command(StudioCommand):
     help = (
         "Create an API key for USERNAME (an active engineer or admin) and print it. Only its hash is "
         "stored: the key cannot be shown again. The last line of the output is the key."

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import json
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from datasets_app.models import DatasetVersion
-from studio.cli import acting_engineer
+from studio.cli import StudioCommand, acting_engineer
 
 from ...models import EvalRun, ModelVersion
 from ...services import evaluation
 
 
-class Command(BaseCommand):
+class Command(StudioCommand):
     help = "Evaluate a candidate version against a baseline (and with --wait, run it here)."
 
     def create_parser(self, prog_name, subcommand, **kwargs):

@@ -9,13 +9,16 @@ the UI. Exit status 1 with the reason when the request is refused; with --strict
 from __future__ import annotations
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
+from django.db import transaction
+
+from studio.cli import StudioCommand
 
 from ...models import EvalRun, ModelVersion
 from ...services import gate
 
 
-class Command(BaseCommand):
+class Command(StudioCommand):
     help = "Request the promotion of a model version to an alias and print the policy check."
 
     def add_arguments(self, parser):
@@ -40,12 +43,22 @@ class Command(BaseCommand):
             run = EvalRun.objects.filter(pk=opts["run"]).first()
             if run is None:
                 raise CommandError(f"Evaluation run {opts['run']} does not exist.")
+        strict_refusal = None
         try:
-            req = gate.request_promotion(user, version, opts["alias"], eval_run=run, comment=opts["comment"])
+            with transaction.atomic():  # --strict: a failing policy files nothing
+                req = gate.request_promotion(
+                    user, version, opts["alias"], eval_run=run, comment=opts["comment"]
+                )
+                if opts["strict"] and not req.policy["passed"]:
+                    strict_refusal = req
+                    raise _PolicyFails
         except gate.GateRefused as exc:
             raise CommandError(str(exc)) from None
+        except _PolicyFails:
+            req = strict_refusal
         policy = req.policy
-        self.stdout.write(f"promotion request {req.pk}: {version} → {req.alias} (pending)")
+        if strict_refusal is None:
+            self.stdout.write(f"promotion request {req.pk}: {version} → {req.alias} (pending)")
         for rule in policy["rules"]:
             mark = "PASS" if rule["passed"] else "FAIL"
             detail = f" — {rule['detail']}" if rule["detail"] else ""
@@ -59,7 +72,11 @@ class Command(BaseCommand):
                 f"policy: fails ({', '.join(policy['failed'])}); approval needs an admin's override with a "
                 f"written justification"
             )
-            if opts["strict"]:
-                raise CommandError(message)
+            if strict_refusal is not None:
+                raise CommandError(message + "; with --strict no request was filed")
             self.stdout.write(self.style.WARNING(message))
         self.stdout.write(str(req.pk))
+
+
+class _PolicyFails(Exception):
+    """--strict and a failing rule: roll the request back."""

@@ -2,13 +2,14 @@
 
 import secrets
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
+from studio.cli import StudioCommand
 from studio.forms import UserCreateForm
 from studio.roles import ROLES
 
 
-class Command(BaseCommand):
+class Command(StudioCommand):
     help = "Create a user with one or more roles. Without --password a strong one is generated and printed."
 
     def add_arguments(self, parser):

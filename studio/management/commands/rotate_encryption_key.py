@@ -12,10 +12,13 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
 from django.conf import settings
-from django.core.management.base import BaseCommand
+from django.core.management.base import CommandError
 
 from datasets_app.models import Upload
 from datasets_app.services.storage import MAGIC, DecryptionError, decrypt_chunks, reencrypt_file, reseal
+from studio.cli import StudioCommand
+
+NO_KEY = "no configured key decrypts it; add the key it was written with to STUDIO_ENCRYPTION_KEY."
 
 
 def encrypted_files(root: Path):
@@ -30,6 +33,8 @@ def under_primary_key(path: Path, primary: Fernet) -> bool:
     with open(path, "rb") as fh:
         fh.read(len(MAGIC))
         while header := fh.read(4):
+            if len(header) < 4:  # cut off: not readable under this key (the rotation reports it)
+                return False
             (length,) = struct.unpack(">I", header)
             try:
                 primary.decrypt(fh.read(length))
@@ -38,7 +43,7 @@ def under_primary_key(path: Path, primary: Fernet) -> bool:
     return True
 
 
-class Command(BaseCommand):
+class Command(StudioCommand):
     help = (
         "Re-encrypt the data dir's encrypted files and the uploads' sealed reasons with the first "
         "configured STUDIO_ENCRYPTION_KEY."
@@ -49,6 +54,16 @@ class Command(BaseCommand):
 
     def handle(self, *args, check=False, **options):
         keys = [k.strip() for k in settings.STUDIO_ENCRYPTION_KEY.split(",") if k.strip()]
+        if not keys:
+            raise CommandError("STUDIO_ENCRYPTION_KEY is empty: set it to the new key, then the old ones.")
+        for n, key in enumerate(keys, 1):
+            try:
+                Fernet(key.encode())
+            except ValueError:
+                raise CommandError(
+                    f"STUDIO_ENCRYPTION_KEY: key {n} of {len(keys)} is not a Fernet key (32 url-safe "
+                    "base64-encoded bytes); fix it before rotating."
+                ) from None
         primary = Fernet(keys[0].encode())
         root = Path(settings.DATA_DIR)
         current = rotated = stale = 0
@@ -66,8 +81,9 @@ class Command(BaseCommand):
                 list(decrypt_chunks(path))  # every frame must decrypt before anything is replaced
                 reencrypt_file(path)
                 rotated += 1
-            except DecryptionError:
-                failed.append(str(name))
+            except DecryptionError as exc:  # no key reads it, or it is cut off
+                cut = "cut off" in str(exc)
+                failed.append(f"{name}: " + ("it is cut off (restore it from a backup)." if cut else NO_KEY))
         old_records = resealed = 0  # sealed upload reasons in the database
         for upload in Upload.objects.exclude(sealed="").only("pk", "sealed").iterator():
             name = f"upload {upload.pk} (rejection reasons, in the database)"
@@ -83,7 +99,7 @@ class Command(BaseCommand):
                 Upload.objects.filter(pk=upload.pk).update(sealed=reseal(upload.sealed))
                 resealed += 1
             except InvalidToken:
-                failed.append(name)
+                failed.append(f"{name}: {NO_KEY}")
         summary = f"{current} file(s) already under the first key"
         summary += f", {stale} still under an old key" if check else f", {rotated} re-encrypted"
         if old_records:
@@ -93,9 +109,7 @@ class Command(BaseCommand):
                 else f"; {resealed} upload record(s) re-encrypted"
             )
         self.stdout.write(summary + ".")
-        for name in failed:
-            self.stderr.write(
-                f"{name}: no configured key decrypts it; add the key it was written with to STUDIO_ENCRYPTION_KEY."
-            )
+        for message in failed:
+            self.stderr.write(message)
         if failed or (check and (stale or old_records)):
             sys.exit(1)

@@ -7,18 +7,20 @@ import os
 import secrets
 from pathlib import Path
 
-from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
+from django.contrib.auth import get_user_model, password_validation
+from django.core.exceptions import ValidationError
+from django.core.management.base import CommandError
 from django.db import transaction
 
 from studio import audit
+from studio.cli import StudioCommand
 from studio.roles import ADMIN, ensure_groups
 
 DEMO_NAME = "Demo support conversations"
 DEMO_FILE = Path(__file__).resolve().parents[3] / "datasets_app" / "demo" / "support_demo.jsonl"
 
 
-class Command(BaseCommand):
+class Command(StudioCommand):
     help = "Create role groups, a first admin, register SmolLM2 and load the demo dataset (idempotent)."
 
     def add_arguments(self, parser):
@@ -41,7 +43,16 @@ class Command(BaseCommand):
         existing = User.objects.filter(groups=group).first() or User.objects.filter(is_superuser=True).first()
         if existing:
             return existing
+        if User.objects.filter(username="admin").exists():
+            raise CommandError(
+                "A user called 'admin' exists but is not an admin, and no admin exists: give a user the "
+                "admin role (python manage.py create_user NAME --role admin) and run this again."
+            )
         password = os.environ.get("STUDIO_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
+        try:
+            password_validation.validate_password(password, User(username="admin"))
+        except ValidationError as error:
+            raise CommandError("STUDIO_ADMIN_PASSWORD: " + " ".join(error.messages)) from None
         with transaction.atomic():
             user = User.objects.create_user("admin", password=password, is_staff=True, is_superuser=True)
             user.groups.add(group)

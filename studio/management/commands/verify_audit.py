@@ -1,13 +1,15 @@
 """Walk the audit chain; exit 1 at the first edited, inserted or deleted event."""
 
+import re
 import sys
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import CommandError
 
 from studio.audit import verify_chain
+from studio.cli import StudioCommand
 
 
-class Command(BaseCommand):
+class Command(StudioCommand):
     help = (
         "Check that the audit log's hash chain is intact (exit status 1 if it is not). Prints the head "
         "hash: keep it outside the studio and pass it back with --expect to also detect deleted newest events."
@@ -23,6 +25,10 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options):
         expect = options["expect"].strip().lower()
+        if expect and not re.fullmatch(r"[0-9a-f]{64}", expect):
+            raise CommandError(
+                "--expect: a head hash is 64 hexadecimal characters, as verify_audit prints it."
+            )
         report = verify_chain(expect)
         if report.ok:
             self.stdout.write(f"Audit chain intact: {report.checked} events checked.")

@@ -7,17 +7,17 @@ progress, and prints the model version id as its last line. Exit status 1 with t
 
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from datasets_app.models import DatasetVersion
-from studio.cli import acting_engineer
+from studio.cli import StudioCommand, acting_engineer
 
 from ...models import BaseModel, TrainingJob
 from ...presets import COMMON, PRESETS
 from ...services import jobs
 
 
-class Command(BaseCommand):
+class Command(StudioCommand):
     help = "Launch a fine-tuning job (and with --wait, run it to the end here)."
 
     def add_arguments(self, parser):
