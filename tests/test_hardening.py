@@ -443,3 +443,25 @@ def test_setup_refuses_a_plain_user_called_admin(make_user, monkeypatch):
     get_user_model().objects.filter(username="admin").delete()
     with pytest.raises(CommandError, match="STUDIO_ADMIN_PASSWORD: This password is too short"):
         call_command("setup_studio", "--skip-model", "--skip-demo", stdout=StringIO(), stderr=StringIO())
+
+
+def test_job_settings_that_the_worker_would_refuse_are_refused_at_launch(
+    engineer, admin_user, curator, tiny_model_dir
+):
+    from pathlib import Path
+
+    from conftest import make_version, smoke_request
+
+    from training_app.services import jobs, register_local_dir
+
+    base = register_local_dir("tiny-llama", Path(tiny_model_dir), admin_user)
+    version = make_version(curator)
+    with pytest.raises(jobs.JobRefused) as refused:
+        jobs.create_job(
+            smoke_request(version, base, packing="maybe", target_modules="q_proj bogus_proj"), engineer
+        )
+    text = " | ".join(refused.value.problems)
+    assert "Packing: “maybe” is not true or false" in text
+    assert "Target modules: bogus_proj not in tiny-llama, whose layers are" in text and "q_proj" in text
+    with pytest.raises(serving.KeyRefused, match="at most 100 characters"):
+        serving.create_key(engineer, "k" * 101)

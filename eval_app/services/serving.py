@@ -80,10 +80,12 @@ def create_key(user, name: str = "", *, actor=None) -> tuple[ApiKey, str]:
             f"{user.get_username()} cannot use the API: API keys are for active users with the engineer "
             "or admin role. Give the user that role first."
         )
+    if len(name.strip()) > 100:
+        raise KeyRefused("Name: at most 100 characters, to tell the key apart (e.g. 'ci' or 'chatbot').")
     raw = KEY_PREFIX + secrets.token_urlsafe(32)
     with transaction.atomic():
         key = ApiKey.objects.create(
-            user=user, name=name.strip()[:100], prefix=raw[:DISPLAY_PREFIX_LENGTH], hashed_key=hash_key(raw)
+            user=user, name=name.strip(), prefix=raw[:DISPLAY_PREFIX_LENGTH], hashed_key=hash_key(raw)
         )
         audit.record(actor if actor is not None else user, "api_key.create", key, user=user.pk)
     log.info("api key created: key=%s user=%s", key.prefix, user.pk)

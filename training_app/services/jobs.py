@@ -91,7 +91,11 @@ def normalise_config(raw: dict) -> tuple[dict, list[str]]:
                 if not math.isfinite(value):
                     raise ValueError
             elif key in BOOL_FIELDS:
-                value = value if isinstance(value, bool) else str(value).lower() in {"1", "true", "on", "yes"}
+                if not isinstance(value, bool):
+                    text = str(value).strip().lower()
+                    if text not in {"1", "true", "on", "yes", "0", "false", "off", "no", ""}:
+                        problems.append(f"{label.capitalize()}: “{value}” is not true or false.")
+                    value = text in {"1", "true", "on", "yes"}
             elif key == "lr_scheduler":
                 value = str(value)
         except (TypeError, ValueError):
@@ -125,6 +129,14 @@ def check_config(
             f"Base model {base_model.name}'s files are missing or unreadable at {base_model.local_dir}: "
             "an admin can restore them or retire the model."
         )
+    if method != Method.SFT and base_model is not None and config.get("target_modules"):
+        known = _linear_module_names(base_model)
+        unknown = [m for m in config["target_modules"] if known and m not in known]
+        if unknown:
+            problems.append(
+                f"Target modules: {', '.join(unknown)} not in {base_model.name}, whose layers are "
+                f"{', '.join(sorted(known))}."
+            )
     if method == Method.DPO and config.get("packing"):
         problems.append("Packing is not available for DPO; turn packing off.")
     if merge and method == Method.SFT:
@@ -350,6 +362,26 @@ def _memory(base_model: BaseModel, method: str, config: dict, device: dict):
         gradient_checkpointing=config["gradient_checkpointing"],
         device=device,
     )
+
+
+def _linear_module_names(base_model: BaseModel) -> set[str]:
+    """The names LoRA can target in the model (the last part of every 2-D weight's name), read from
+    the safetensors headers (8-byte length, then JSON); empty when they cannot be read."""
+    import struct
+
+    names: set[str] = set()
+    try:
+        for path in sorted(base_model.local_dir.glob("*.safetensors")):
+            with open(path, "rb") as fh:
+                (size,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(min(size, 100 * 1024 * 1024)))
+            for key, meta in header.items():
+                parts = key.split(".")
+                if key.endswith(".weight") and len(parts) >= 2 and len(meta.get("shape", [])) == 2:
+                    names.add(parts[-2])
+    except (OSError, ValueError, struct.error, AttributeError):
+        return set()
+    return names - {"embed_tokens", "lm_head", "wte", "wpe"}
 
 
 def _model_config(base_model: BaseModel) -> dict:
