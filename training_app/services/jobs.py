@@ -413,15 +413,15 @@ def preview(request: JobRequest) -> tuple[dict, str, list[str], dict | None]:
     from django.utils.text import slugify
 
     config, problems = normalise_config(request.config)
-    problems += check_config(
-        dataset_version=request.dataset_version,
-        base_model=request.base_model,
-        method=request.method,
-        config=config,
-        replay_version=request.replay_version,
-        replay_percent=request.replay_percent,
-        merge=request.merge,
-    )
+    run = {  # what both the checks and the estimate look at
+        "dataset_version": request.dataset_version,
+        "base_model": request.base_model,
+        "method": request.method,
+        "config": config,
+        "replay_version": request.replay_version,
+        "replay_percent": request.replay_percent,
+    }
+    problems += check_config(**run, merge=request.merge)
     if request.preset and request.preset not in PRESETS:
         problems.append(f"Preset “{request.preset}” is unknown; choose one of {', '.join(PRESETS)}.")
     if not -1000 <= request.priority <= 1000:
@@ -435,14 +435,7 @@ def preview(request: JobRequest) -> tuple[dict, str, list[str], dict | None]:
     if problems:
         return config, model_name, problems, None
     try:
-        figures = estimate(
-            dataset_version=request.dataset_version,
-            base_model=request.base_model,
-            method=request.method,
-            config=config,
-            replay_version=request.replay_version,
-            replay_percent=request.replay_percent,
-        )
+        figures = estimate(**run)
     except JobRefused as exc:
         return config, model_name, exc.problems, None
     return config, model_name, [], figures
