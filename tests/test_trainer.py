@@ -746,3 +746,102 @@ def test_real_smollm2_lora_steps(tmp_path, smollm2_dir):
     assert result.status == "completed" and len(losses) == 3
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] * 1.05
     assert (Path(result.artifacts_dir) / "adapter_model.safetensors").exists()
+
+
+# ---------------------------------------------------------- review findings: masking, averages, dropped rows
+def _byte_level_tokenizer_without_template(path: Path):
+    """A GPT-2 style (byte-level BPE) tokenizer and no chat template: the space after "assistant:" is
+    merged into the answer's first word."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    corpus = [" ".join(WORDS), "user: where is the parcel", "assistant: it ships tomorrow"] * 20
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<eos>")
+    tokenizer.save_pretrained(str(path))
+    return tokenizer
+
+
+def test_fallback_template_trains_every_token_of_the_answer(tmp_path):
+    tokenizer = _byte_level_tokenizer_without_template(tmp_path / "tok")
+    assert not tokenizer.chat_template
+    conversation = [
+        {"role": "user", "content": "where is the parcel"},
+        {"role": "assistant", "content": "it ships tomorrow"},
+    ]
+    example = tokenize_chat(tokenizer, conversation, 512)
+    trained = [
+        i for i, label in zip(example["input_ids"], example["labels"], strict=True) if label != IGNORE_INDEX
+    ]
+    assert tokenizer.decode(trained) == " it ships tomorrow<eos>"
+
+
+def test_a_model_without_chat_template_trains_sft_and_dpo_and_keeps_the_template(model_dir, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(model_dir, bare)
+    config_path = bare / "tokenizer_config.json"
+    tok_config = json.loads(config_path.read_text())
+    tok_config.pop("chat_template", None)
+    config_path.write_text(json.dumps(tok_config))
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    recorder = Recorder()
+    result = run_training(make_config(bare, tmp_path / "sft", max_steps=1), recorder)
+    assert any("no chat template" in line for line in recorder.lines)
+    saved = json.loads((Path(result.artifacts_dir) / "tokenizer_config.json").read_text())
+    template = saved.get("chat_template") or (Path(result.artifacts_dir) / "chat_template.jinja").read_text()
+    assert "role" in template and "content" in template
+    pairs = write_jsonl(
+        tmp_path / "dpo.jsonl", [{"prompt": q, "chosen": a, "rejected": "bad no"} for q, a in FACTS]
+    )
+    dpo = run_training(make_config(bare, tmp_path / "dpo", method="dpo", train_path=str(pairs), max_steps=1))
+    assert dpo.status == "completed"
+
+
+def test_train_loss_average_covers_the_steps_before_a_resume(model_dir, tmp_path):
+    config = make_config(model_dir, tmp_path, train_path=None, max_steps=4, checkpoint_every=2)
+    run_training(config, Recorder(stop_after=2))
+    result = run_training(config, Recorder())
+    metrics = json.loads((Path(result.artifacts_dir) / "metrics.json").read_text())
+    losses = [h["loss"] for h in metrics["history"] if "loss" in h]
+    assert len(losses) == 4
+    assert metrics["final"]["train_loss_avg"] == pytest.approx(sum(losses) / 4, rel=1e-9)
+
+
+def test_dpo_pairs_that_do_not_fit_are_reported_and_none_fitting_is_a_data_error(model_dir, tmp_path):
+    long_prompt = " ".join(["where is my parcel"] * 10)
+    rows = [{"prompt": q, "chosen": a, "rejected": "bad no"} for q, a in FACTS[:3]]
+    rows.append({"prompt": long_prompt, "chosen": "paris", "rejected": "rome"})
+    recorder = Recorder()
+    config = make_config(
+        model_dir, tmp_path / "some", method="dpo", train_path=str(write_jsonl(tmp_path / "d.jsonl", rows)),
+        max_steps=1, max_length=40, batch_size=1,
+    )  # fmt: skip
+    run_training(config, recorder)
+    assert any("1 of 4 pairs skipped" in line for line in recorder.lines)
+    assert recorder.starts[0]["examples"] == 3
+    only_long = write_jsonl(tmp_path / "l.jsonl", [rows[-1]] * 2)
+    config = make_config(
+        model_dir, tmp_path / "none", method="dpo", train_path=str(only_long), max_steps=1, max_length=40
+    )
+    with pytest.raises(DataError, match="No preference pair's prompt fits"):
+        run_training(config, Recorder())
+
+
+def test_eval_rows_that_do_not_fit_are_reported_and_none_left_is_a_data_error(model_dir, tmp_path):
+    long_question = [
+        {
+            "messages": [
+                {"role": "user", "content": " ".join(WORDS * 2)},
+                {"role": "assistant", "content": "paris"},
+            ]
+        }
+    ]  # the answer starts beyond max_length; the training rows fit
+    evals = write_jsonl(tmp_path / "e.jsonl", long_question * 2)
+    config = make_config(model_dir, tmp_path, eval_path=str(evals), eval_every=1, max_length=64)
+    with pytest.raises(DataError, match="No evaluation row has an assistant answer"):
+        run_training(config, Recorder())

@@ -185,7 +185,9 @@ def tokenize_chat(tokenizer, messages: list[dict], max_length: int, assistant_on
                 continue
             while span_index < len(spans) and spans[span_index][1] <= start:
                 span_index += 1
-            if span_index < len(spans) and spans[span_index][0] <= start < spans[span_index][1]:
+            # a token overlapping the answer is trained, also one that starts before it: a byte-level
+            # BPE merges the space after "assistant:" into the answer's first word (" it")
+            if span_index < len(spans) and spans[span_index][0] < end:
                 labels[t] = input_ids[t]
     return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from .callbacks import Reporter
 from .config import TrainConfig, bitsandbytes_available
 from .data import (
+    FALLBACK_TEMPLATE,
     Collator,
     LengthGroupedSampler,
     ListDataset,
@@ -411,6 +412,10 @@ def _run(config: TrainConfig, reporter: Reporter) -> TrainResult:
     tokenizer = AutoTokenizer.from_pretrained(config.model_dir, local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        # trained with it (SFT and DPO alike) and saved with the artifacts, so serving formats the same
+        tokenizer.chat_template = FALLBACK_TEMPLATE
+        say("the base model has no chat template: using the studio's plain 'role: content' one")
 
     # ---- data
     rows = load_jsonl(config.train_path)
@@ -435,12 +440,21 @@ def _run(config: TrainConfig, reporter: Reporter) -> TrainResult:
             say(f"{dropped} of {len(rows)} rows skipped: no assistant tokens within max length")
         eval_items = None
         if eval_rows:
-            eval_examples, _ = tokenize_conversations(
+            eval_examples, eval_dropped = tokenize_conversations(
                 tokenizer,
                 check_sft_rows(eval_rows, "the evaluation file"),
                 config.max_length,
                 config.assistant_only_loss,
             )
+            if eval_dropped:
+                say(
+                    f"{eval_dropped} of {len(eval_rows)} eval rows skipped: no assistant tokens within max length"
+                )
+            if config.eval_every and not eval_examples:
+                raise DataError(
+                    "No evaluation row has an assistant answer within the max length: raise the max length "
+                    "or set evaluation every N steps to 0."
+                )
             eval_items = ListDataset(eval_examples) if eval_examples else None
         train_tokens = count_tokens(train_examples)
         examples = len(train_examples)
@@ -476,7 +490,10 @@ def _run(config: TrainConfig, reporter: Reporter) -> TrainResult:
         "gradient_accumulation_steps": config.grad_accum,
         "learning_rate": config.learning_rate,
         "lr_scheduler_type": config.lr_scheduler,
-        "warmup_steps": config.warmup_ratio,
+        # transformers 5 reads a warmup_steps below 1 as a ratio (and has no warmup_ratio); 4.x has
+        # warmup_ratio and would take 0.1 as 0.1 steps: _supported keeps the one this version knows
+        "warmup_ratio": config.warmup_ratio,
+        "warmup_steps": config.warmup_ratio if not _has_field("warmup_ratio") else 0,
         "num_train_epochs": config.epochs if config.epochs else 1.0,
         "max_steps": config.max_steps if config.max_steps else -1,
         "weight_decay": config.weight_decay,
@@ -512,6 +529,19 @@ def _run(config: TrainConfig, reporter: Reporter) -> TrainResult:
         trainer = _dpo_trainer(
             config, common, model, peft_config, tokenizer, train_items, eval_items, callback
         )
+        # TRL leaves out pairs whose prompt does not fit in max_length: say so, and refuse an empty run
+        kept = len(trainer.train_dataset)
+        if kept == 0:
+            raise DataError(
+                f"No preference pair's prompt fits in the max length of {config.max_length} tokens: raise it."
+            )
+        if kept < examples:
+            say(f"{examples - kept} of {examples} pairs skipped: prompt longer than the max length")
+            examples = callback.info["examples"] = kept
+        if eval_items and config.eval_every and len(trainer.eval_dataset) == 0:
+            raise DataError(
+                "No evaluation pair's prompt fits in the max length: raise it or set evaluation every N steps to 0."
+            )
     else:
         args = TrainingArguments(**_supported(TrainingArguments, common))
         trainer = StudioTrainer(
@@ -542,6 +572,7 @@ def _run(config: TrainConfig, reporter: Reporter) -> TrainResult:
     steps_in_session = max(1, state.global_step - start_step)
     session_tokens = getattr(trainer, "_studio_session_tokens", 0)
     final_metrics: dict[str, float] = {
+        # replaced below by the mean over every logged step, also those before a resume
         "train_loss_avg": float(output.training_loss) if output.training_loss is not None else math.nan,
         "train_runtime": runtime,
         "tokens_per_second": session_tokens / runtime if runtime > 0 else 0.0,
@@ -549,7 +580,8 @@ def _run(config: TrainConfig, reporter: Reporter) -> TrainResult:
         "steps_per_second": steps_in_session / runtime if runtime > 0 else 0.0,
     }
     losses = [h["loss"] for h in history if "loss" in h]
-    if losses:
+    if losses:  # the history is restored from the checkpoint: the Trainer's own average is this session's
+        final_metrics["train_loss_avg"] = float(sum(losses) / len(losses))
         final_metrics["train_loss"] = float(losses[-1])
         final_metrics["train_loss_first"] = float(losses[0])
 
@@ -642,6 +674,15 @@ def _dpo_trainer(config, common, model, peft_config, tokenizer, train_items, eva
         callbacks=[callback],
         peft_config=peft_config,
     )
+
+
+def _has_field(name: str) -> bool:
+    """Whether this transformers version's TrainingArguments has the field."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    return name in {f.name for f in dataclasses.fields(TrainingArguments)}
 
 
 def _supported(cls, values: dict) -> dict:
