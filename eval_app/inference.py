@@ -58,11 +58,18 @@ def spec_for_version(version) -> ModelSpec:
     )
 
 
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """The text before the first of the stop strings it contains, and whether it held one."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
 @dataclass
 class GenerationResult:
     text: str
     prompt_tokens: int
     output_tokens: int
+    stopped: bool = False  # ended at one of the stop strings (cut before it)
 
 
 class LoadedModel:
@@ -88,8 +95,8 @@ class LoadedModel:
 
                 model = PeftModel.from_pretrained(model, spec.adapter_dir)
                 model = model.merge_and_unload()  # one fused model: same outputs, faster generation
-        except (OSError, ValueError) as exc:
-            raise ModelUnavailable(f"{spec.label} could not be loaded: {exc}") from exc
+        except Exception as exc:  # missing or damaged files (e.g. a safetensors header cut short)
+            raise ModelUnavailable(f"{spec.label} could not be loaded: {type(exc).__name__}: {exc}") from exc
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
@@ -103,6 +110,17 @@ class LoadedModel:
             stop.add(end_of_turn)
         self.stop_ids = sorted(i for i in stop if i is not None)
 
+    def _cut_at_stop(self, ids: list[int], stops: list[str]) -> tuple[str, int, bool]:
+        """(text before the first stop string, tokens up to the one completing it, whether one was met);
+        the same text and count the streaming path gives."""
+        for n in range(1, len(ids) + 1):
+            text, stopped = cut_at_stop(
+                self.tokenizer.decode(ids[:n], skip_special_tokens=True).lstrip(), stops
+            )
+            if stopped:
+                return text, n, True
+        return self.tokenizer.decode(ids, skip_special_tokens=True).lstrip(), len(ids), False
+
     def render(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
@@ -115,8 +133,11 @@ class LoadedModel:
         top_p: float = 1.0,
         seed: int = 0,
         batch_size: int = 16,
+        stop: list[str] | None = None,
     ) -> list[GenerationResult]:
-        """Answers for many chat prompts, in input order, generated ``batch_size`` at a time."""
+        """Answers for many chat prompts, in input order, generated ``batch_size`` at a time. With
+        ``stop`` strings a row stops at the first of them; its text is cut before it and its token
+        count ends with the token that completed it."""
         import torch
 
         prompts = [self.render(messages) for messages in conversations]
@@ -135,6 +156,8 @@ class LoadedModel:
                     kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
                 else:
                     kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+                if stop:
+                    kwargs.update(stop_strings=list(stop), tokenizer=self.tokenizer)
                 out = self.model.generate(**batch, eos_token_id=self.stop_ids, **kwargs)
                 new = out[:, batch["input_ids"].shape[1] :]
                 for row, index in enumerate(chunk):
@@ -144,14 +167,20 @@ class LoadedModel:
                         if token in self.stop_ids:
                             length = n
                             break
-                    text = self.tokenizer.decode(ids[:length], skip_special_tokens=True).strip()
-                    results[index] = GenerationResult(text, len(encoded[index]), length)
+                    text = self.tokenizer.decode(ids[:length], skip_special_tokens=True).lstrip()
+                    stopped = False
+                    if stop:
+                        text, length, stopped = self._cut_at_stop(ids[:length], stop)
+                    results[index] = GenerationResult(text, len(encoded[index]), length, stopped)
         return results  # type: ignore[return-value]
 
 
 _cache: OrderedDict[str, LoadedModel] = OrderedDict()
 _cache_lock = threading.Lock()
 _load_locks: dict[str, threading.Lock] = {}
+# One load at a time in a process: transformers' from_pretrained swaps process-wide functions while it
+# loads, and two overlapping loads (of different models) leave them swapped, breaking every later load.
+_loading = threading.Lock()
 
 
 def get_model(spec: ModelSpec) -> LoadedModel:
@@ -165,7 +194,8 @@ def get_model(spec: ModelSpec) -> LoadedModel:
         with _cache_lock:
             if spec.key in _cache and _cache[spec.key].spec == spec:
                 return _cache[spec.key]
-        loaded = LoadedModel(spec)
+        with _loading:
+            loaded = LoadedModel(spec)
         with _cache_lock:
             _cache[spec.key] = loaded
             _cache.move_to_end(spec.key)

@@ -654,3 +654,76 @@ def test_playground_reports_problems_in_plain_words(client_for, engineer, line):
 def test_playground_without_models_explains(client_for, engineer):
     html = client_for(engineer).get(reverse("eval:playground")).content.decode()
     assert "Nothing to chat with yet" in html
+
+
+# --- review findings: defaults, stop strings, damaged files, concurrent loads ------------------------------
+
+
+def test_without_max_tokens_the_answer_gets_what_the_context_leaves(api, line, settings):
+    settings.STUDIO_API_MAX_TOKENS = 512  # the tiny model's whole context: prompt + 512 would not fit
+    response = chat(api, temperature=0)
+    assert response.status_code == 200, response.json()
+    usage = response.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] <= 512
+    full = [{"role": "user", "content": "the parcel " * 400}]
+    assert chat(api, messages=full).json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_stop_strings_end_generation_and_usage_counts_the_tokens_up_to_them(api, line):
+    sampled = {"max_tokens": 24, "temperature": 1.0, "seed": 3}
+    text = chat(api, **sampled).json()["choices"][0]["message"]["content"]
+    stop = next(c for c in text if text.index(c) >= 3)
+    plain = chat(api, **sampled, stop=stop).json()
+    events = sse_events(chat(api, **sampled, stop=stop, stream=True, stream_options={"include_usage": True}))
+    assert plain["choices"][0]["message"]["content"] == text[: text.index(stop)]
+    assert plain["usage"] == events[-1]["usage"]
+    assert plain["usage"]["completion_tokens"] < 24
+
+
+def test_damaged_weights_answer_503(api, line, tmp_path):
+    import shutil
+
+    from eval_app.inference import clear_cache
+
+    _, v1, _ = line
+    damaged = tmp_path / "adapter"
+    shutil.copytree(v1.artifacts_dir, damaged)
+    weights = damaged / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    ModelVersion.objects.filter(pk=v1.pk).update(artifacts_dir=str(damaged))
+    clear_cache()
+    response = chat(api, max_tokens=4)
+    assert response.status_code == 503 and response.json()["error"]["code"] == "model_unavailable"
+
+
+def test_models_are_loaded_one_at_a_time_in_a_process(line, monkeypatch):
+    """transformers' from_pretrained swaps process-wide functions while it loads: two loads at once
+    (of different models) break every later load, so loads are serialised."""
+    import threading
+    import time
+
+    from eval_app import inference
+
+    _, v1, v2 = line
+    inference.clear_cache()
+    active, most = [0], [0]
+    real_init = inference.LoadedModel.__init__
+
+    def counting_init(self, spec, device=None):
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        time.sleep(0.2)
+        try:
+            real_init(self, spec, device)
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setattr(inference.LoadedModel, "__init__", counting_init)
+    specs = [inference.spec_for_version(v) for v in (v1, v2)]
+    threads = [threading.Thread(target=inference.get_model, args=(spec,)) for spec in specs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1
+    assert all(spec.key in inference._cache for spec in specs)

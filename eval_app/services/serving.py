@@ -34,7 +34,7 @@ from django.utils import timezone
 from studio import audit
 from studio.roles import ADMIN, ENGINEER, has_role
 
-from ..inference import LoadedModel, ModelUnavailable, get_model, spec_for_version
+from ..inference import LoadedModel, ModelUnavailable, cut_at_stop, get_model, spec_for_version
 from ..models import ApiKey, ModelVersion, RegisteredModel
 from .registry import resolve_model_name  # "<line>@<alias>" / "<line>/<number>" → ModelVersion
 
@@ -242,6 +242,7 @@ class ChatParams:
     top_p: float = 1.0
     seed: int | None = None  # None: a fresh random seed per request
     stop: list[str] = field(default_factory=list)
+    max_tokens_given: bool = True  # False: the cap, lowered to what the context leaves (_check_context)
 
 
 @dataclass
@@ -317,7 +318,7 @@ def parse_chat_request(body) -> ChatRequest:
     messages = parse_messages(body.get("messages"))
 
     cap = max_tokens_cap()
-    max_tokens = cap
+    max_tokens, given = cap, False
     for name in ("max_completion_tokens", "max_tokens"):
         value = body.get(name)
         if value is None:
@@ -326,7 +327,7 @@ def parse_chat_request(body) -> ChatRequest:
             raise InvalidRequest(name, f"'{name}' must be a whole number of at least 1.")
         if value > cap:
             raise InvalidRequest(name, f"'{name}' is {value}; this server allows at most {cap}.")
-        max_tokens = value
+        max_tokens, given = value, True
         break
     temperature = _number(body, "temperature", 0, 2, 1.0)
     top_p = _number(body, "top_p", 0, 1, 1.0)
@@ -369,7 +370,14 @@ def parse_chat_request(body) -> ChatRequest:
         raise InvalidRequest("response_format", 'Only \'response_format\': {"type": "text"} is supported.')
     if body.get("logprobs"):
         raise InvalidRequest("logprobs", "'logprobs' is not supported.")
-    params = ChatParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stops)
+    params = ChatParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        stop=stops,
+        max_tokens_given=given,
+    )
     return ChatRequest(model.strip(), messages, params, stream=stream, include_usage=include_usage)
 
 
@@ -396,14 +404,20 @@ def load(version: ModelVersion) -> LoadedModel:
     return get_model(spec_for_version(version))
 
 
-def _check_context(version: ModelVersion, loaded: LoadedModel, messages: list[dict], max_tokens: int) -> list:
-    """The prompt's token ids; InvalidRequest when prompt + max_tokens exceed the model's context."""
+def _check_context(
+    version: ModelVersion, loaded: LoadedModel, messages: list[dict], params: ChatParams
+) -> list:
+    """The prompt's token ids; InvalidRequest when prompt + max_tokens exceed the model's context. Without
+    a max_tokens in the request, params.max_tokens becomes what the context leaves (at most the cap)."""
     try:
         prompt = loaded.render(messages)
     except Exception as exc:  # a chat template may refuse some role orders (e.g. two system messages)
         raise InvalidRequest("messages", f"The model's chat template refused these messages: {exc}")
     ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     context = version.base_model.context_length or getattr(loaded.model.config, "max_position_embeddings", 0)
+    if context and not params.max_tokens_given and len(ids) < context:
+        params.max_tokens = min(params.max_tokens, context - len(ids))
+    max_tokens = params.max_tokens
     if context and len(ids) + max_tokens > context:
         raise InvalidRequest(
             "messages",
@@ -418,16 +432,11 @@ def _seed(params: ChatParams) -> int:
     return params.seed if params.seed is not None else secrets.randbelow(2**31)
 
 
-def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
 def complete(version: ModelVersion, messages: list[dict], params: ChatParams) -> Completion:
     """One answer to a chat; raises ModelUnavailable or InvalidRequest (context too long)."""
     started = time.perf_counter()
     loaded = load(version)
-    _check_context(version, loaded, messages, params.max_tokens)
+    _check_context(version, loaded, messages, params)
     [result] = loaded.generate(
         [messages],
         max_new_tokens=params.max_tokens,
@@ -435,10 +444,12 @@ def complete(version: ModelVersion, messages: list[dict], params: ChatParams) ->
         top_p=params.top_p,
         seed=_seed(params),
         batch_size=1,
+        stop=params.stop,
     )
-    text, stopped = _cut_at_stop(result.text, params.stop)
-    finish = "stop" if stopped or result.output_tokens < params.max_tokens else "length"
-    return Completion(text, result.prompt_tokens, result.output_tokens, finish, time.perf_counter() - started)
+    finish = "stop" if result.stopped or result.output_tokens < params.max_tokens else "length"
+    return Completion(
+        result.text, result.prompt_tokens, result.output_tokens, finish, time.perf_counter() - started
+    )
 
 
 class _TokenQueue:
@@ -466,7 +477,7 @@ def stream(version: ModelVersion, messages: list[dict], params: ChatParams) -> I
     away) stops generation at the next token."""
     started = time.perf_counter()
     loaded = load(version)
-    prompt_ids = _check_context(version, loaded, messages, params.max_tokens)
+    prompt_ids = _check_context(version, loaded, messages, params)
     return _stream(loaded, prompt_ids, params, started)
 
 
@@ -531,7 +542,7 @@ def _stream(loaded: LoadedModel, prompt_ids: list, params: ChatParams, started: 
                     break
                 ids.append(token)
             text = tokenizer.decode(ids, skip_special_tokens=True).lstrip()
-            text, stopped = _cut_at_stop(text, params.stop)
+            text, stopped = cut_at_stop(text, params.stop)
             if stopped:
                 finish = "stop"
             if finish:
@@ -545,7 +556,7 @@ def _stream(loaded: LoadedModel, prompt_ids: list, params: ChatParams, started: 
                 yield ready[len(sent) :]
                 sent = ready
         text = tokenizer.decode(ids, skip_special_tokens=True).lstrip()
-        text, stopped = _cut_at_stop(text, params.stop)
+        text, stopped = cut_at_stop(text, params.stop)
         if text.startswith(sent) and len(text) > len(sent):
             yield text[len(sent) :]
             sent = text
