@@ -35,3 +35,20 @@ def cancel_or_flag(rows: QuerySet, queued: str, running: str, cancelled: str, no
     if rows.filter(state=running).update(cancel_requested=True):
         return "cancel requested"
     return None
+
+
+def quietly(send: Callable[[], object]) -> bool:
+    """For the watchdog: `send()` (a send_or_fail call, which fails its row with a reason when the broker
+    is unreachable); a broker error is logged instead of raised, so the rest of the round goes on."""
+    import logging
+
+    from kombu.exceptions import OperationalError as BrokerError
+
+    try:
+        send()
+    except BrokerError:
+        logging.getLogger(__name__).error(
+            "watchdog: the broker is unreachable; the row was failed with a reason"
+        )
+        return False
+    return True

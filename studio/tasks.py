@@ -18,12 +18,18 @@ def watchdog() -> dict:
     from eval_app.services.evaluation import requeue_stale as requeue_stale_evals
     from training_app.services.jobs import requeue_stale as requeue_stale_jobs
 
-    requeued = requeue_stale()
-    if requeued:
-        log.warning("watchdog requeued uploads %s", requeued)
-    return {
-        "uploads": requeued,
-        "scans": requeue_stale_scans(),
-        "jobs": requeue_stale_jobs(),
-        "evals": requeue_stale_evals(),
-    }
+    report = {}
+    for name, rescue in (
+        ("uploads", requeue_stale),
+        ("scans", requeue_stale_scans),
+        ("jobs", requeue_stale_jobs),
+        ("evals", requeue_stale_evals),
+    ):
+        try:  # one kind's trouble (the database or broker briefly away) must not stop the others
+            report[name] = rescue()
+        except Exception:
+            log.exception("watchdog: rescuing %s failed this round; the next round tries again", name)
+            report[name] = None
+    if report.get("uploads"):
+        log.warning("watchdog requeued uploads %s", report["uploads"])
+    return report

@@ -465,3 +465,166 @@ def test_job_settings_that_the_worker_would_refuse_are_refused_at_launch(
     assert "Target modules: bogus_proj not in tiny-llama, whose layers are" in text and "q_proj" in text
     with pytest.raises(serving.KeyRefused, match="at most 100 characters"):
         serving.create_key(engineer, "k" * 101)
+
+
+# --- background work: the watchdog with the broker down, superseded attempts, cancels that race ------------
+
+
+@pytest.fixture
+def running_job(engineer, admin_user, curator, tiny_model_dir, settings):
+    """A factory: a claimed (running) training job, its heartbeat old enough for the watchdog."""
+    from datetime import timedelta
+    from pathlib import Path
+
+    from conftest import make_version, smoke_request
+    from django.utils import timezone
+
+    from training_app.models import TrainingJob
+    from training_app.services import jobs, register_local_dir
+
+    settings.STUDIO_JOB_HEARTBEAT_SECONDS = 3600
+    base = register_local_dir("tiny-llama", Path(tiny_model_dir), admin_user)
+    version = make_version(curator)
+
+    def make(stale=True):
+        job = jobs.create_job(smoke_request(version, base), engineer, enqueue=False)
+        job = jobs.claim(job.pk, "w1")
+        if stale:
+            TrainingJob.objects.filter(pk=job.pk).update(heartbeat_at=timezone.now() - timedelta(hours=1))
+        return job
+
+    return make
+
+
+def _broker_down(monkeypatch):
+    from kombu.exceptions import OperationalError
+
+    def down(*args, **kwargs):
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr("training_app.tasks.run_next.delay", down)
+    monkeypatch.setattr("datasets_app.tasks.process_upload.delay", down)
+
+
+def test_watchdog_with_the_broker_down_fails_work_with_a_reason_and_goes_on(
+    running_job, curator, tmp_path, monkeypatch, django_capture_on_commit_callbacks
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from studio.tasks import watchdog
+    from training_app.models import TrainingJob
+
+    first, second = running_job(), running_job()
+    dataset = datasets.create_dataset("Stuck", "sft", curator)
+    from datasets_app.services import imports
+
+    upload = imports.receive_path(dataset, None, write_jsonl(tmp_path / "u.jsonl", GOOD))
+    Upload.objects.filter(pk=upload.pk).update(
+        status="processing", started_at=timezone.now() - timedelta(hours=1), attempts=1
+    )
+    _broker_down(monkeypatch)
+    with django_capture_on_commit_callbacks(execute=True):
+        report = watchdog()
+    assert sorted(report["jobs"]["requeued"]) == sorted([first.pk, second.pk])
+    for job in TrainingJob.objects.filter(pk__in=[first.pk, second.pk]):
+        assert job.state == "failed" and job.error_code == "queue_unreachable"  # not left queued
+    upload.refresh_from_db()
+    assert upload.status == "failed" and upload.raw_path == ""
+    assert report["evals"] == {"requeued": [], "failed": [], "cancelled": []}
+
+
+def test_a_superseded_training_attempt_writes_nothing(running_job, monkeypatch):
+    from training_app.models import TrainingJob, TrainingMetric
+    from training_app.services import jobs
+
+    job = running_job()
+    old = jobs.JobReporter(job)
+    monkeypatch.setattr("training_app.tasks.run_next.delay", lambda *a, **k: None)
+    jobs.requeue_stale()
+    newer = jobs.claim(job.pk, "w2")
+    assert newer.attempt == 2
+    old.on_step(step=4, total_steps=5, metrics={"loss": 9.9})
+    old.on_eval(step=4, metrics={"eval_loss": 9.9})
+    old.on_log("from the old attempt")
+    assert old.lost and not TrainingMetric.objects.filter(job=job).exists()
+    assert not any("old attempt" in line for line in TrainingJob.objects.get(pk=job.pk).log_tail)
+
+
+def test_a_cancel_that_races_the_watchdog_cancels_and_a_cancelled_queued_job_is_never_claimed(
+    running_job, engineer, monkeypatch
+):
+    from training_app.models import TrainingJob
+    from training_app.services import jobs
+
+    job = running_job()
+    real = jobs.counted_attempts
+
+    def cancel_meanwhile(j):  # the cancel commits between the watchdog's read and its update
+        TrainingJob.objects.filter(pk=j.pk).update(cancel_requested=True)
+        return real(j)
+
+    monkeypatch.setattr(jobs, "counted_attempts", cancel_meanwhile)
+    assert jobs.requeue_stale()["cancelled"] == [job.pk]
+    assert TrainingJob.objects.get(pk=job.pk).state == "cancelled"
+    queued = running_job()
+    TrainingJob.objects.filter(pk=queued.pk).update(state="queued", claim_token="", cancel_requested=True)
+    assert jobs.claim(queued.pk, "w3") is None
+
+
+def test_cancelling_a_running_job_twice_records_one_event(running_job, engineer):
+    from conftest import job_verbs
+
+    from training_app.services import jobs
+
+    job = running_job(stale=False)
+    jobs.cancel(job, engineer)
+    jobs.cancel(job, engineer)
+    assert job_verbs(job).count("training.job.cancel") == 1
+
+
+def test_a_superseded_import_attempt_changes_nothing(curator, tmp_path, monkeypatch):
+    from datasets_app.services import imports
+
+    dataset = datasets.create_dataset("Twice", "sft", curator)
+    upload = imports.receive_path(dataset, None, write_jsonl(tmp_path / "t.jsonl", GOOD))
+    real_open = imports._open_source
+
+    def newer_attempt_took_it(up, *args):  # the watchdog requeued it and another worker claimed it
+        Upload.objects.filter(pk=up.pk).update(attempts=up.attempts + 1)
+        return real_open(up, *args)
+
+    monkeypatch.setattr(imports, "_open_source", newer_attempt_took_it)
+    assert imports.process(upload.pk) is None
+    upload.refresh_from_db()
+    assert upload.status == "processing" and upload.attempts == 2 and upload.raw_path
+    assert not Example.objects.filter(dataset=dataset).exists()
+
+
+def test_a_merge_asked_while_the_broker_is_down_fails_and_can_be_asked_again(
+    running_job, engineer, monkeypatch, django_capture_on_commit_callbacks
+):
+    from kombu.exceptions import OperationalError
+
+    from training_app.models import TrainingJob
+    from training_app.services import jobs
+
+    job = running_job(stale=False)
+    final = job.output_dir / "final"
+    final.mkdir(parents=True)
+    TrainingJob.objects.filter(pk=job.pk).update(state="succeeded", artifacts_dir=str(final))
+    job.refresh_from_db()
+
+    def down(*args, **kwargs):
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr("training_app.tasks.merge_job.delay", down)
+    with pytest.raises(OperationalError), django_capture_on_commit_callbacks(execute=True):
+        jobs.request_merge(job, engineer)
+    job.refresh_from_db()
+    assert job.merge_state == "failed" and "unreachable" in job.merge_error
+    monkeypatch.setattr("training_app.tasks.merge_job.delay", lambda *a, **k: None)
+    jobs.request_merge(job, engineer)
+    job.refresh_from_db()
+    assert job.merge_state == "pending"

@@ -36,7 +36,7 @@ from django.utils import timezone
 
 from studio import audit, forking
 from studio.db import checkpoint_wal
-from studio.queueing import send_or_fail
+from studio.queueing import quietly, send_or_fail
 
 from .. import parsing
 from ..models import Dataset, Example, Upload
@@ -152,24 +152,26 @@ QUEUE_DOWN_ERROR = (
 def enqueue(upload: Upload) -> None:
     """Send the import task once the row is committed; with the broker down the upload fails with a
     reason at once (studio.queueing) and its plaintext original is deleted."""
+    transaction.on_commit(lambda: _send(upload))
+
+
+def _send(upload: Upload) -> None:
     from ..tasks import process_upload
 
     def failed() -> None:
         storage.remove_quietly(upload.raw_path)  # the plaintext original never stays on disk
         log.error("upload %s failed: the broker is unreachable", upload.pk)
 
-    transaction.on_commit(
-        lambda: send_or_fail(
-            lambda: process_upload.delay(upload.pk),
-            Upload.objects.filter(pk=upload.pk, status=Upload.Status.QUEUED),
-            {
-                "status": Upload.Status.FAILED,
-                "error": QUEUE_DOWN_ERROR,
-                "finished_at": timezone.now(),
-                "raw_path": "",
-            },
-            failed,
-        )
+    send_or_fail(
+        lambda: process_upload.delay(upload.pk),
+        Upload.objects.filter(pk=upload.pk, status=Upload.Status.QUEUED),
+        {
+            "status": Upload.Status.FAILED,
+            "error": QUEUE_DOWN_ERROR,
+            "finished_at": timezone.now(),
+            "raw_path": "",
+        },
+        failed,
     )
 
 
@@ -550,6 +552,7 @@ def process(upload_id: int) -> ImportResult | None:
         log.info("upload %s not claimable (already processed or being processed)", upload_id)
         return None
     dataset = upload.dataset
+    attempt = upload.attempts  # a requeued upload is taken again with attempts + 1: this one then stops
     rejections = _Rejections(upload)
     batch_size = settings.STUDIO_IMPORT_BATCH
     mapping = parsing.CsvMapping(**upload.csv_mapping) if upload.csv_mapping else None
@@ -576,7 +579,9 @@ def process(upload_id: int) -> ImportResult | None:
         source = _open_source(upload, parse_args, batch_size)
         with _parents_held(), transaction.atomic(), _objects_frozen():
             locked = Dataset.objects.select_for_update().get(pk=dataset.pk)
-            Upload.objects.select_for_update().get(pk=upload.pk)  # both parents exist (see _parents_held)
+            held = Upload.objects.select_for_update().get(pk=upload.pk)  # both parents exist (_parents_held)
+            if held.status != Upload.Status.PROCESSING or held.attempts != attempt:
+                raise _Superseded
             position = locked.next_position
             for good, rejected in source.batches():
                 for item in rejected:
@@ -601,12 +606,25 @@ def process(upload_id: int) -> ImportResult | None:
                 rejected=rejections.total,
                 format=upload.format,
             )
+    except _Superseded:
+        _close(source)
+        rejections.writer.close(keep=False)
+        log.warning(
+            "upload %s attempt %s was superseded by a newer attempt; it changed nothing", upload.pk, attempt
+        )
+        return None
     except parsing.FileError as exc:
         _close(source)
+        if not _still_mine(upload.pk, attempt):
+            rejections.writer.close(keep=False)
+            return None
         _refuse(upload, rejections, exc.reason, {"code": exc.code, "line": exc.line, "reason": exc.reason})
         return ImportResult(upload, 0, rejections.total, rejections.first)
     except ImportRefused as exc:
         _close(source)
+        if not _still_mine(upload.pk, attempt):
+            rejections.writer.close(keep=False)
+            return None
         _refuse(upload, rejections, str(exc), None)
         return ImportResult(upload, 0, rejections.total, rejections.first)
     except BaseException:
@@ -614,14 +632,15 @@ def process(upload_id: int) -> ImportResult | None:
         checkpoint_wal()  # the rolled-back rows' text must not stay in SQLite's write-ahead log
         log.exception("upload %s failed", upload.pk)
         rejections.writer.close(keep=False)
-        Upload.objects.filter(pk=upload.pk).update(
+        mine = Upload.objects.filter(pk=upload.pk, status=Upload.Status.PROCESSING, attempts=attempt).update(
             status=Upload.Status.FAILED,
             error="The import failed unexpectedly and nothing was added. An engineer can find the "
             f"details in the worker log (upload {upload.pk}).",
             finished_at=timezone.now(),
         )
-        progress.clear_progress("upload", upload.pk)
-        _dispose_original(upload)
+        if mine:  # else a newer attempt owns the upload (and its file): leave both to it
+            progress.clear_progress("upload", upload.pk)
+            _dispose_original(upload)
         raise
     source.finish()
     _dispose_original(upload, encrypted=source.encrypted)
@@ -629,6 +648,14 @@ def process(upload_id: int) -> ImportResult | None:
     helper = isinstance(source, _ForkedSource)
     log.info("upload %s imported=%s rejected=%s helper=%s", upload.pk, imported, rejections.total, helper)
     return ImportResult(upload, imported, rejections.total, rejections.first)
+
+
+class _Superseded(Exception):
+    """The watchdog requeued this upload and a newer attempt took it: this one must change nothing."""
+
+
+def _still_mine(upload_id: int, attempt: int) -> bool:
+    return Upload.objects.filter(pk=upload_id, status=Upload.Status.PROCESSING, attempts=attempt).exists()
 
 
 def _parents_held() -> contextlib.AbstractContextManager:
@@ -749,18 +776,22 @@ def requeue_stale(max_attempts: int = 3) -> list[int]:
         if live and live.get("at", 0) > cutoff.timestamp():
             continue
         if upload.attempts >= max_attempts:
-            Upload.objects.filter(pk=upload.pk, status=Upload.Status.PROCESSING).update(
-                status=Upload.Status.FAILED,
-                error=f"The import was interrupted {upload.attempts} times (worker stopped); nothing was "
-                "added. Upload the file again, or ask an engineer to check the workers.",
-                finished_at=timezone.now(),
-            )
+            with transaction.atomic():
+                gave_up = Upload.objects.filter(pk=upload.pk, status=Upload.Status.PROCESSING).update(
+                    status=Upload.Status.FAILED,
+                    error=f"The import was interrupted {upload.attempts} times (worker stopped); nothing was "
+                    "added. Upload the file again, or ask an engineer to check the workers.",
+                    finished_at=timezone.now(),
+                )
+                if gave_up:
+                    audit.record(None, "upload.fail", upload.dataset, upload=upload.pk, reason="worker_lost")
+            if gave_up:
+                _dispose_original(upload)  # no plaintext original left behind
             continue
         if Upload.objects.filter(pk=upload.pk, status=Upload.Status.PROCESSING).update(
             status=Upload.Status.QUEUED
         ):
-            from ..tasks import process_upload
-
-            process_upload.delay(upload.pk)
             requeued.append(upload.pk)
+            # broker down: failed with a reason, not left queued with no message behind it
+            transaction.on_commit(lambda upload=upload: quietly(lambda: _send(upload)))
     return requeued

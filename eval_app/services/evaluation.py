@@ -46,7 +46,7 @@ from django.utils import timezone
 from datasets_app.models import Dataset, DatasetVersion, VersionExample
 from studio import audit
 from studio.heartbeat import Heartbeat
-from studio.queueing import cancel_or_flag, send_or_fail
+from studio.queueing import cancel_or_flag, quietly, send_or_fail
 from studio.roles import ADMIN, ENGINEER, has_role
 
 from ..inference import ModelUnavailable, get_model, spec_for_base, spec_for_version
@@ -948,10 +948,14 @@ def requeue_stale() -> dict[str, list[int]]:
                 ):
                     failed.append(run.pk)
                     audit.record(None, "eval.run.fail", run, reason="worker_lost", attempts=run.attempt)
-            elif mine.update(state=State.QUEUED, claim_token="", worker=""):
+            elif mine.filter(cancel_requested=False).update(state=State.QUEUED, claim_token="", worker=""):
                 requeued.append(run.pk)
                 audit.record(None, "eval.run.requeue", run, attempt=run.attempt, progress=run.progress)
-                transaction.on_commit(lambda pk=run.pk: _enqueue(pk))
+                # broker down: the run fails with a reason rather than waiting queued for a lost message
+                transaction.on_commit(lambda pk=run.pk: quietly(lambda: _enqueue_new(pk)))
+            elif mine.filter(cancel_requested=True).update(state=State.CANCELLED, finished_at=now):
+                cancelled.append(run.pk)  # a cancel arrived while the watchdog looked
+                audit.record(None, "eval.run.cancelled", run, reason="worker lost after cancel")
     if requeued or failed or cancelled:
         log.warning("eval watchdog: requeued %s failed %s cancelled %s", requeued, failed, cancelled)
     return {"requeued": requeued, "failed": failed, "cancelled": cancelled}

@@ -28,7 +28,7 @@ from django.utils import timezone
 from datasets_app.models import Dataset, DatasetVersion
 from studio import audit
 from studio.heartbeat import Heartbeat
-from studio.queueing import cancel_or_flag, send_or_fail
+from studio.queueing import cancel_or_flag, quietly, send_or_fail
 
 from ..models import BaseModel, ComputeNode, TrainingJob, TrainingMetric
 from ..presets import COMMON, PRESETS
@@ -544,11 +544,14 @@ def can_manage(job: TrainingJob, user) -> bool:
 def set_priority(job: TrainingJob, delta: int, user) -> TrainingJob:
     if not can_manage(job, user):
         raise JobRefused("Only the job's owner or an admin can change its priority.")
-    updated = TrainingJob.objects.filter(pk=job.pk, state=State.QUEUED).update(priority=F("priority") + delta)
-    if not updated:
-        raise JobRefused("Only queued jobs can be moved; this one has already started or finished.")
-    job.refresh_from_db()
-    audit.record(user, "training.job.priority", job, priority=job.priority)
+    with transaction.atomic():
+        updated = TrainingJob.objects.filter(pk=job.pk, state=State.QUEUED).update(
+            priority=F("priority") + delta
+        )
+        if not updated:
+            raise JobRefused("Only queued jobs can be moved; this one has already started or finished.")
+        job.refresh_from_db()
+        audit.record(user, "training.job.priority", job, priority=job.priority)
     return job
 
 
@@ -558,11 +561,15 @@ def cancel(job: TrainingJob, user) -> TrainingJob:
         raise JobRefused("Only the job's owner or an admin can cancel it.")
     now = timezone.now()
     rows = TrainingJob.objects.filter(pk=job.pk)
-    outcome = cancel_or_flag(rows, State.QUEUED, State.RUNNING, State.CANCELLED, now)
-    if outcome is None:
-        raise JobRefused("This job has already finished.")
-    job.refresh_from_db()
-    audit.record(user, "training.job.cancel", job, outcome=outcome)
+    with transaction.atomic():
+        if rows.filter(state=State.RUNNING, cancel_requested=True).exists():
+            job.refresh_from_db()
+            return job  # asked already: nothing changes, nothing more to record
+        outcome = cancel_or_flag(rows, State.QUEUED, State.RUNNING, State.CANCELLED, now)
+        if outcome is None:
+            raise JobRefused("This job has already finished.")
+        job.refresh_from_db()
+        audit.record(user, "training.job.cancel", job, outcome=outcome)
     return job
 
 
@@ -680,19 +687,20 @@ def claim(job_id: int, worker: str) -> TrainingJob | None:
     """Claim one queued job; None when another worker got it first (or it is no longer queued)."""
     token = uuid.uuid4().hex
     now = timezone.now()
-    won = TrainingJob.objects.filter(pk=job_id, state=State.QUEUED).update(
-        state=State.RUNNING,
-        attempt=F("attempt") + 1,
-        claim_token=token,
-        worker=worker,
-        heartbeat_at=now,
-        attempt_started_at=now,
-        started_at=Coalesce(F("started_at"), Now()),
-    )
-    if not won:
-        return None
-    job = TrainingJob.objects.get(pk=job_id)
-    audit.record(None, "training.job.start", job, attempt=job.attempt, worker=worker)
+    with transaction.atomic():  # the state change and its audit event commit together
+        won = TrainingJob.objects.filter(pk=job_id, state=State.QUEUED, cancel_requested=False).update(
+            state=State.RUNNING,
+            attempt=F("attempt") + 1,
+            claim_token=token,
+            worker=worker,
+            heartbeat_at=now,
+            attempt_started_at=now,
+            started_at=Coalesce(F("started_at"), Now()),
+        )
+        if not won:
+            return None
+        job = TrainingJob.objects.get(pk=job_id)
+        audit.record(None, "training.job.start", job, attempt=job.attempt, worker=worker)
     return job
 
 
@@ -706,31 +714,35 @@ def requeue_stale() -> dict[str, list[int]]:
     for job in stale:
         base = TrainingJob.objects.filter(pk=job.pk, state=State.RUNNING, claim_token=job.claim_token)
         now = timezone.now()
-        if job.cancel_requested:
-            if base.update(state=State.CANCELLED, finished_at=now):
-                cancelled.append(job.pk)
+        with transaction.atomic():  # each change with its audit event
+            if job.cancel_requested:
+                if base.update(state=State.CANCELLED, finished_at=now):
+                    cancelled.append(job.pk)
+                    audit.record(None, "training.job.cancelled", job, reason="worker lost after cancel")
+            elif (attempts := counted_attempts(job)) >= settings.STUDIO_JOB_MAX_ATTEMPTS:
+                message = (
+                    f"The worker running this job stopped responding {attempts} times "
+                    f"(limit {settings.STUDIO_JOB_MAX_ATTEMPTS})."
+                )
+                if base.update(
+                    state=State.FAILED,
+                    finished_at=now,
+                    error_code="worker_lost",
+                    error_message=message,
+                    error_suggestion=(
+                        "Check the gpu workers' logs (killed for memory?), then resume the job from its last "
+                        "checkpoint, or launch it again with smaller settings."
+                    ),
+                ):
+                    failed.append(job.pk)
+                    audit.record(None, "training.job.fail", job, reason="worker_lost", attempts=attempts)
+            elif _put_back(base.filter(cancel_requested=False), now):
+                requeued.append(job.pk)
+                audit.record(None, "training.job.requeue", job, attempt=job.attempt, step=job.step)
+                transaction.on_commit(lambda job=job: quietly(lambda: _enqueue_new(job, resumed=True)))
+            elif base.filter(cancel_requested=True).update(state=State.CANCELLED, finished_at=now):
+                cancelled.append(job.pk)  # a cancel arrived while the watchdog looked
                 audit.record(None, "training.job.cancelled", job, reason="worker lost after cancel")
-        elif (attempts := counted_attempts(job)) >= settings.STUDIO_JOB_MAX_ATTEMPTS:
-            message = (
-                f"The worker running this job stopped responding {attempts} times "
-                f"(limit {settings.STUDIO_JOB_MAX_ATTEMPTS})."
-            )
-            if base.update(
-                state=State.FAILED,
-                finished_at=now,
-                error_code="worker_lost",
-                error_message=message,
-                error_suggestion=(
-                    "Check the gpu workers' logs (killed for memory?), then resume the job from its last "
-                    "checkpoint, or launch it again with smaller settings."
-                ),
-            ):
-                failed.append(job.pk)
-                audit.record(None, "training.job.fail", job, reason="worker_lost", attempts=job.attempt)
-        elif _put_back(base, now):
-            requeued.append(job.pk)
-            audit.record(None, "training.job.requeue", job, attempt=job.attempt, step=job.step)
-            transaction.on_commit(_enqueue)
     if requeued or failed or cancelled:
         log.warning("job watchdog: requeued %s failed %s cancelled %s", requeued, failed, cancelled)
     return {"requeued": requeued, "failed": failed, "cancelled": cancelled}
@@ -841,14 +853,15 @@ class JobReporter(Reporter, Heartbeat):
         TrainingMetric.objects.bulk_create(rows)
 
     def on_step(self, *, step, total_steps, metrics):
-        with transaction.atomic():
-            self._record(step, metrics)
+        with transaction.atomic():  # the claim first: a superseded attempt writes nothing
             updated = self._mine().update(
                 step=step,
                 total_steps=total_steps,
                 tokens_per_second=float(metrics.get("tokens_per_second") or 0.0),
                 heartbeat_at=timezone.now(),
             )
+            if updated:
+                self._record(step, metrics)
         if not updated:
             self.lost = True
         if self.echo:
@@ -860,7 +873,11 @@ class JobReporter(Reporter, Heartbeat):
             self.echo(f"step {step}/{total_steps} {shown}")
 
     def on_eval(self, *, step, metrics):
-        self._record(step, metrics)
+        with transaction.atomic():
+            if not self._mine().select_for_update().exists():
+                self.lost = True
+                return
+            self._record(step, metrics)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))
         self.on_log(f"step {step}: {shown}")
 
@@ -871,8 +888,11 @@ class JobReporter(Reporter, Heartbeat):
         stamp = timezone.now().strftime("%H:%M:%S")
         entry = f"{stamp} {line}"[:500]
         with transaction.atomic():
-            row = TrainingJob.objects.select_for_update().filter(pk=self.job.pk).values("log_tail").first()
-            tail = (row or {}).get("log_tail") or []
+            row = self._mine().select_for_update().values("log_tail").first()
+            if row is None:  # this attempt lost its claim: the log is the new attempt's
+                self.lost = True
+                return
+            tail = row.get("log_tail") or []
             tail = (tail + [entry])[-settings.STUDIO_JOB_LOG_LINES :]
             TrainingJob.objects.filter(pk=self.job.pk).update(log_tail=tail)
         if self.echo:
@@ -908,57 +928,59 @@ def run_claimed(job: TrainingJob, echo=None) -> TrainingJob:
     elif reporter.lost:
         log.warning("job %s attempt %s lost its claim; leaving it to the new attempt", job.pk, job.attempt)
     else:
-        updated = reporter._mine().update(
-            state=State.CANCELLED,
-            finished_at=timezone.now(),
-            step=result.steps,
-            last_checkpoint=result.last_checkpoint or "",
-        )
-        if updated:
-            audit.record(None, "training.job.cancelled", job, step=result.steps)
+        with transaction.atomic():
+            updated = reporter._mine().update(
+                state=State.CANCELLED,
+                finished_at=timezone.now(),
+                step=result.steps,
+                last_checkpoint=result.last_checkpoint or "",
+            )
+            if updated:
+                audit.record(None, "training.job.cancelled", job, step=result.steps)
     return TrainingJob.objects.get(pk=job.pk)
 
 
 def _fail(job: TrainingJob, token: str, code: str, message: str, suggestion: str, tb: str) -> None:
-    updated = TrainingJob.objects.filter(pk=job.pk, state=State.RUNNING, claim_token=token).update(
-        state=State.FAILED,
-        finished_at=timezone.now(),
-        error_code=code[:40],
-        error_message=message,
-        error_suggestion=suggestion,
-        error_traceback=tb,
-    )
+    with transaction.atomic():
+        updated = TrainingJob.objects.filter(pk=job.pk, state=State.RUNNING, claim_token=token).update(
+            state=State.FAILED,
+            finished_at=timezone.now(),
+            error_code=code[:40],
+            error_message=message,
+            error_suggestion=suggestion,
+            error_traceback=tb,
+        )
+        if updated:
+            audit.record(None, "training.job.fail", job, reason=code)
     if updated:
         log.warning("training job %s failed: %s", job.pk, code)
-        audit.record(None, "training.job.fail", job, reason=code)
 
 
 def _succeed(job: TrainingJob, token: str, result) -> None:
     from eval_app.services import register_job_result
 
-    job.refresh_from_db()
     final = Path(result.artifacts_dir)
     try:
-        write_model_card(job, final, result.final_metrics)
+        with transaction.atomic():
+            updated = TrainingJob.objects.filter(pk=job.pk, state=State.RUNNING, claim_token=token).update(
+                state=State.SUCCEEDED,
+                finished_at=timezone.now(),
+                step=result.steps,
+                final_metrics=_finite(result.final_metrics),
+                artifacts_dir=str(final),
+            )
+            if not updated:  # superseded by a newer attempt: its card and version stand
+                return
+            job.refresh_from_db()
+            write_model_card(job, final, result.final_metrics)  # rolled back with the rest if it fails
+            version = register_job_result(job)
+            audit.record(None, "training.job.succeed", job, model_version=version.pk, steps=result.steps)
     except OSError as exc:
         from ..trainer.errors import explain
 
         error = explain(exc)
         _fail(job, token, error.code, error.message, error.suggestion, traceback.format_exc())
         return
-    with transaction.atomic():
-        updated = TrainingJob.objects.filter(pk=job.pk, state=State.RUNNING, claim_token=token).update(
-            state=State.SUCCEEDED,
-            finished_at=timezone.now(),
-            step=result.steps,
-            final_metrics=_finite(result.final_metrics),
-            artifacts_dir=str(final),
-        )
-        if not updated:
-            return
-        job.refresh_from_db()
-        version = register_job_result(job)
-        audit.record(None, "training.job.succeed", job, model_version=version.pk, steps=result.steps)
     log.info("training job %s succeeded: model version %s", job.pk, version.pk)
 
 
@@ -1033,6 +1055,9 @@ def artifact_path(job: TrainingJob, name: str) -> Path | None:
     return target
 
 
+MERGE_QUEUE_DOWN = "The studio's task queue was unreachable, so the merge never started; ask for it again."
+
+
 def request_merge(job: TrainingJob, user) -> None:
     """Queue the merge of a succeeded job's adapter into a full model (owner or admin, once at a time)."""
     if not can_manage(job, user):
@@ -1052,7 +1077,13 @@ def request_merge(job: TrainingJob, user) -> None:
         audit.record(user, "training.job.merge", job)
         from ..tasks import merge_job
 
-        transaction.on_commit(lambda: merge_job.delay(job.pk))
+        transaction.on_commit(  # broker down: the merge fails with a reason and may be asked again
+            lambda: send_or_fail(
+                lambda: merge_job.delay(job.pk),
+                TrainingJob.objects.filter(pk=job.pk, merge_state=TrainingJob.Merge.PENDING),
+                {"merge_state": TrainingJob.Merge.FAILED, "merge_error": MERGE_QUEUE_DOWN},
+            )
+        )
 
 
 def merge(job: TrainingJob) -> Path | None:
