@@ -549,6 +549,7 @@ def test_a_superseded_training_attempt_writes_nothing(running_job, monkeypatch):
     old.on_eval(step=4, metrics={"eval_loss": 9.9})
     old.on_log("from the old attempt")
     assert old.lost and not TrainingMetric.objects.filter(job=job).exists()
+    assert not old.may_publish() and jobs.JobReporter(newer).may_publish()
     assert not any("old attempt" in line for line in TrainingJob.objects.get(pk=job.pk).log_tail)
 
 

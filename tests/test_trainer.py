@@ -845,3 +845,15 @@ def test_eval_rows_that_do_not_fit_are_reported_and_none_left_is_a_data_error(mo
     config = make_config(model_dir, tmp_path, eval_path=str(evals), eval_every=1, max_length=64)
     with pytest.raises(DataError, match="No evaluation row has an assistant answer"):
         run_training(config, Recorder())
+
+
+def test_a_run_that_no_longer_owns_its_job_leaves_the_artifacts_alone(model_dir, tmp_path):
+    class Superseded(Recorder):
+        def may_publish(self):
+            return False
+
+    recorder = Superseded()
+    result = run_training(make_config(model_dir, tmp_path, max_steps=1), recorder)
+    assert result.status == "stopped" and result.artifacts_dir is None
+    assert not (tmp_path / "job" / "final").exists() and not (tmp_path / "job" / ".tmp-final").exists()
+    assert any("a newer attempt owns this job" in line for line in recorder.lines)

@@ -898,6 +898,11 @@ class JobReporter(Reporter, Heartbeat):
         if self.echo:
             self.echo(line)
 
+    def may_publish(self) -> bool:
+        if not self._mine().exists():
+            self.lost = True
+        return not self.lost
+
     def should_stop(self) -> bool:
         if self.lost:
             return True

@@ -30,6 +30,11 @@ class Reporter:
     def should_stop(self) -> bool:
         return False
 
+    def may_publish(self) -> bool:
+        """Asked just before the final artifacts replace the output dir's: False when this run no longer
+        owns the job (a newer attempt took it over), so it must not overwrite that attempt's files."""
+        return True
+
 
 class JsonLinesReporter(Reporter):
     """Writes one JSON object per event (used by ``python -m training_app.trainer``)."""

@@ -627,6 +627,12 @@ def _run(config: TrainConfig, reporter: Reporter) -> TrainResult:
             }
             _write_json(os.path.join(tmp, "training_config.json"), {**config.to_dict(), "resolved": resolved})
             _write_json(os.path.join(tmp, "metrics.json"), {"history": history, "final": final_metrics})
+            if not reporter.may_publish():
+                shutil.rmtree(tmp, ignore_errors=True)
+                say("a newer attempt owns this job: its artifacts are left as they are")
+                return TrainResult(
+                    "stopped", state.global_step, state.max_steps, final_metrics, None, None, start_step
+                )
             _atomic_publish(tmp, artifacts)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
