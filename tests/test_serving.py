@@ -331,8 +331,8 @@ def test_resolve_model_name(line):
         ({"max_tokens": "8"}, "max_tokens", "whole number"),
         ({"temperature": 2.5}, "temperature", "between 0 and 2"),
         ({"temperature": True}, "temperature", "must be a number"),
-        ({"top_p": 0}, "top_p", "above 0"),
-        ({"seed": -1}, "seed", "non-negative"),
+        ({"seed": 2**64}, "seed", "64-bit"),
+        ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed when 'stream' is true"),
         ({"n": 2}, "n", "'n' must be 1"),
         ({"stop": 5}, "stop", "string or a list"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
@@ -727,3 +727,17 @@ def test_models_are_loaded_one_at_a_time_in_a_process(line, monkeypatch):
         t.join()
     assert most[0] == 1
     assert all(spec.key in inference._cache for spec in specs)
+
+
+def test_openai_values_this_server_used_to_refuse(api, line):
+    greedy = chat(api, max_tokens=6, temperature=0).json()["choices"][0]["message"]["content"]
+    assert (
+        chat(api, max_tokens=6, temperature=1.0, top_p=0).json()["choices"][0]["message"]["content"] == greedy
+    )
+    assert chat(api, max_tokens=4, seed=-5).status_code == 200
+    history = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": "and?"},
+    ]
+    assert chat(api, max_tokens=4, messages=history).status_code == 200

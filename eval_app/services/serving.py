@@ -300,6 +300,8 @@ def parse_messages(raw) -> list[dict]:
             raise InvalidRequest(
                 f"{where}.role", f"'{where}.role' must be one of system, user, assistant; got {role!r}."
             )
+        if role == "assistant" and message.get("content") is None and "content" in message:
+            message = {**message, "content": ""}  # OpenAI clients send null for an assistant turn
         if "content" not in message or message["content"] is None:
             raise InvalidRequest(f"{where}.content", f"'{where}.content' is required.")
         messages.append({"role": role, "content": _content(message["content"], f"{where}.content")})
@@ -331,11 +333,15 @@ def parse_chat_request(body) -> ChatRequest:
         break
     temperature = _number(body, "temperature", 0, 2, 1.0)
     top_p = _number(body, "top_p", 0, 1, 1.0)
-    if top_p == 0:
-        raise InvalidRequest("top_p", "'top_p' must be above 0 (and at most 1).")
+    if top_p == 0:  # OpenAI accepts it: only the most likely token remains, i.e. greedy decoding
+        temperature = 0.0
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-        raise InvalidRequest("seed", "'seed' must be a non-negative whole number.")
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63
+    ):
+        raise InvalidRequest("seed", "'seed' must be a whole number (64-bit).")
+    if seed is not None:
+        seed %= 2**63  # torch takes a non-negative seed; negative ones map to distinct values
     n = body.get("n")
     if n is not None and (isinstance(n, bool) or n != 1):
         raise InvalidRequest("n", "'n' must be 1: this server returns one choice per request.")
@@ -356,6 +362,8 @@ def parse_chat_request(body) -> ChatRequest:
         raise InvalidRequest("stream", "'stream' must be true or false.")
     include_usage = False
     options = body.get("stream_options")
+    if options is not None and not stream:
+        raise InvalidRequest("stream_options", "'stream_options' is only allowed when 'stream' is true.")
     if options is not None:
         if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
             raise InvalidRequest(
