@@ -613,26 +613,22 @@ def process(upload_id: int) -> ImportResult | None:
             "upload %s attempt %s was superseded by a newer attempt; it changed nothing", upload.pk, attempt
         )
         return None
-    except parsing.FileError as exc:
+    except (parsing.FileError, ImportRefused) as exc:
         _close(source)
-        if not _still_mine(upload.pk, attempt):
+        if not _claimed(upload.pk, attempt).exists():  # a newer attempt owns the upload now
             rejections.writer.close(keep=False)
             return None
-        _refuse(upload, rejections, exc.reason, {"code": exc.code, "line": exc.line, "reason": exc.reason})
-        return ImportResult(upload, 0, rejections.total, rejections.first)
-    except ImportRefused as exc:
-        _close(source)
-        if not _still_mine(upload.pk, attempt):
-            rejections.writer.close(keep=False)
-            return None
-        _refuse(upload, rejections, str(exc), None)
+        if isinstance(exc, parsing.FileError):
+            _refuse(upload, rejections, exc.reason, {"code": exc.code, "line": exc.line})
+        else:
+            _refuse(upload, rejections, str(exc), None)
         return ImportResult(upload, 0, rejections.total, rejections.first)
     except BaseException:
         _close(source)
         checkpoint_wal()  # the rolled-back rows' text must not stay in SQLite's write-ahead log
         log.exception("upload %s failed", upload.pk)
         rejections.writer.close(keep=False)
-        mine = Upload.objects.filter(pk=upload.pk, status=Upload.Status.PROCESSING, attempts=attempt).update(
+        mine = _claimed(upload.pk, attempt).update(
             status=Upload.Status.FAILED,
             error="The import failed unexpectedly and nothing was added. An engineer can find the "
             f"details in the worker log (upload {upload.pk}).",
@@ -654,8 +650,9 @@ class _Superseded(Exception):
     """The watchdog requeued this upload and a newer attempt took it: this one must change nothing."""
 
 
-def _still_mine(upload_id: int, attempt: int) -> bool:
-    return Upload.objects.filter(pk=upload_id, status=Upload.Status.PROCESSING, attempts=attempt).exists()
+def _claimed(upload_id: int, attempt: int):
+    """The upload's row while this attempt still owns it (an empty queryset once a newer one took it)."""
+    return Upload.objects.filter(pk=upload_id, status=Upload.Status.PROCESSING, attempts=attempt)
 
 
 def _parents_held() -> contextlib.AbstractContextManager:
