@@ -309,3 +309,19 @@ def test_embedded_sqlite_import_through_the_helpers_in_a_fresh_process(tmp_path)
     assert [(p, line, json.loads(m), json.loads(t)) for p, line, m, t in figures["rows"]] == [
         (i, r.line, r.messages, r.tags) for i, r in enumerate(good)
     ]
+
+
+def test_batches_start_small_and_grow_to_the_batch_size(tmp_path):
+    """The first batch reaches the inserting process a few milliseconds after the helper starts;
+    the next ones grow fourfold up to STUDIO_IMPORT_BATCH, and every record comes through once, in order."""
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+        for i in range(2000)
+    ]
+    path = write_file(tmp_path / "f.jsonl", rows, bad=[])
+    batches = list(imports.prepare_batches(parsing.parse_file(path, kind="sft"), 1000))
+    assert [len(good) for good, _ in batches] == [64, 256, 1000, 680]
+    assert [p[0] for good, _ in batches for p in good] == list(range(2000))
+    assert [len(good) for good, _ in imports.prepare_batches(parsing.parse_file(path, kind="sft"), 7)][
+        :3
+    ] == [7, 7, 7]

@@ -295,7 +295,13 @@ Prepared = tuple
 Batch = tuple[list[Prepared], list[parsing.Rejection]]
 
 
+# The first batch is small and the next ones grow fourfold up to STUDIO_IMPORT_BATCH, so that the
+# importing process starts inserting a few milliseconds after the helper starts, not a whole batch later.
+FIRST_BATCH = 64
+
+
 def prepare_batches(items: Iterable[parsing.Record | parsing.Rejection], batch_size: int) -> Iterator[Batch]:
+    limit = min(batch_size, FIRST_BATCH)
     tag_columns: dict[tuple[str, ...], tuple[str, str]] = {}  # tags -> (JSON, tags_text): few distinct ones
     good: list[Prepared] = []
     rejected: list[parsing.Rejection] = []
@@ -313,9 +319,10 @@ def prepare_batches(items: Iterable[parsing.Record | parsing.Rejection], batch_s
         messages = item.messages_json if type(item) is parsing.JsonRecord else json_text(item.messages)
         good.append((number, item.line, messages, item.chosen, item.rejected, *tag_values))
         number += 1
-        if len(good) >= batch_size:
+        if len(good) >= limit:
             yield good, rejected
             good, rejected = [], []
+            limit = min(batch_size, limit * 4)
     if good or rejected:
         yield good, rejected
 
@@ -428,6 +435,7 @@ def _prepare_into(read_fd: int, write_fd: int, path: str, parse_args: dict, batc
             send("file_error", exc.code, exc.reason, exc.line)
             return
         send("ready")
+        out.flush()  # the importing process opens its transaction while the first batch is prepared
         for good, rejected in prepare_batches(records, batch_size):
             send("batch", good, rejected)
             out.flush()
