@@ -167,11 +167,17 @@ def test_create_run_refusals_are_explained(engineer, candidate, golden, train_ve
     with pytest.raises(evaluation.EvalRefused, match="Split “test” is unknown"):
         evaluation.create_run(engineer, candidate, "base", golden, split="test")
     with pytest.raises(evaluation.EvalRefused) as refused:
-        evaluation.create_run(engineer, candidate, "base", golden, temperature=5, batch_size="many", limit=0)
+        evaluation.create_run(
+            engineer, candidate, "base", golden, temperature=5, batch_size="many", limit=0, seed=-1
+        )
     problems = refused.value.problems
     assert "Temperature must be between 0 and 2 (got 5)." in problems
     assert "Batch size: “many” is not a valid whole number." in problems
-    assert "Limit must be between 1 and 1e+06 (got 0)." in problems
+    # bounds as a person writes them, not 1e+06 or 2.14748e+09
+    assert "Limit must be between 1 and 1,000,000 (got 0)." in problems
+    assert "Seed must be between 0 and 2,147,483,647 (got -1)." in problems
+    with pytest.raises(evaluation.EvalRefused, match=r"between 0 and 2 \(got 2\.5\)"):
+        evaluation.create_run(engineer, candidate, "base", golden, temperature=2.5)
     # production alias pointing at the candidate itself
     Alias.objects.create(registered_model=candidate.registered_model, name="production", version=candidate)
     with pytest.raises(evaluation.EvalRefused, match="already is support's production version"):
@@ -410,6 +416,37 @@ def test_cancel_queued_and_running_runs(engineer, make_user, candidate, golden):
     assert not Generation.objects.filter(run=done).exists() and not done.comparisons.exists()
     verbs = list(
         AuditEvent.objects.filter(object_id=str(running.pk), object_type="evalrun")
+        .order_by("id")
+        .values_list("verb", flat=True)
+    )
+    assert verbs == ["eval.run.create", "eval.run.start", "eval.run.cancel", "eval.run.cancelled"]
+
+
+def test_a_cancel_asked_while_the_run_finishes_ends_it_cancelled(engineer, candidate, golden, monkeypatch):
+    """The last check for a cancel happens before the final write: a cancel asked between the two
+    must still end the run cancelled (it used to end succeeded, with its comparisons built)."""
+    run = evaluation.create_run(engineer, candidate, "base", golden, **SMALL)
+    claimed = evaluation.claim(run.pk, "w")
+    real_check, finishing = evaluation._Execution.check, []
+    real_scan = evaluation.scan_outputs
+
+    def scan_then_finish(*args, **kwargs):
+        finishing.append(True)  # the next check is the last one before the final write
+        return real_scan(*args, **kwargs)
+
+    def check_then_cancel(self):
+        real_check(self)
+        if finishing and not EvalRun.objects.get(pk=run.pk).cancel_requested:
+            assert evaluation.cancel_run(EvalRun.objects.get(pk=run.pk), engineer).state == "running"
+
+    monkeypatch.setattr(evaluation, "scan_outputs", scan_then_finish)
+    monkeypatch.setattr(evaluation._Execution, "check", check_then_cancel)
+    done = evaluation.run_claimed(claimed)
+    assert finishing
+    assert done.state == "cancelled" and done.finished_at and not done.metrics
+    assert not done.comparisons.exists()
+    verbs = list(
+        AuditEvent.objects.filter(object_id=str(run.pk), object_type="evalrun")
         .order_by("id")
         .values_list("verb", flat=True)
     )

@@ -46,6 +46,7 @@ from django.utils import timezone
 from datasets_app.models import Dataset, DatasetVersion, VersionExample
 from studio import audit
 from studio.heartbeat import Heartbeat
+from studio.numbers import shown
 from studio.queueing import cancel_or_flag, quietly, send_or_fail
 from studio.roles import ADMIN, ENGINEER, has_role
 
@@ -147,7 +148,7 @@ def normalise_params(raw: dict) -> tuple[dict, list[str]]:
             problems.append(f"{label}: “{value}” is not a valid {'whole ' if kind is int else ''}number.")
             continue
         if not lo <= number <= hi:
-            problems.append(f"{label} must be between {lo:g} and {hi:g} (got {number:g}).")
+            problems.append(f"{label} must be between {shown(lo)} and {shown(hi)} (got {shown(number)}).")
             continue
         params[key] = number
     return params, problems
@@ -852,14 +853,21 @@ class _Execution:
         metrics["skipped_examples"] = skipped
         self.check()
         with transaction.atomic():
-            if not self.beat.mine().update(
-                state=State.SUCCEEDED,
-                finished_at=timezone.now(),
-                heartbeat_at=timezone.now(),
-                metrics=metrics,
-                pii_leaks=len(flagged),
-                progress=F("total"),
-            ):
+            # a cancel asked after the check above still wins: the run ends cancelled, not succeeded
+            won = (
+                self.beat.mine()
+                .filter(cancel_requested=False)
+                .update(
+                    state=State.SUCCEEDED,
+                    finished_at=timezone.now(),
+                    heartbeat_at=timezone.now(),
+                    metrics=metrics,
+                    pii_leaks=len(flagged),
+                    progress=F("total"),
+                )
+            )
+            if not won:
+                self.check()  # raises _Cancelled, or _LostClaim when another attempt took the run
                 raise _LostClaim
             Generation.objects.bulk_update(
                 candidate_rows, ["pii_entities", "canary_hits", "flagged"], batch_size=500

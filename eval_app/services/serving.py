@@ -32,6 +32,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from studio import audit
+from studio.numbers import shown
 from studio.roles import ADMIN, ENGINEER, has_role
 
 from ..inference import LoadedModel, ModelUnavailable, cut_at_stop, get_model, spec_for_version
@@ -259,9 +260,9 @@ def _number(body: dict, name: str, low: float, high: float, default: float) -> f
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidRequest(name, f"'{name}' must be a number between {low:g} and {high:g}.")
+        raise InvalidRequest(name, f"'{name}' must be a number between {shown(low)} and {shown(high)}.")
     if not low <= value <= high:
-        raise InvalidRequest(name, f"'{name}' must be between {low:g} and {high:g}; got {value}.")
+        raise InvalidRequest(name, f"'{name}' must be between {shown(low)} and {shown(high)}; got {value}.")
     return float(value)
 
 

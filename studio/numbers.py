@@ -1,0 +1,11 @@
+"""Numbers in messages people read."""
+
+from __future__ import annotations
+
+
+def shown(number: float) -> str:
+    """A bound or a value as a person writes it: whole numbers in full (2,147,483,647, not 2.14748e+09),
+    others in their shortest form (0.7, 1e-06)."""
+    if isinstance(number, int) or (float(number).is_integer() and abs(number) < 1e16):
+        return f"{int(number):,}"
+    return f"{number:g}"
