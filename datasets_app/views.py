@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 from django.conf import settings
@@ -9,7 +10,7 @@ from django.contrib import messages
 from django.core.paginator import Paginator
 from django.db import transaction
 from django.db.models import Count, Q
-from django.http import Http404, HttpResponse, StreamingHttpResponse
+from django.http import Http404, HttpResponse, HttpResponseBadRequest, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.defaultfilters import filesizeformat
 from django.urls import reverse
@@ -182,7 +183,7 @@ def upload_mapping(request, pk: int):
 
         d = form.cleaned_data
         with transaction.atomic():
-            imports.set_csv_mapping(
+            mapped = imports.set_csv_mapping(
                 upload,
                 CsvMapping(
                     prompt=d["prompt"],
@@ -190,8 +191,16 @@ def upload_mapping(request, pk: int):
                     system=d["system"] or None,
                     tags=d["tags"] or None,
                 ),
+                from_status=(Upload.Status.NEEDS_MAPPING,),
             )
-            imports.enqueue(upload)
+            if mapped:
+                imports.enqueue(upload)
+        if not mapped:
+            messages.error(
+                request,
+                "The columns of this file were already chosen (in another tab or by another curator) and "
+                "its import is under way; your choice was not applied. Its progress is shown below.",
+            )
         return redirect(upload)
     return render(
         request, "datasets/upload_mapping.html", {"upload": upload, "form": form, "columns": columns}
@@ -222,9 +231,23 @@ def upload_rejects(request, pk: int):
     upload = get_object_or_404(Upload, pk=pk)
     if not upload.rejects_path:
         raise Http404("This upload has no rejected lines.")
+    # Read the first frame before answering: a file gone from the data dir or sealed with a key no
+    # longer configured is then a message on the upload's page, not a download cut off after its
+    # headers (a 200 with an empty or truncated file, and a traceback in the log).
+    chunks = storage.decrypt_chunks(storage.Path(upload.rejects_path))
+    try:
+        first = next(chunks, b"")
+    except (OSError, storage.DecryptionError):
+        messages.error(
+            request,
+            "The rejected lines of this upload can no longer be read (their encrypted file is missing or "
+            "was sealed with a key the studio no longer has). Upload the file again to get them, or ask "
+            "an administrator to restore the data directory.",
+        )
+        return redirect(upload)
     audit.record(request.user, "upload.download_rejects", upload, lines=upload.rejected_count)
     response = StreamingHttpResponse(
-        storage.decrypt_chunks(storage.Path(upload.rejects_path)), content_type="application/octet-stream"
+        itertools.chain([first], chunks), content_type="application/octet-stream"
     )
     response["Content-Disposition"] = f'attachment; filename="upload-{upload.pk}-rejected-lines.txt"'
     return response
@@ -275,11 +298,23 @@ def pii_review(request, pk: int):
     return render_htmx(request, "datasets/pii_review.html", "datasets/partials/pii_table.html", context)
 
 
+# A decision must be asked for: anything else (a missing or mistyped action) used to count as "reject",
+# i.e. keep the text as not personal data, the unsafe choice.
+DECISION_ACTIONS = ("accept", "reject")
+NO_ACTION = "action: choose Accept (scrub) or Reject (keep the text); nothing was decided."
+
+
 @role_required(CURATOR)
 @require_POST
 def pii_decide(request, pk: int):
     dataset = get_object_or_404(Dataset, pk=pk)
-    ids = [int(i) for i in request.POST.getlist("finding") if i.isascii() and i.isdigit()]
+    # ids beyond a 64-bit key can name no finding (and overflow SQLite's integers: a 500)
+    ids = [int(i) for i in request.POST.getlist("finding") if i.isascii() and i.isdigit() and len(i) <= 18]
+    if request.POST.get("action") not in DECISION_ACTIONS:
+        if request.htmx:
+            return HttpResponseBadRequest(NO_ACTION)
+        messages.error(request, NO_ACTION)
+        return redirect("datasets:pii", dataset.pk)
     accept = request.POST.get("action") == "accept"
     n = scrub.decide(dataset, ids, accept, request.user)
     if request.htmx and len(ids) == 1:
@@ -300,6 +335,9 @@ def pii_decide(request, pk: int):
 def pii_decide_type(request, pk: int):
     dataset = get_object_or_404(Dataset, pk=pk)
     entity_type = request.POST.get("type", "")
+    if request.POST.get("action") not in DECISION_ACTIONS:
+        messages.error(request, NO_ACTION)
+        return redirect(reverse("datasets:pii", args=[dataset.pk]))
     accept = request.POST.get("action") == "accept"
     n = scrub.decide_type(dataset, entity_type, accept, request.user)
     messages.success(request, f"{n} {entity_type} findings {'scrubbed' if accept else 'kept'}.")
@@ -387,9 +425,12 @@ def example_detail(request, pk: int):
                 tags=datasets.parse_tags(request.POST.get("tags", "")),
                 split=split,
                 user=request.user,
+                expected_token=request.POST.get("loaded") or None,
             )
         except datasets.EditRefused as exc:
             error = str(exc)
+            if error == datasets.STALE_EDIT:  # show what the example holds now, not the stale post
+                example.refresh_from_db()
         else:
             messages.success(request, "Example saved; it is being re-scanned for personal data.")
             return redirect(example)
@@ -413,6 +454,7 @@ def example_detail(request, pk: int):
         "types": scrub.entity_types(scrub.policy_for(example.dataset)),
         "splits": Example.Split.choices,
         "neighbours": _neighbours(example),
+        "edit_token": datasets.edit_token(example),
     }
     return render(request, "datasets/example.html", context)
 
@@ -443,6 +485,16 @@ def _neighbours(example: Example) -> dict:
 @require_POST
 def example_mark(request, pk: int):
     example = get_object_or_404(Example.objects.select_related("dataset"), pk=pk)
+    loaded = request.POST.get("loaded")
+    if loaded and loaded != datasets.edit_token(example):
+        # the selection's offsets count characters of the text the page showed: after a scrub or an edit
+        # since then they point at other words, which would be scrubbed instead of the selected ones
+        messages.error(
+            request,
+            "This example was changed since you opened it (another curator, or a finding scrubbed "
+            "meanwhile); nothing was marked. Select the words again in its current text.",
+        )
+        return redirect(example)
     try:
         scrub.mark_span(
             example,
@@ -465,6 +517,9 @@ def example_mark(request, pk: int):
 @require_POST
 def example_drop(request, pk: int):
     example = get_object_or_404(Example, pk=pk)
+    if request.POST.get("drop") not in ("0", "1"):  # not "restore" by default: that puts it back in training
+        messages.error(request, "drop: choose “Drop from dataset” or “Restore”; nothing was changed.")
+        return redirect(example)
     drop = request.POST.get("drop") == "1"
     with transaction.atomic():
         Example.objects.filter(pk=pk).update(dropped=drop)

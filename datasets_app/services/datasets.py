@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from django.db import transaction
+import hashlib
+import json
+
+from django.db import IntegrityError, transaction
 
 from studio import audit
 from studio.db import purge_freed_pages
@@ -24,22 +27,29 @@ def create_dataset(
     name = name.strip()
     if not name or len(name) > 120:
         raise EditRefused("Name: give the dataset a name of 1 to 120 characters.")
+    taken = EditRefused(f"Name: a dataset called “{name}” already exists; choose another name.")
     if Dataset.objects.filter(name=name).exists():
-        raise EditRefused(f"Name: a dataset called “{name}” already exists; choose another name.")
+        raise taken
     policy = policy or PiiPolicy()
     errors = policy.validate()
     if errors:
         raise EditRefused("; ".join(errors))
-    with transaction.atomic():
-        dataset = Dataset.objects.create(
-            name=name,
-            kind=kind,
-            description=description.strip(),
-            owner=user if getattr(user, "is_authenticated", False) else None,
-            base_model=base_model,
-            pii_policy=policy.to_dict(),
-        )
-        audit.record(user, "dataset.create", dataset, kind=kind)
+    try:
+        with transaction.atomic():
+            dataset = Dataset.objects.create(
+                name=name,
+                kind=kind,
+                description=description.strip(),
+                owner=user if getattr(user, "is_authenticated", False) else None,
+                base_model=base_model,
+                pii_policy=policy.to_dict(),
+            )
+            audit.record(user, "dataset.create", dataset, kind=kind)
+    except IntegrityError:
+        # two curators creating the same name at once: both passed the check above, one insert wins
+        if Dataset.objects.filter(name=name).exists():
+            raise taken from None
+        raise
     return dataset
 
 
@@ -60,10 +70,34 @@ def parse_tags(raw: str) -> list[str]:
     return list(dict.fromkeys(t for t in tags if t))[:30]
 
 
+STALE_EDIT = (
+    "This example was changed since you opened it (another curator, or a finding scrubbed meanwhile); "
+    "your edit was not saved. Its current text is shown below: make your edit again."
+)
+
+
+def edit_token(example: Example) -> str:
+    """A digest of what the edit form shows: sent back with the form, it tells whether the example
+    changed since the form was rendered (saving the old text then would undo that change, e.g. bring
+    back a name a curator scrubbed meanwhile)."""
+    body = [example.messages, example.chosen, example.rejected, example.tags, example.split]
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
 def edit_example(
-    example: Example, *, messages: list[dict], chosen=None, rejected=None, tags=None, split=None, user
+    example: Example,
+    *,
+    messages: list[dict],
+    chosen=None,
+    rejected=None,
+    tags=None,
+    split=None,
+    user,
+    expected_token: str | None = None,
 ):
-    """Validate and save an edited example; its findings are dropped and it is re-scanned."""
+    """Validate and save an edited example; its findings are dropped and it is re-scanned. With
+    ``expected_token`` (``edit_token`` of the example the form showed) an example changed meanwhile is
+    refused instead of overwritten."""
     dataset = example.dataset
     problem = parsing.validate_messages(messages, kind=dataset.kind)
     if problem:
@@ -96,23 +130,32 @@ def edit_example(
             raise EditRefused(
                 f"The conversation is {token_count} tokens long; {base.name} takes at most {base.context_length}."
             )
-    text_changed = (messages, chosen, rejected) != (example.messages, example.chosen, example.rejected)
     with transaction.atomic():
+        current = Example.objects.select_for_update().get(pk=example.pk)
+        if expected_token is not None and edit_token(current) != expected_token:
+            raise EditRefused(STALE_EDIT)
+        text_changed = (messages, chosen, rejected) != (current.messages, current.chosen, current.rejected)
         example.messages = messages
         example.chosen, example.rejected = chosen, rejected
+        fields = ["messages", "chosen", "rejected", "updated_at"]
         if tags is not None:
             example.tags = tags
             example.tags_text = tags_text(tags)
+            fields += ["tags", "tags_text"]
         if split is not None:
             example.split = split
+            fields.append("split")
         if text_changed:
             example.content_hash = content_hash(messages, chosen, rejected)
             example.minhash = None
             example.token_count = token_count
             example.edited = True
             example.pii_status = Example.Pii.UNSCANNED
+            fields += ["content_hash", "minhash", "token_count", "edited", "pii_status"]
             PiiFinding.objects.filter(example=example).delete()
-        example.save()
+        # only what the edit sets: a drop, a duplicate decision or a kept value recorded since this
+        # example was read is not overwritten with the values of that older read
+        example.save(update_fields=fields)
         audit.record(user, "example.edit", example, dataset=dataset.pk, text_changed=text_changed)
         if text_changed:
             from ..tasks import scan_examples

@@ -136,11 +136,23 @@ def csv_columns(upload: Upload) -> list[str]:
     return parsing.csv_columns(upload.raw_path)
 
 
-def set_csv_mapping(upload: Upload, mapping: parsing.CsvMapping) -> None:
-    upload.csv_mapping = {k: v for k, v in vars(mapping).items() if v}
-    upload.format = "csv"
-    upload.status = Upload.Status.QUEUED
-    upload.save(update_fields=["csv_mapping", "format", "status"])
+def set_csv_mapping(
+    upload: Upload,
+    mapping: parsing.CsvMapping,
+    *,
+    from_status: tuple[str, ...] = (Upload.Status.NEEDS_MAPPING, Upload.Status.QUEUED),
+) -> bool:
+    """Record the columns and queue the upload, only while it is in one of ``from_status`` (a
+    conditional UPDATE): a second submit of the form (another curator, another tab) after the import
+    was queued or has started must not send it back to the queue with other columns. False when not."""
+    fields = {"csv_mapping": {k: v for k, v in vars(mapping).items() if v}, "format": "csv"}
+    done = Upload.objects.filter(pk=upload.pk, status__in=from_status).update(
+        status=Upload.Status.QUEUED, **fields
+    )
+    if done:
+        upload.csv_mapping, upload.format = fields["csv_mapping"], fields["format"]
+        upload.status = Upload.Status.QUEUED
+    return bool(done)
 
 
 QUEUE_DOWN_ERROR = (

@@ -230,15 +230,21 @@ def _apply_to_example(
 
 def redact(dataset: Dataset, findings: Iterable[PiiFinding], user) -> int:
     """Accept findings: scrub their spans now. Returns how many were applied."""
-    findings = [f for f in findings if f.decision == Decision.PENDING]
-    if not findings:
+    ids = [f.pk for f in findings if f.decision == Decision.PENDING]
+    if not ids:
         return 0
-    by_example: dict[int, list[PiiFinding]] = defaultdict(list)
-    for f in findings:
-        by_example[f.example_id].append(f)
-    policy = policy_for(dataset)
     with transaction.atomic():
         locked = Dataset.objects.select_for_update().get(pk=dataset.pk)
+        # The rows as they are now, not as the caller read them: a finding another curator (or a double
+        # submit) decided meanwhile is not applied again, and offsets shifted by a redaction since then
+        # are the ones used. Applying stale offsets would cut into the pseudonym and the text after it.
+        findings = list(PiiFinding.objects.select_for_update().filter(pk__in=ids, decision=Decision.PENDING))
+        if not findings:
+            return 0
+        by_example: dict[int, list[PiiFinding]] = defaultdict(list)
+        for f in findings:
+            by_example[f.example_id].append(f)
+        policy = policy_for(locked)
         pseudo = Pseudonymizer(pseudonym_secret(), dict(locked.pseudonym_map or {}))
         for ex in Example.objects.filter(pk__in=list(by_example)).order_by("position"):
             _apply_to_example(ex, by_example[ex.pk], pseudo, policy, user)
@@ -252,7 +258,15 @@ def keep(findings: Iterable[PiiFinding], user) -> int:
     if not ids:
         return 0
     with transaction.atomic():
-        rows = PiiFinding.objects.filter(pk__in=ids).select_related("example")
+        # only findings still pending now: one scrubbed meanwhile (another curator) stays scrubbed
+        rows = list(
+            PiiFinding.objects.select_for_update(of=("self",))
+            .filter(pk__in=ids, decision=Decision.PENDING)
+            .select_related("example")
+        )
+        ids = [f.pk for f in rows]
+        if not ids:
+            return 0
         by_example: dict[int, list[PiiFinding]] = defaultdict(list)
         for f in rows:
             by_example[f.example_id].append(f)

@@ -38,7 +38,9 @@ def split_by_ratio(dataset: Dataset, train: float, eval_: float, golden: float, 
     random.Random(seed).shuffle(ids)
     n = len(ids)
     n_eval = round(n * eval_ / total)
-    n_golden = round(n * golden / total)
+    # cumulative rounding: the three parts add up to n, and a 0 % share gets no example (rounding each
+    # share on its own gave 0/50/50 of 5 examples as 2 eval, 2 golden and 1 train)
+    n_golden = round(n * (eval_ + golden) / total) - n_eval
     parts = {
         Example.Split.EVAL: ids[:n_eval],
         Example.Split.GOLDEN: ids[n_eval : n_eval + n_golden],
