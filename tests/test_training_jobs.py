@@ -112,6 +112,11 @@ def test_replay_rules(engineer, sft_version, tiny_base):
     with pytest.raises(jobs.JobRefused) as exc:
         jobs.create_job(req, engineer)
     assert any("Choose the dataset version to replay" in p for p in exc.value.problems)
+    # the share's bounds as they are checked (0.5% is a valid share, 150% is not)
+    req.replay_version, req.replay_percent = sft_version, 150
+    with pytest.raises(jobs.JobRefused) as exc:
+        jobs.create_job(req, engineer)
+    assert "Replay share must be above 0 and at most 100 percent (got 150)." in exc.value.problems
 
 
 # --- estimate --------------------------------------------------------------------------------------------

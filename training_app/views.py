@@ -234,7 +234,10 @@ def job_resume(request, pk: int):
 @require_POST
 def job_priority(request, pk: int):
     job = _job(pk)
-    delta = 1 if request.POST.get("direction") == "up" else -1
+    delta = {"up": 1, "down": -1}.get(request.POST.get("direction"))
+    if delta is None:  # not one of the two buttons: move nothing rather than guess "down"
+        messages.error(request, "Direction: use the ▲ or ▼ button (direction up or down).")
+        return redirect("training:jobs")
     try:
         job_service.set_priority(job, delta, request.user)
     except job_service.JobRefused as exc:

@@ -127,13 +127,28 @@ def check_name(name: str) -> None:
         raise BaseModelRefused("Name: use letters, digits, dots, hyphens and underscores (max 100).")
 
 
+def _is_file(path: Path) -> bool:
+    """`path.is_file()`, False for a path the file system cannot even look up (a name too long…)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _has_weights(path: Path) -> bool:
+    try:
+        return any(path.glob("*.safetensors"))
+    except (OSError, ValueError):
+        return False
+
+
 def check_local_dir(path: Path) -> None:
-    if not path.is_absolute() or not (path / "config.json").is_file():
+    if not path.is_absolute() or not _is_file(path / "config.json"):
         raise BaseModelRefused(
             f"Source: {path} is not a Hugging Face model directory on this server (an absolute path "
             "holding config.json, safetensors weights and the tokenizer)."
         )
-    if not any(path.glob("*.safetensors")):
+    if not _has_weights(path):
         raise BaseModelRefused(f"Source: {path} holds no .safetensors weights.")
 
 
@@ -155,7 +170,7 @@ def add_base_model(name: str, kind: str, source: str, user, *, license: str = ""
             raise BaseModelRefused(f"Source: {source} could not be read as a model ({exc}).")
     if kind == BaseModel.Source.GGUF:
         path = Path(source)
-        if not path.is_absolute() or path.suffix.lower() != ".gguf" or not path.is_file():
+        if not path.is_absolute() or path.suffix.lower() != ".gguf" or not _is_file(path):
             raise BaseModelRefused(
                 f"Source: {source} is not a .gguf file on this server (use an absolute path)."
             )

@@ -54,6 +54,7 @@ INT_FIELDS = {
 }
 FLOAT_FIELDS = {"lora_dropout", "learning_rate", "warmup_ratio", "epochs", "dpo_beta"}
 BOOL_FIELDS = {"packing", "assistant_only_loss", "gradient_checkpointing"}
+ALL_LINEAR = "all-linear"
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 
 
@@ -131,7 +132,8 @@ def check_config(
         )
     if method != Method.SFT and base_model is not None and config.get("target_modules"):
         known = _linear_module_names(base_model)
-        unknown = [m for m in config["target_modules"] if known and m not in known]
+        # "all-linear" is PEFT's own shorthand (the trainer passes it on as such), not a layer name
+        unknown = [m for m in config["target_modules"] if known and m not in known and m != ALL_LINEAR]
         if unknown:
             problems.append(
                 f"Target modules: {', '.join(unknown)} not in {base_model.name}, whose layers are "
@@ -170,9 +172,15 @@ def check_config(
             )
     if replay_version is not None:
         if not 0 < replay_percent <= 100:
-            problems.append("Replay share must be between 1 and 100 percent.")
+            problems.append(f"Replay share must be above 0 and at most 100 percent (got {replay_percent:g}).")
         if dataset_version is not None and replay_version.pk == dataset_version.pk:
             problems.append("Replay must come from an earlier dataset version, not the one being trained.")
+        if not (replay_version.counts or {}).get("train"):
+            replay_label = f"{replay_version.dataset.name} v{replay_version.number}"
+            problems.append(
+                f"Replay from {replay_label}: it has no examples in the train split, so nothing would be "
+                "replayed. Choose a version with train examples, or set the replay share to 0."
+            )
         if dataset_version is not None and replay_version.kind != dataset_version.kind:
             problems.append(
                 "Replay examples must be of the same kind (SFT or preference) as the training set."
@@ -394,6 +402,10 @@ def _model_config(base_model: BaseModel) -> dict:
 # --- launching and the queue ----------------------------------------------------------------------------
 
 
+PRIORITY_MIN, PRIORITY_MAX = -1000, 1000
+MODEL_NAME_MAX = TrainingJob._meta.get_field("model_name").max_length
+
+
 @dataclass
 class JobRequest:
     dataset_version: DatasetVersion | None
@@ -424,10 +436,17 @@ def preview(request: JobRequest) -> tuple[dict, str, list[str], dict | None]:
     problems += check_config(**run, merge=request.merge)
     if request.preset and request.preset not in PRESETS:
         problems.append(f"Preset “{request.preset}” is unknown; choose one of {', '.join(PRESETS)}.")
-    if not -1000 <= request.priority <= 1000:
-        problems.append(f"Priority must be between -1000 and 1000 (got {request.priority}).")
+    if not PRIORITY_MIN <= request.priority <= PRIORITY_MAX:
+        problems.append(
+            f"Priority must be between {PRIORITY_MIN} and {PRIORITY_MAX} (got {request.priority})."
+        )
     model_name = (request.model_name or "").strip() or _default_model_name(request.dataset_version)
-    if slugify(model_name) != model_name:
+    if len(model_name) > MODEL_NAME_MAX:
+        problems.append(
+            f"Model line: at most {MODEL_NAME_MAX} characters (got {len(model_name)}); choose a shorter "
+            "name, e.g. support-assistant."
+        )
+    elif slugify(model_name) != model_name:
         problems.append(
             f"Model line “{model_name}” may only hold lowercase letters, digits and hyphens "
             f"(e.g. “{slugify(model_name) or 'support-assistant'}”)."
@@ -545,11 +564,16 @@ def set_priority(job: TrainingJob, delta: int, user) -> TrainingJob:
     if not can_manage(job, user):
         raise JobRefused("Only the job's owner or an admin can change its priority.")
     with transaction.atomic():
-        updated = TrainingJob.objects.filter(pk=job.pk, state=State.QUEUED).update(
-            priority=F("priority") + delta
-        )
-        if not updated:
+        rows = TrainingJob.objects.filter(pk=job.pk, state=State.QUEUED)
+        current = rows.select_for_update().values_list("priority", flat=True).first()
+        if current is None:
             raise JobRefused("Only queued jobs can be moved; this one has already started or finished.")
+        # the same bounds as at launch: clicking cannot push a job past them (or overflow the column)
+        if (delta > 0 and current + delta > PRIORITY_MAX) or (delta < 0 and current + delta < PRIORITY_MIN):
+            raise JobRefused(
+                f"Priority stays between {PRIORITY_MIN} and {PRIORITY_MAX}; this job is already at the limit."
+            )
+        rows.update(priority=F("priority") + delta)
         job.refresh_from_db()
         audit.record(user, "training.job.priority", job, priority=job.priority)
     return job
@@ -628,6 +652,12 @@ def resume(job: TrainingJob, user) -> TrainingJob:
     problem, found = resume_check(job)
     if problem:
         raise JobRefused(problem)
+    base = BaseModel.objects.get(pk=job.base_model_id)
+    if base.status != BaseModel.Status.ACTIVE:
+        raise JobRefused(
+            f"Base model {base.name} is {base.get_status_display().lower()}, so this job cannot train on it "
+            "again: an admin can reactivate the model, or launch a new job on an available one."
+        )
     step, path = found
     previous = {"state": job.state, "reason": job.error_code}
     with transaction.atomic():
@@ -1041,9 +1071,17 @@ def artifact_files(job: TrainingJob) -> list[dict]:
         return []
     files = []
     for path in sorted(root.rglob("*")):
+        if _in_progress(path.relative_to(root)):
+            continue
         if path.is_file() and not path.is_symlink():
             files.append({"name": str(path.relative_to(root)), "size": path.stat().st_size})
     return files
+
+
+def _in_progress(relative: Path) -> bool:
+    """A file under a dot-folder such as the `.merged-…` one a merge writes into before it is renamed
+    into place: half-written, not an artifact to list or download."""
+    return any(part.startswith(".") for part in relative.parts[:-1])
 
 
 def artifact_path(job: TrainingJob, name: str) -> Path | None:
@@ -1053,7 +1091,7 @@ def artifact_path(job: TrainingJob, name: str) -> Path | None:
     root = Path(job.artifacts_dir).resolve()
     try:
         target = (root / name).resolve()
-        if root not in target.parents or not target.is_file():
+        if root not in target.parents or not target.is_file() or _in_progress(target.relative_to(root)):
             return None
     except (OSError, ValueError):  # a name too long or otherwise impossible: not an artifact
         return None

@@ -84,12 +84,20 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            from .errors import ConfigError
+        from .errors import ConfigError
 
+        if not isinstance(d, dict):
+            raise ConfigError('The config must be a JSON object of settings, e.g. {"method": "lora", …}.')
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
             raise ConfigError(f"Unknown training setting(s): {', '.join(unknown)}.")
+        missing = [f.name for f in fields.values() if f.name not in d and _required(f)]
+        if missing:
+            raise ConfigError(f"Missing training setting(s): {', '.join(missing)}.")
+        problems = [p for name, value in d.items() if (p := _type_problem(name, fields[name].type, value))]
+        if problems:
+            raise ConfigError(" ".join(problems))
         return cls(**d)
 
     def validate(self) -> list[str]:
@@ -174,3 +182,38 @@ class TrainConfig:
         if self.merge and not self.uses_adapter:
             problems.append("Merging only applies to adapter methods (LoRA, QLoRA, DPO).")
         return problems
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _type_problem(name: str, annotation: str, value) -> str | None:
+    """Why `value` (from JSON) cannot be the setting `name` of type `annotation`, or None when it can:
+    a string where a number belongs would otherwise fail deep inside validation with a TypeError."""
+    import math
+
+    optional = annotation.endswith("| None")
+    kind = annotation.removesuffix("| None").strip()
+    if value is None:
+        return None if optional else f"{name}: a value is required, not null."
+    if kind == "bool":
+        ok, wanted = isinstance(value, bool), "true or false"
+    elif kind == "int":
+        ok, wanted = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+    elif kind == "float":
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        wanted = "a finite number"
+    elif kind == "str":
+        ok, wanted = isinstance(value, str), "text"
+    elif kind == "list[str]":
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        wanted = "a list of module names (text)"
+    elif kind == "dict":
+        ok, wanted = isinstance(value, dict), "a JSON object"
+    else:  # pragma: no cover - every field's type is handled above
+        return None
+    if ok:
+        return None
+    shown = json.dumps(value)[:60]
+    return f"{name}: {shown} is not {wanted}{' (or null)' if optional else ''}."
