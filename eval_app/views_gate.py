@@ -120,6 +120,9 @@ def promotion_request(request, version_pk: int):
 def promotion_approve(request, pk: int):
     req = _promotion(pk)
     override = request.POST.get("override") in {"1", "on", "true"}
+    acknowledged = None  # the rules the decision form showed failing: an override covers only those
+    if "override_seen" in request.POST:
+        acknowledged = {k.strip() for k in request.POST.get("override_seen", "").split(",") if k.strip()}
     try:
         req = gate.approve(
             request.user,
@@ -127,6 +130,7 @@ def promotion_approve(request, pk: int):
             comment=request.POST.get("comment", ""),
             override=override,
             justification=request.POST.get("justification", ""),
+            acknowledged=acknowledged,
         )
     except gate.GateRefused as exc:
         messages.error(request, str(exc))

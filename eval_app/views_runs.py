@@ -111,6 +111,9 @@ def _sample(run: EvalRun, page: str | None):
         c.candidate_segments = evaluation.masked_segments(
             c.candidate_generation.output, c.candidate_generation.pii_entities
         )
+        c.baseline_segments = evaluation.masked_segments(
+            c.baseline_generation.output, c.baseline_generation.pii_entities
+        )
     return sample
 
 

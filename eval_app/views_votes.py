@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 from django.contrib import messages
+from django.core import signing
 from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
@@ -19,7 +20,7 @@ from studio.roles import ADMIN, ENGINEER, REVIEWER, role_required
 
 from . import stats
 from .models import EvalRun, Vote
-from .services import voting
+from .services import evaluation, voting
 
 SESSION_RUN = "review_run"
 
@@ -77,6 +78,19 @@ def review_next(request):
     return redirect("eval:review", comparison.pk)
 
 
+SHOWN_AT_SALT = "eval.review.shown_at"
+
+
+def _seconds_since_shown(token: str) -> float | None:
+    """How long the reviewer looked at the comparison, from the time the page was rendered, which the
+    form carries signed by the server: a value the browser made up is not recorded (None)."""
+    try:
+        shown_at = float(signing.loads(token, salt=SHOWN_AT_SALT, max_age=86400))
+    except (signing.BadSignature, TypeError, ValueError):
+        return None
+    return max(0.0, time.time() - shown_at)
+
+
 @role_required(REVIEWER)
 def review(request, pk: int):
     found = _access_or_404(request, pk)
@@ -87,12 +101,7 @@ def review(request, pk: int):
     comparison = found.comparison
     error = ""
     if request.method == "POST":
-        seconds = None
-        try:
-            shown_at = float(request.POST.get("shown_at", ""))
-            seconds = max(0.0, time.time() - shown_at)
-        except ValueError:
-            pass
+        seconds = _seconds_since_shown(request.POST.get("shown_at", ""))
         try:
             voting.cast_vote(
                 request.user,
@@ -113,8 +122,9 @@ def review(request, pk: int):
     context = {
         "comparison": comparison,
         "prompt": [m for m in (answer_a.prompt or []) if isinstance(m, dict)],
-        "answer_a": answer_a.output,
-        "answer_b": answer_b.output,
+        # personal data found in either answer masked (both sides are scanned alike)
+        "answer_a": evaluation.leak_segments(answer_a),
+        "answer_b": evaluation.leak_segments(answer_b),
         "choices": [
             ("a", "1", "A is better"),
             ("b", "2", "B is better"),
@@ -123,7 +133,7 @@ def review(request, pk: int):
         ],
         "selected": request.POST.get("choice", "") if request.method == "POST" else "",
         "comment": request.POST.get("comment", "") if request.method == "POST" else "",
-        "shown_at": f"{time.time():.3f}",
+        "shown_at": signing.dumps(f"{time.time():.3f}", salt=SHOWN_AT_SALT),
         "number": progress.done + 1,
         "of": progress.done + 1 + progress.available,
         "error": error,

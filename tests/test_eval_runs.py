@@ -682,3 +682,22 @@ def test_run_on_a_real_gpu_queue_worker(
     assert run.metrics["candidate"]["perplexity"] == pytest.approx(
         math.exp(run.metrics["candidate"]["eval_loss"]), rel=1e-5
     )
+
+
+def test_finishing_a_run_scans_the_baseline_answers_too(engineer, candidate, golden, monkeypatch):
+    scanned = []
+    real = evaluation.scan_outputs
+
+    def recording(outputs, prompts, **kwargs):
+        scanned.extend(outputs)
+        return real(outputs, prompts, **kwargs)
+
+    monkeypatch.setattr(evaluation, "scan_outputs", recording)
+    run = evaluation.create_run(engineer, candidate, "base", golden, **SMALL)
+    done = evaluation.execute_run(run.pk, "w")
+    assert done.state == "succeeded"
+    baseline = list(Generation.objects.filter(run=done, side="baseline").values_list("output", flat=True))
+    assert baseline and all(any(out == s for s in scanned) for out in baseline)
+    assert len(scanned) == Generation.objects.filter(run=done).count()
+    # the leak count (which blocks promotion) still counts the candidate's answers only
+    assert done.metrics["pii"]["scanned"] == Generation.objects.filter(run=done, side="candidate").count()

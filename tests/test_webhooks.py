@@ -259,3 +259,17 @@ def test_an_approval_is_delivered_by_a_real_worker(start_worker, receiver, setti
         timeout=30,
         what="the worker to mark the event delivered",
     )
+
+
+def test_credentials_in_the_url_are_sent_as_basic_authentication(receiver, settings):
+    """`https://user:token@host/...` is how many receivers (CI servers, chat tools) take a token: urllib
+    read the user:token part as part of the host name, so such a URL never received anything."""
+    import base64
+
+    server = receiver()
+    webhooks.enqueue_event("model.promoted", {"model": "support"})
+    settings.STUDIO_WEBHOOK_URLS = [server.url().replace("http://", "http://deploy:s3cr%40t@")]
+    assert webhooks.deliver_pending() == 1
+    (request,) = server.requests
+    assert request["path"] == "/hook"
+    assert request["headers"]["Authorization"] == "Basic " + base64.b64encode(b"deploy:s3cr@t").decode()

@@ -24,6 +24,7 @@ Logs carry ids and counts only; outputs and prompts never reach a log or an audi
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import math
 import os
@@ -574,6 +575,12 @@ def scan_outputs(
     return results
 
 
+def leak_segments(generation: Generation) -> list[tuple[str, str]]:
+    """An answer for the blind review page: the personal data the scan found in it masked, except
+    what the prompt (shown above it) already contained."""
+    return masked_segments(generation.output, [e for e in generation.pii_entities if not e.get("echo")])
+
+
 def masked_segments(text: str, entities: list[dict]) -> list[tuple[str, str]]:
     """The output cut into (text, "") and ("[TYPE]", type) pieces so that a page can show a flagged
     output without the personal data in it (overlapping spans are merged)."""
@@ -824,17 +831,16 @@ class _Execution:
 
     def finish(self, items: list[Item], skipped: int, n_probes: int, losses: dict) -> None:
         run = self.run
-        candidate_rows = list(
-            Generation.objects.filter(run=run, side=Side.CANDIDATE).order_by("kind", "position")
-        )
+        rows = list(Generation.objects.filter(run=run).order_by("side", "kind", "position"))
+        candidate_rows = [g for g in rows if g.side == Side.CANDIDATE]
         canaries = active_canaries()
+        # Both sides are scanned: only the candidate's findings count as leaks (they block promotion), but
+        # the blind review page masks personal data in either answer, and masking one side only would
+        # tell the reviewer which answer is the candidate's.
         scans = scan_outputs(
-            [g.output for g in candidate_rows],
-            [g.prompt for g in candidate_rows],
-            scanner=pii_scanner(run),
-            canaries=canaries,
+            [g.output for g in rows], [g.prompt for g in rows], scanner=pii_scanner(run), canaries=canaries
         )
-        for generation, scan in zip(candidate_rows, scans, strict=True):
+        for generation, scan in zip(rows, scans, strict=True):
             generation.pii_entities = scan["pii_entities"]
             generation.canary_hits = scan["canary_hits"]
             generation.flagged = scan["flagged"]
@@ -869,9 +875,7 @@ class _Execution:
             if not won:
                 self.check()  # raises _Cancelled, or _LostClaim when another attempt took the run
                 raise _LostClaim
-            Generation.objects.bulk_update(
-                candidate_rows, ["pii_entities", "canary_hits", "flagged"], batch_size=500
-            )
+            Generation.objects.bulk_update(rows, ["pii_entities", "canary_hits", "flagged"], batch_size=500)
             comparisons = build_comparisons(run)
             audit.record(
                 None,
@@ -897,8 +901,15 @@ def overlap_positions(run: EvalRun, positions: list[int]) -> set[int]:
 
 
 def is_swapped(run: EvalRun, position: int) -> bool:
-    """Seeded coin flip per comparison: True puts the candidate's answer on side B."""
-    return random.Random(f"{run.params.get('seed', 0)}:{run.pk}:{position}").random() < 0.5
+    """Seeded coin flip per comparison: True puts the candidate's answer on side B.
+
+    Keyed with the server's secret: the seed (0 by default), the run id (shown in the reviewer's
+    queue) and the position (comparisons are handed out in order) are all known to a reviewer, so a
+    flip seeded with those alone would tell them which answer is the candidate's. With the key the
+    flip is still stable for a run (a rebuild gives the same sides) but unpredictable from outside."""
+    message = f"{run.params.get('seed', 0)}:{run.pk}:{position}".encode()
+    digest = hmac.new(settings.SECRET_KEY.encode(), b"eval-swap:" + message, hashlib.sha256).digest()
+    return digest[0] < 128
 
 
 def build_comparisons(run: EvalRun) -> list[Comparison]:

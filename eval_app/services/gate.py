@@ -372,12 +372,19 @@ def _event_payload(line: RegisteredModel, alias: str, version: ModelVersion, pre
 
 
 def approve(
-    user, request: PromotionRequest, comment: str = "", override: bool = False, justification: str = ""
+    user,
+    request: PromotionRequest,
+    comment: str = "",
+    override: bool = False,
+    justification: str = "",
+    acknowledged: set[str] | None = None,
 ) -> PromotionRequest:
     """Approve a pending request: re-check the policy now, then move the alias atomically.
 
     Refused (GateRefused, nothing changed) when the user is not an admin, is the requester or trained the
-    version, or a rule fails without override=True and a justification of at least 20 characters."""
+    version, or a rule fails without override=True and a justification of at least 20 characters.
+    `acknowledged`: the keys of the rules the approver saw failing (the decision form sends them); an
+    override never covers a rule that started failing after that, the approver has to look again."""
     justification = (justification or "").strip()
     with transaction.atomic():
         req = _locked(request)
@@ -386,6 +393,8 @@ def approve(
             raise GateRefused("You requested this promotion; a second admin has to approve it.")
         if user.pk in trainers(req.version):
             raise GateRefused(f"You trained {req.version}; an admin who did not train it has to approve.")
+        if req.version.status == ModelVersion.Status.ARCHIVED:
+            raise GateRefused(f"{req.version} has been archived since the request; reject the request.")
         line = RegisteredModel.objects.select_for_update().get(pk=req.version.registered_model_id)
         if current_version(line, req.alias) == req.version:
             raise GateRefused(f"{line}@{req.alias} already points at {req.version}; reject this request.")
@@ -397,6 +406,13 @@ def approve(
             raise GateRefused(
                 f"The policy check fails: {labels}. Collect more evidence, or override with a written "
                 f"justification, or reject the request."
+            )
+        unseen = [r for r in policy["rules"] if not r["passed"] and r["key"] not in (acknowledged or set())]
+        if failed and acknowledged is not None and unseen:
+            labels = "; ".join(f"{r['label']} ({r['figure']})" for r in unseen)
+            raise GateRefused(
+                f"The policy check changed since you looked: {labels} now fails too. Read the rules "
+                f"again before you override them."
             )
         if overridden and len(justification) < MIN_JUSTIFICATION:
             raise GateRefused(

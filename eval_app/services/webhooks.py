@@ -11,6 +11,7 @@ The body is canonical JSON (sorted keys, compact) and its HMAC-SHA256 under STUD
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -18,7 +19,7 @@ import logging
 import urllib.error
 import urllib.request
 from datetime import datetime, timedelta
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from django.conf import settings
 from django.db import transaction
@@ -106,12 +107,30 @@ def headers_for(row: WebhookEvent, now: datetime) -> dict[str, str]:
     }
 
 
+def _host(parts) -> str:
+    """host[:port] of a URL for error texts: never its user:password@ part (shown on the promotions page)."""
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port that is not a number
+        host, port = parts.hostname, None
+    if not host:
+        return "webhook URL"
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    return f"{host}:{port}" if port else host
+
+
 def _post(url: str, body: bytes, headers: dict[str, str]) -> str | None:
     """POST once; None on a 2xx answer, else a short reason (no URL path or query: they may hold tokens)."""
     parts = urlsplit(url)
-    host = parts.netloc or "webhook URL"
+    host = _host(parts)
     if parts.scheme not in {"http", "https"}:
         return f"{host}: only http:// and https:// webhook URLs are supported"
+    if parts.username is not None:  # user:password@ is HTTP basic authentication, not part of the host
+        credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        headers = {**headers, "Authorization": "Basic " + base64.b64encode(credentials).decode("ascii")}
+        netloc = parts.netloc.rpartition("@")[2]
+        url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310 (scheme checked)
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as response:  # noqa: S310
