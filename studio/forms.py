@@ -21,8 +21,11 @@ ROLE_CHOICES = [(role, ROLE_LABELS[role]) for role in ROLES]
 
 
 def assigned_roles(user) -> list[str]:
-    """The role groups a user is a direct member of, in ROLES order (not the roles admin implies)."""
+    """The role groups a user is a direct member of, in ROLES order (not the roles admin implies).
+    A Django superuser (setup_studio's first admin, `createsuperuser`) counts as a member of admin."""
     names = set(user.groups.filter(name__in=ROLES).values_list("name", flat=True)) if user.pk else set()
+    if user.is_superuser:
+        names.add(ADMIN)
     return [role for role in ROLES if role in names]
 
 
@@ -153,7 +156,11 @@ class UserEditForm(forms.ModelForm):
         fields = [name for name in self.changed_data if name != "roles"]
         with transaction.atomic():
             _admin_changes_locked()
-            user = super().save()
+            user = super().save(commit=False)
+            if ADMIN not in roles_after and (user.is_superuser or user.is_staff):
+                # is_superuser passes every role check: taking the admin role must take it too
+                user.is_superuser = user.is_staff = False
+            user.save()
             set_roles(user, roles_after)
             _an_admin_remains()
             data = {"fields": fields}  # names only: the values are personal data
@@ -198,8 +205,18 @@ def set_active(actor, user, active: bool) -> bool:
 # --- Filters -----------------------------------------------------------------------------------------
 
 
+# Searches are bounded: an unbounded one becomes a LIKE pattern SQLite refuses ("pattern too complex"),
+# which would show the "database unavailable" page for what is only a bad search.
+SEARCH_MAX_LENGTH = 200
+
+
 class UserFilterForm(forms.Form):
-    q = forms.CharField(required=False, label="Search", widget=forms.TextInput(attrs={"type": "search"}))
+    q = forms.CharField(
+        required=False,
+        label="Search",
+        max_length=SEARCH_MAX_LENGTH,
+        widget=forms.TextInput(attrs={"type": "search"}),
+    )
     role = forms.ChoiceField(required=False, choices=[("", "Any role"), *[(r, r.title()) for r in ROLES]])
     status = forms.ChoiceField(
         required=False,
@@ -208,7 +225,7 @@ class UserFilterForm(forms.Form):
 
     def filter(self, queryset):
         if not self.is_valid():
-            return queryset
+            return queryset if "q" not in self.errors else queryset.none()
         data = self.cleaned_data
         if data["q"]:
             q = data["q"]
@@ -226,11 +243,16 @@ class UserFilterForm(forms.Form):
 
 
 class AuditFilterForm(forms.Form):
-    actor = forms.CharField(required=False, widget=forms.TextInput(attrs={"type": "search"}))
+    actor = forms.CharField(
+        required=False, max_length=SEARCH_MAX_LENGTH, widget=forms.TextInput(attrs={"type": "search"})
+    )
     verb = forms.ChoiceField(required=False)
     object_type = forms.ChoiceField(required=False, label="Object type")
     object_id = forms.CharField(
-        required=False, label="Object id", widget=forms.TextInput(attrs={"type": "search"})
+        required=False,
+        label="Object id",
+        max_length=AuditEvent._meta.get_field("object_id").max_length,
+        widget=forms.TextInput(attrs={"type": "search"}),
     )
     since = forms.DateField(required=False, label="From", widget=forms.DateInput(attrs={"type": "date"}))
     until = forms.DateField(required=False, label="To", widget=forms.DateInput(attrs={"type": "date"}))

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 
 from django.conf import settings
-from django.db import connection
+from django.db import DatabaseError, connection
 from django.db.models import QuerySet
 from django.utils import timezone
 
@@ -34,10 +34,24 @@ class Heartbeat:
         self._thread.join(timeout=30)
 
     def _beat(self) -> None:
+        failing = False
         try:
             while not self._stop.wait(settings.STUDIO_JOB_HEARTBEAT_SECONDS):
-                if not self._claimed().update(heartbeat_at=timezone.now()):
-                    self.lost = True
+                try:
+                    if not self._claimed().update(heartbeat_at=timezone.now()):
+                        self.lost = True
+                except DatabaseError as error:
+                    # A database blip (a dropped connection, a lock timeout) must not end the beat:
+                    # a silent heartbeat gets the live work requeued by the watchdog and run twice.
+                    # Drop the broken connection; the next beat opens a new one.
+                    if not failing:
+                        log.warning("%s heartbeat failed (%s); retrying", self._label, type(error).__name__)
+                    failing = True
+                    connection.close()
+                else:
+                    if failing:
+                        log.info("%s heartbeat recovered", self._label)
+                    failing = False
         except Exception:  # the main thread notices a broken database on its next write
             log.exception("%s heartbeat failed", self._label)
         finally:

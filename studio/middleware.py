@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from django.conf import settings
 from django.db import InterfaceError
 from django.db import OperationalError as DatabaseOperationalError
 from django.http import HttpResponse
@@ -67,3 +68,18 @@ class ServiceErrorMiddleware:
             match.view_name if match else "-",
         )
         return service_unavailable_response()
+
+
+class SecurityHeadersMiddleware:
+    """Headers Django 5.2's SecurityMiddleware does not set: the Content-Security-Policy (STUDIO_CSP;
+    empty turns it off). A view that sets its own policy keeps it."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        response = self.get_response(request)
+        policy = getattr(settings, "STUDIO_CSP", "")
+        if policy:
+            response.headers.setdefault("Content-Security-Policy", policy)
+        return response

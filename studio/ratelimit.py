@@ -2,8 +2,10 @@
 
 Failures are counted in a fixed window per *client IP* and, separately, per *username*: an attacker
 spraying one account from many addresses is stopped by the username counter, one address trying
-many accounts by the IP counter. While either counter is at its limit the sign-in form answers 429
-without checking the password. A successful sign-in clears the username's counter.
+many accounts by the IP counter. Each attempt is counted *before* its password is checked (an atomic
+increment), so a burst of parallel requests cannot all pass the check; while either counter is at its
+limit the sign-in form answers 429 without checking the password. A successful sign-in clears the
+username's counter and gives its address's attempt back.
 
 Settings: `STUDIO_LOGIN_MAX_ATTEMPTS` (per username), `STUDIO_LOGIN_WINDOW_SECONDS`, and optionally
 `STUDIO_LOGIN_MAX_ATTEMPTS_PER_IP` (default four times the per-username limit, so one person's typos
@@ -13,6 +15,7 @@ reverse proxies append to X-Forwarded-For; 0 = use REMOTE_ADDR).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
@@ -70,26 +73,51 @@ def _window_end(key: str, now: float) -> float | None:
     return float(until)
 
 
+def _count_key(key: str, until: float) -> str:
+    # One count per window: a new window never has to reset (and so can never lose) a count.
+    return f"{key}:n:{round(until * 1000)}"
+
+
 def failures(key: str) -> tuple[int, float | None]:
-    """(failures in the current window, when the window ends) for one counter."""
+    """(attempts counted in the current window, when the window ends) for one counter."""
     now = time.time()
     until = _window_end(key, now)
     if until is None:
         return 0, None
-    return int(cache.get(f"{key}:n", 0)), until
+    return int(cache.get(_count_key(key, until), 0)), until
 
 
-def _register(key: str) -> None:
+def _register(key: str) -> int:
+    """Count one attempt on a counter and return the count, atomically where the cache is (Redis,
+    local memory): parallel attempts each get their own number, so no burst can slip past the limit."""
     now = time.time()
     until = _window_end(key, now)
     if until is None:
         window = window_seconds()
-        cache.set_many({f"{key}:until": now + window, f"{key}:n": 1}, timeout=window)
-        return
+        # add() only sets a missing key: of two attempts opening a window at once, one opens it.
+        if cache.add(f"{key}:until", now + window, timeout=window):
+            until = now + window
+        else:
+            until = _window_end(key, now)
+            if until is None:  # a stale window key outlived its end
+                until = now + window
+                cache.set(f"{key}:until", until, timeout=window)
+    count_key = _count_key(key, until)
+    timeout = max(1, math.ceil(until - now))
+    cache.add(count_key, 0, timeout=timeout)
     try:
-        cache.incr(f"{key}:n")  # atomic on Redis; keeps the key's expiry
-    except ValueError:  # the count expired or was evicted before the window's end
-        cache.set(f"{key}:n", 1, timeout=max(1, math.ceil(until - now)))
+        return int(cache.incr(count_key))  # atomic on Redis and in local memory
+    except ValueError:  # evicted between add() and incr()
+        cache.set(count_key, 1, timeout=timeout)
+        return 1
+
+
+def _give_back(key: str) -> None:
+    count, until = failures(key)
+    if until is None or count <= 0:
+        return
+    with contextlib.suppress(ValueError):  # expired meanwhile: nothing to give back
+        cache.decr(_count_key(key, until))
 
 
 @dataclass(frozen=True)
@@ -119,11 +147,29 @@ def check(request, username: str) -> Lockout | None:
     return Lockout(retry_after=max(1, math.ceil(max(ends) - now)))
 
 
-def register_failure(request, username: str) -> None:
-    _register(ip_key(request))
-    _register(username_key(username))
+def reserve(request, username: str) -> Lockout | None:
+    """Count this attempt *before* its password is checked; a Lockout when it is over either limit.
+
+    Checking the counters and counting the failure only after the password was checked let a burst
+    of parallel requests all pass the check before any of them was counted. An attempt that succeeds
+    gives its address's count back (`succeeded`); a failed one stays counted."""
+    over_ip = _register(ip_key(request)) > max_attempts_per_ip()
+    over_user = _register(username_key(username)) > max_attempts()
+    if over_ip or over_user:
+        return check(request, username) or Lockout(retry_after=window_seconds())
+    return None
+
+
+def succeeded(request, username: str) -> None:
+    """A good sign-in: clear the username's counter and give back the address's reserved attempt."""
+    _give_back(ip_key(request))
+    clear_username(username)
 
 
 def clear_username(username: str) -> None:
     key = username_key(username)
-    cache.delete_many([f"{key}:n", f"{key}:until"])
+    _, until = failures(key)
+    doomed = [f"{key}:until"]
+    if until is not None:
+        doomed.append(_count_key(key, until))
+    cache.delete_many(doomed)

@@ -106,6 +106,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "studio.middleware.SecurityHeadersMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -246,6 +247,12 @@ STUDIO_API_RATE_LIMIT = envint("STUDIO_API_RATE_LIMIT", 60)  # requests per minu
 # --- Login rate limit -------------------------------------------------------------------------------
 STUDIO_LOGIN_MAX_ATTEMPTS = envint("STUDIO_LOGIN_MAX_ATTEMPTS", 5)
 STUDIO_LOGIN_WINDOW_SECONDS = envint("STUDIO_LOGIN_WINDOW_SECONDS", 300)
+# Per client address (default four times the per-username limit, so one person's typos do not lock out
+# a whole office behind one NAT).
+STUDIO_LOGIN_MAX_ATTEMPTS_PER_IP = envint("STUDIO_LOGIN_MAX_ATTEMPTS_PER_IP", 4 * STUDIO_LOGIN_MAX_ATTEMPTS)
+# Reverse proxies in front of the web server that append to X-Forwarded-For (the TLS proxy: 1). With 0,
+# every client behind the proxy has the proxy's address and shares one sign-in allowance.
+STUDIO_TRUSTED_PROXY_COUNT = envint("STUDIO_TRUSTED_PROXY_COUNT", 0)
 
 # --- Cache (login throttling, task progress shared by web and worker processes) ------------------
 REDIS_URL = envstr("REDIS_URL", "")
@@ -312,11 +319,22 @@ CELERY_BEAT_SCHEDULE = {
 # --- Production hardening -------------------------------------------------------------------------------
 STUDIO_PRODUCTION = envbool("STUDIO_PRODUCTION", False)
 SESSION_COOKIE_HTTPONLY = True
+# A sign-in lasts a working day, not Django's two weeks (STUDIO_SESSION_SECONDS; signing out ends it at once).
+SESSION_COOKIE_AGE = envint("STUDIO_SESSION_SECONDS", 12 * 3600)
 SESSION_COOKIE_SAMESITE = "Lax"
 CSRF_COOKIE_SAMESITE = "Lax"
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
+# Content-Security-Policy of every response (studio.middleware.SecurityHeadersMiddleware); empty: none.
+# Everything from this origin only; inline scripts and styles are still used by a few pages.
+STUDIO_CSP = envstr(
+    "STUDIO_CSP",
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; object-src 'none'; "
+    "base-uri 'self'; form-action 'self'; frame-ancestors 'none'",
+)
 if STUDIO_PRODUCTION:
     SESSION_COOKIE_SECURE = envbool("SESSION_COOKIE_SECURE", True)
     CSRF_COOKIE_SECURE = envbool("CSRF_COOKIE_SECURE", True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from urllib.parse import urlsplit
 
 from django.apps import apps
 from django.contrib import messages
@@ -16,6 +17,7 @@ from django.db import DatabaseError, transaction
 from django.db.models import Count, Max, Prefetch
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from . import ratelimit
@@ -50,9 +52,18 @@ class StudioLoginView(LoginView):
     template_name = "registration/login.html"
     redirect_authenticated_user = True
 
+    def get_redirect_url(self):
+        """`next`, unless it is the sign-in page itself: Django answers a signed-in user sent there
+        with a "Redirection loop" 500, and after signing in it would only show the form again."""
+        url = super().get_redirect_url()
+        if url and urlsplit(url).path == reverse("login"):
+            return ""
+        return url
+
     def post(self, request, *args, **kwargs):
         username = request.POST.get("username", "")
-        lockout = ratelimit.check(request, username)
+        # Counted before the password is checked, so parallel attempts cannot all slip under the limit.
+        lockout = ratelimit.check(request, username) or ratelimit.reserve(request, username)
         if lockout is not None:
             # Locked: answer without looking at the password at all.
             return self._locked(username, lockout)
@@ -60,14 +71,14 @@ class StudioLoginView(LoginView):
 
     def form_invalid(self, form):
         username = self.request.POST.get("username", "")
-        ratelimit.register_failure(self.request, username)
-        lockout = ratelimit.check(self.request, username)
+        lockout = ratelimit.check(self.request, username)  # the attempt was counted by post()
         if lockout is not None:
             logger.warning("sign-in locked after repeated failures (retry in %ss)", lockout.retry_after)
             return self._locked(username, lockout)
         return super().form_invalid(form)
 
     def form_valid(self, form):
+        ratelimit.succeeded(self.request, self.request.POST.get("username", ""))
         ratelimit.clear_username(form.get_user().get_username())
         return super().form_valid(form)
 
@@ -187,7 +198,7 @@ def users(request):
         queryset = form.filter(queryset)
     page = Paginator(queryset, USERS_PER_PAGE).get_page(request.GET.get("page"))
     for user in page:
-        names = {group.name for group in user.prefetched_groups}
+        names = {group.name for group in user.prefetched_groups} | ({ADMIN} if user.is_superuser else set())
         user.role_list = [role for role in ROLES if role in names]
     context = {
         "form": form,
