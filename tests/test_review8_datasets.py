@@ -10,6 +10,7 @@ import pytest
 from django.contrib.messages import get_messages
 from django.db.models import QuerySet
 from django.urls import reverse
+from test_datasets import GOOD
 
 from datasets_app.models import Dataset, Example, PiiFinding, Upload
 from datasets_app.parsing import CsvMapping
@@ -17,21 +18,7 @@ from datasets_app.services import datasets, imports, scrub, versions
 
 pytestmark = pytest.mark.django_db
 
-ROWS = [
-    {
-        "messages": [
-            {"role": "user", "content": "Hi, I am Maria Gonzalez. Order ORD-449812 is late."},
-            {"role": "assistant", "content": "Sorry Maria Gonzalez, I will check ORD-449812 now."},
-        ],
-        "tags": ["shipping"],
-    },
-    {
-        "messages": [
-            {"role": "user", "content": "Please email me at maria.gonzalez@example.com about SKU-AB-1234."},
-            {"role": "assistant", "content": "Done, I wrote to maria.gonzalez@example.com."},
-        ]
-    },
-]
+ROWS = GOOD  # two conversations with a name, an e-mail address, an order number and a SKU
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

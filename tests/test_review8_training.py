@@ -6,32 +6,19 @@ from __future__ import annotations
 
 import json
 from io import StringIO
-from pathlib import Path
 
 import pytest
 from conftest import make_version, smoke_request
 from django.core.management import CommandError, call_command
 from django.urls import reverse
+from test_training_jobs import _no_heartbeat_thread_writes as _no_heartbeat_thread_writes  # noqa: F401
+from test_training_jobs import sft_version as sft_version  # noqa: F401 - the fixtures
+from test_training_jobs import tiny_base as tiny_base  # noqa: F401
 
 from training_app.models import BaseModel, TrainingJob
-from training_app.services import jobs, register_local_dir
+from training_app.services import jobs
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def _no_heartbeat_thread_writes(settings):
-    settings.STUDIO_JOB_HEARTBEAT_SECONDS = 3600
-
-
-@pytest.fixture
-def tiny_base(tiny_model_dir, admin_user):
-    return register_local_dir("tiny-llama", Path(tiny_model_dir), admin_user)
-
-
-@pytest.fixture
-def sft_version(curator, tiny_base):
-    return make_version(curator)
 
 
 def _train(*args):
