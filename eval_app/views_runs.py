@@ -11,12 +11,12 @@ from django.views.decorators.http import require_POST
 
 from studio import audit
 from studio.htmx import render_htmx
-from studio.roles import CURATOR, ENGINEER, role_required
+from studio.roles import CURATOR, ENGINEER, REVIEWER, has_role, role_required
 
 from . import stats
 from .forms import CanaryForm, EvalRunForm
 from .models import Canary, Comparison, EvalRun, Generation, ModelVersion
-from .services import evaluation
+from .services import evaluation, voting
 
 SAMPLE_SIZE = 20
 
@@ -199,7 +199,12 @@ def _run(pk: int) -> EvalRun:
 @role_required(ENGINEER)
 def run_detail(request, pk: int):
     run = _run(pk)
-    return render(request, "eval/runs/detail.html", _detail_context(request, run))
+    context = _detail_context(request, run)
+    if context["sample"] is not None and context["sample"].paginator.count:
+        # the sample and the flagged outputs say which answer is whose: no blind votes on it from here on
+        voting.mark_unblinded(run, request.user)
+        context["unblinded_note"] = has_role(request.user, REVIEWER) and voting.exclusions_on()
+    return render(request, "eval/runs/detail.html", context)
 
 
 @role_required(ENGINEER)

@@ -11,6 +11,11 @@ Settings: `STUDIO_LOGIN_MAX_ATTEMPTS` (per username), `STUDIO_LOGIN_WINDOW_SECON
 `STUDIO_LOGIN_MAX_ATTEMPTS_PER_IP` (default four times the per-username limit, so one person's typos
 do not lock out a whole office behind the same NAT) and `STUDIO_TRUSTED_PROXY_COUNT` (how many
 reverse proxies append to X-Forwarded-For; 0 = use REMOTE_ADDR).
+
+The embedded mode's file-based cache (and the database cache) has no atomic add/incr: Django
+implements them as a read, then a write, and incr/decr rewrite the entry with the cache's default
+timeout instead of the window. On those caches every read-modify-write here runs under an exclusive
+lock (a lock file in the cache folder) and writes the count with the window's remaining time.
 """
 
 from __future__ import annotations
@@ -18,12 +23,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
+import threading
 import time
 import unicodedata
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.core.cache import cache
+from django.core.cache import cache, caches
+from django.core.cache.backends.filebased import FileBasedCache
+from django.core.cache.backends.locmem import LocMemCache
+from django.core.cache.backends.redis import RedisCache
+from django.core.files import locks
 
 _PREFIX = "studio:login"
 
@@ -87,9 +98,57 @@ def failures(key: str) -> tuple[int, float | None]:
     return int(cache.get(_count_key(key, until), 0)), until
 
 
+_ATOMIC_BACKENDS = (RedisCache, LocMemCache)  # add() and incr() are atomic and keep the expiry
+_THREAD_LOCK = threading.Lock()
+
+
+def _backend():
+    return caches["default"]  # what `cache` stands for, to tell its kind
+
+
+@contextlib.contextmanager
+def _serialised():
+    """Nothing on atomic caches; elsewhere one read-modify-write at a time: a lock file in the file
+    cache's folder (shared by every process using that cache), else a lock in this process."""
+    backend = _backend()
+    if isinstance(backend, _ATOMIC_BACKENDS):
+        yield
+        return
+    with _THREAD_LOCK:
+        if not isinstance(backend, FileBasedCache):
+            yield
+            return
+        os.makedirs(backend._dir, exist_ok=True)
+        with open(os.path.join(backend._dir, "studio-login.lock"), "a+b") as handle:
+            locks.lock(handle, locks.LOCK_EX)
+            try:
+                yield
+            finally:
+                locks.unlock(handle)
+
+
+def _add_count(count_key: str, delta: int, timeout: int) -> int:
+    """Add `delta` to a count. Atomic caches: incr() (ValueError when the count is missing). Others
+    (called under _serialised): read and write, keeping the window's expiry rather than the default."""
+    if isinstance(_backend(), _ATOMIC_BACKENDS):
+        return int(cache.incr(count_key, delta))
+    value = cache.get(count_key)
+    if value is None:
+        raise ValueError(count_key)
+    value = int(value) + delta
+    cache.set(count_key, value, timeout=timeout)
+    return value
+
+
 def _register(key: str) -> int:
-    """Count one attempt on a counter and return the count, atomically where the cache is (Redis,
-    local memory): parallel attempts each get their own number, so no burst can slip past the limit."""
+    """Count one attempt on a counter and return the count, atomically (Redis and local memory by
+    themselves, other caches under a lock): parallel attempts each get their own number, so no burst
+    can slip past the limit."""
+    with _serialised():
+        return _register_unlocked(key)
+
+
+def _register_unlocked(key: str) -> int:
     now = time.time()
     until = _window_end(key, now)
     if until is None:
@@ -106,18 +165,20 @@ def _register(key: str) -> int:
     timeout = max(1, math.ceil(until - now))
     cache.add(count_key, 0, timeout=timeout)
     try:
-        return int(cache.incr(count_key))  # atomic on Redis and in local memory
+        return _add_count(count_key, 1, timeout)
     except ValueError:  # evicted between add() and incr()
         cache.set(count_key, 1, timeout=timeout)
         return 1
 
 
 def _give_back(key: str) -> None:
-    count, until = failures(key)
-    if until is None or count <= 0:
-        return
-    with contextlib.suppress(ValueError):  # expired meanwhile: nothing to give back
-        cache.decr(_count_key(key, until))
+    with _serialised():
+        count, until = failures(key)
+        if until is None or count <= 0:
+            return
+        timeout = max(1, math.ceil(until - time.time()))
+        with contextlib.suppress(ValueError):  # expired meanwhile: nothing to give back
+            _add_count(_count_key(key, until), -1, timeout)
 
 
 @dataclass(frozen=True)

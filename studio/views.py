@@ -11,17 +11,19 @@ from django.contrib import messages
 from django.contrib.auth import get_user_model, update_session_auth_hash
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.views import LoginView
+from django.core.cache import cache
 from django.core.exceptions import FieldError, ValidationError
 from django.core.paginator import Paginator
 from django.db import DatabaseError, transaction
-from django.db.models import Count, Max, Prefetch
+from django.db.models import Max, Prefetch
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
-from django.views.decorators.http import require_POST
+from django.utils import timezone
+from django.views.decorators.http import require_http_methods, require_POST
 
 from . import ratelimit
-from .audit import compute_hash, verify_chain
+from .audit import ChainReport, compute_hash, verify_chain
 from .context_processors import first_url
 from .forms import (
     AdminSetPasswordForm,
@@ -299,8 +301,74 @@ def _pretty_json(value) -> str:
     return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
 
 
+# The audit page does not walk the whole chain on every load (that grows with the log): the newest
+# event verified so far is kept in the cache, and a load checks only the events after it — provided
+# that event is still there with the same hash, else it walks the whole chain again. A full walk runs
+# on demand ("Check the whole chain", a POST here) and in `manage.py verify_audit`, which also catches
+# edits to events older than the remembered head.
+CHAIN_HEAD_KEY = "studio:audit:verified-head"
+
+
+def _verify_after(head_id: int, head_hash: str, checked: int) -> ChainReport:
+    """Continue verify_chain from an already verified event: only the events after it are read."""
+    prev, last_id = head_hash, head_id
+    for event in AuditEvent.objects.filter(id__gt=head_id).order_by("id").iterator(chunk_size=2000):
+        if event.prev_hash != prev:
+            return ChainReport(
+                checked,
+                event.pk,
+                "its previous-hash link does not match the event before it "
+                "(an event was deleted or inserted)",
+            )
+        if compute_hash(event) != event.hash:
+            return ChainReport(checked, event.pk, "its content does not match its hash (the row was edited)")
+        prev, last_id = event.hash, event.pk
+        checked += 1
+    return ChainReport(checked, head_id=last_id, head_hash=prev)
+
+
+def chain_status(full: bool = False) -> tuple[ChainReport, object]:
+    """(the chain's report, when the whole chain was last walked). `full` walks it all now."""
+    remembered = None if full else cache.get(CHAIN_HEAD_KEY)
+    if remembered:
+        still_there = AuditEvent.objects.filter(pk=remembered["id"]).values_list("hash", flat=True).first()
+        if still_there != remembered["hash"]:
+            remembered = None  # rolled back, truncated or edited: start again from the beginning
+    if remembered:
+        report = _verify_after(remembered["id"], remembered["hash"], remembered["checked"])
+        full_at = remembered["full_at"]
+    else:
+        report = verify_chain()
+        full_at = timezone.now()
+    if report.ok and report.head_id:
+        head = {"id": report.head_id, "hash": report.head_hash, "checked": report.checked, "full_at": full_at}
+        cache.set(CHAIN_HEAD_KEY, head, timeout=None)
+    elif not report.ok:
+        cache.delete(CHAIN_HEAD_KEY)  # a broken chain stays reported until it is whole again
+    return report, full_at
+
+
+def _chain_context(full: bool = False) -> dict:
+    chain, full_at = chain_status(full)
+    return {
+        "chain": chain,
+        "chain_full_at": full_at,
+        "stats": AuditEvent.objects.aggregate(last=Max("created_at")),
+    }
+
+
 @role_required(ADMIN)
+@require_http_methods(["GET", "HEAD", "POST"])
 def audit(request):
+    if request.method == "POST":  # "Check the whole chain"
+        context = _chain_context(full=True)
+        if is_htmx_partial(request):
+            return render(request, "studio/partials/audit_chain.html", context)
+        return _audit_page(request, context)
+    return _audit_page(request, None)
+
+
+def _audit_page(request, chain_context: dict | None):
     form = AuditFilterForm(request.GET or None)
     queryset = AuditEvent.objects.select_related("actor").order_by("-id")
     if form.is_bound:
@@ -314,9 +382,8 @@ def audit(request):
         "filtered": form.is_filtered,
     }
     if not is_htmx_partial(request):
-        # The whole chain is walked for full page loads only, not for every filter change.
-        context["chain"] = verify_chain()
-        context["stats"] = AuditEvent.objects.aggregate(total=Count("id"), last=Max("created_at"))
+        # Full page loads only, not every filter change; only events newer than the last check are read.
+        context.update(chain_context or _chain_context())
     return render_htmx(request, "studio/audit.html", "studio/partials/audit_table.html", context)
 
 

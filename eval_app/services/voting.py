@@ -16,6 +16,13 @@ whole claim one at a time — slower under load, equally correct.
 
 Audit: votes and skips are audited ("eval.vote", "eval.vote.skip": ids only, never the comment). A claim
 is an expiring lease whose record is the Assignment row itself; it is not audited.
+
+Who may vote on a run (blindness; all under STUDIO_VOTE_EXCLUDE_TRAINERS). Nobody who already knows
+which answer is whose: not the people who trained or registered the candidate or the baseline version,
+not the engineer who created the run, and not anyone who opened the run's page — its sample table and
+flagged outputs label the candidate's and the baseline's answers. Opening that page is recorded once
+per person and run as an "eval.run.unblind" audit event (`mark_unblinded`; found through the indexed
+verb and actor columns); the claim service, the vote service and the review queue all read it.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from studio import audit
+from studio.models import AuditEvent
 
 from ..models import Assignment, Comparison, EvalRun, Vote
 
@@ -81,20 +89,84 @@ def trained_by(run: EvalRun, user) -> bool:
     return False
 
 
+UNBLIND_VERB = "eval.run.unblind"
+
+
+def exclusions_on() -> bool:
+    return bool(getattr(settings, "STUDIO_VOTE_EXCLUDE_TRAINERS", True))
+
+
+def unblinded_runs(user) -> list[int]:
+    """Ids of the runs whose labelled page `user` has opened (one query on the audit log's indexes)."""
+    ids = AuditEvent.objects.filter(verb=UNBLIND_VERB, actor=user, object_type="evalrun").values_list(
+        "object_id", flat=True
+    )
+    return [int(i) for i in ids if i.isdigit()]
+
+
+def has_unblinded(run: EvalRun, user) -> bool:
+    return AuditEvent.objects.filter(
+        verb=UNBLIND_VERB, actor=user, object_type="evalrun", object_id=str(run.pk)
+    ).exists()
+
+
+def mark_unblinded(run: EvalRun, user) -> bool:
+    """Record that `user` saw which answer of `run` is whose (its page), once per person and run, and
+    give back the slots they hold on it: they vote on it no more. True when newly recorded."""
+    if not getattr(user, "is_authenticated", False) or has_unblinded(run, user):
+        return False
+    now = timezone.now()
+    with transaction.atomic():
+        audit.record(user, UNBLIND_VERB, run)
+        released = (
+            _active_assignments(now)
+            .filter(reviewer=user, comparison__run=run)
+            .exclude(comparison__votes__reviewer=user)
+        )
+        Assignment.objects.filter(pk__in=list(released.values_list("pk", flat=True))).update(expires_at=now)
+    return True
+
+
+def _exclude_not_blind(queryset, reviewer, prefix: str = ""):
+    """`queryset` (of runs, or of rows reaching a run through `prefix`) without the runs `reviewer`
+    cannot vote on blind: trained or registered one of the models, created the run, opened its page."""
+    if not exclusions_on():
+        return queryset
+    return (
+        queryset.exclude(**{f"{prefix}candidate__created_by": reviewer})
+        .exclude(**{f"{prefix}candidate__training_job__created_by": reviewer})
+        .exclude(**{f"{prefix}baseline_version__created_by": reviewer})
+        .exclude(**{f"{prefix}baseline_version__training_job__created_by": reviewer})
+        .exclude(**{f"{prefix}created_by": reviewer})
+        .exclude(**{f"{prefix}pk__in": unblinded_runs(reviewer)})
+    )
+
+
+def not_blind_reason(run: EvalRun, user) -> str:
+    """Why `user`'s vote on `run` would not be blind, in plain words; "" when it would be."""
+    if not exclusions_on():
+        return ""
+    if trained_by(run, user):
+        return "You trained one of these models, so your vote would not be blind."
+    if run.created_by_id is not None and run.created_by_id == user.pk:
+        return "You created this evaluation run, so your vote would not be blind."
+    if has_unblinded(run, user):
+        return (
+            "You opened this evaluation run's page, which shows which answer is whose, "
+            "so your vote would not be blind."
+        )
+    return ""
+
+
 def runs_open_to(reviewer, run=None) -> list[int]:
     """Ids of the succeeded runs `reviewer` may vote on: with STUDIO_VOTE_EXCLUDE_TRAINERS, not those
-    whose candidate or baseline version they trained or registered. (One small query on runs, so the
+    whose candidate or baseline version they trained or registered, that they created, or whose page
+    they opened (see the module notes). (Small queries on runs and the audit log, so the
     per-comparison queries below need no joins.)"""
     runs = EvalRun.objects.filter(state=EvalRun.State.SUCCEEDED)
     if run is not None:
         runs = runs.filter(pk=run.pk)
-    if getattr(settings, "STUDIO_VOTE_EXCLUDE_TRAINERS", True):
-        runs = (
-            runs.exclude(candidate__created_by=reviewer)
-            .exclude(candidate__training_job__created_by=reviewer)
-            .exclude(baseline_version__created_by=reviewer)
-            .exclude(baseline_version__training_job__created_by=reviewer)
-        )
+    runs = _exclude_not_blind(runs, reviewer)
     return list(runs.values_list("pk", flat=True))
 
 
@@ -139,15 +211,17 @@ def open_count(reviewer, run=None) -> int:
 
 
 def current_assignment(reviewer, run=None) -> Assignment | None:
-    """The reviewer's unexpired, unvoted, unskipped assignment (the page they left), if any."""
+    """The reviewer's unexpired, unvoted, unskipped assignment (the page they left), if any, on a run
+    they may still vote on blind."""
     now = timezone.now()
-    qs = (
+    qs = _exclude_not_blind(
         _active_assignments(now)
         .filter(reviewer=reviewer, comparison__run__state=EvalRun.State.SUCCEEDED)
-        .exclude(comparison__votes__reviewer=reviewer)
-        .select_related("comparison")
-        .order_by("claimed_at", "id")
+        .exclude(comparison__votes__reviewer=reviewer),
+        reviewer,
+        prefix="comparison__run__",
     )
+    qs = qs.select_related("comparison").order_by("claimed_at", "id")
     if run is not None:
         qs = qs.filter(comparison__run=run)
     return qs.first()
@@ -217,9 +291,15 @@ class Access:
 
 def access(reviewer, comparison_id: int) -> Access | None:
     """The reviewer's standing on a comparison: None unless they voted on it or hold an unskipped
-    assignment for it (an expired one is renewed when its slot is still free). Nobody may open a
-    comparison assigned to someone else."""
-    comparison = Comparison.objects.select_related("run").filter(pk=comparison_id).first()
+    assignment for it (an expired one is renewed when its slot is still free) on a run they can still
+    judge blind. Nobody may open a comparison assigned to someone else."""
+    comparison = (
+        Comparison.objects.select_related(
+            "run__candidate__training_job", "run__baseline_version__training_job"
+        )
+        .filter(pk=comparison_id)
+        .first()
+    )
     if comparison is None:
         return None
     vote = Vote.objects.filter(comparison=comparison, reviewer=reviewer).first()
@@ -227,6 +307,8 @@ def access(reviewer, comparison_id: int) -> Access | None:
     if vote is not None:
         return Access(comparison, assignment, vote)
     if assignment is None or assignment.skipped or comparison.run.state != EvalRun.State.SUCCEEDED:
+        return None
+    if not_blind_reason(comparison.run, reviewer):  # e.g. opened the run's page after claiming
         return None
     now = timezone.now()
     if assignment.expires_at <= now:
@@ -262,7 +344,7 @@ def cast_vote(reviewer, comparison: Comparison, choice: str, comment: str = "", 
 
     Raises VoteRefused with a plain message for a second vote by the same reviewer (also when two
     submits race: the database constraint decides), a skipped or full comparison, an unfinished run, or
-    a model the reviewer trained."""
+    a run the reviewer cannot judge blind (trained a model, created the run, opened its page)."""
     outcome = resolve_outcome(choice, comparison.swapped)
     comment = (comment or "").strip()[:COMMENT_MAX]
     try:
@@ -287,8 +369,9 @@ def cast_vote(reviewer, comparison: Comparison, choice: str, comment: str = "", 
                 raise VoteRefused("This evaluation run is not open for votes.")
             if Vote.objects.filter(comparison=locked, reviewer=reviewer).exists():
                 raise VoteRefused(ALREADY_VOTED)
-            if getattr(settings, "STUDIO_VOTE_EXCLUDE_TRAINERS", True) and trained_by(run, reviewer):
-                raise VoteRefused("You trained one of these models, so your vote would not be blind.")
+            reason = not_blind_reason(run, reviewer)
+            if reason:
+                raise VoteRefused(reason)
             assignment = Assignment.objects.filter(comparison=locked, reviewer=reviewer).first()
             if assignment is not None and assignment.skipped:
                 raise VoteRefused("You skipped this comparison. Go on to the next one.")

@@ -40,13 +40,20 @@ class Command(StudioCommand):
 
     def _first_admin(self, group):
         User = get_user_model()
-        existing = User.objects.filter(groups=group).first() or User.objects.filter(is_superuser=True).first()
+        # An active admin owns what setup creates (the demo data, the base model): never a deactivated one.
+        active = User.objects.filter(is_active=True).order_by("pk")
+        existing = active.filter(groups=group).first() or active.filter(is_superuser=True).first()
         if existing:
             return existing
-        if User.objects.filter(username="admin").exists():
+        taken = User.objects.filter(username="admin").first()
+        if taken is not None:
+            if not taken.is_active and (taken.is_superuser or taken.groups.filter(pk=group.pk).exists()):
+                problem = "The admin 'admin' is deactivated and no other admin is active"
+            else:
+                problem = "A user called 'admin' exists but is not an admin, and no active admin exists"
             raise CommandError(
-                "A user called 'admin' exists but is not an admin, and no admin exists: give a user the "
-                "admin role (python manage.py create_user NAME --role admin) and run this again."
+                f"{problem}: reactivate an admin or give a user the admin role "
+                "(python manage.py create_user NAME --role admin) and run this again."
             )
         password = os.environ.get("STUDIO_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
         try:
