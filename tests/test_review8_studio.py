@@ -157,6 +157,7 @@ def test_pages_send_a_content_security_policy(curator, client_for):
         assert directives.get("frame-ancestors") == ["'none'"], policy
         assert directives.get("object-src") == ["'none'"], policy
         assert directives.get("base-uri") == ["'self'"], policy
+        assert directives.get("script-src") == ["'self'"], policy  # no inline script runs
         assert "'self'" in directives.get("default-src", []), policy
         assert response.headers.get("Cross-Origin-Opener-Policy") == "same-origin"
         assert response.headers.get("X-Frame-Options") == "DENY"
