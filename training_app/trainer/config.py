@@ -88,6 +88,9 @@ class TrainConfig:
 
         if not isinstance(d, dict):
             raise ConfigError('The config must be a JSON object of settings, e.g. {"method": "lora", …}.')
+        # A job's training_config.json artifact is these settings plus what the run "resolved" (device,
+        # precision, library versions): it can be passed back as a config, so that key is ignored.
+        d = {k: v for k, v in d.items() if k != "resolved"}
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - set(fields))
         if unknown:
