@@ -281,7 +281,63 @@ def _regex_error(pattern: str) -> str | None:
         return str(exc)
     except too_big as exc:
         return str(exc) or type(exc).__name__
+    if _backtracks(pattern):
+        return (
+            "it takes too long on some texts (a repetition inside a repetition, such as (a|aa)+ or "
+            "(\\w+\\s?)*, can make the matcher try exponentially many ways); simplify it"
+        )
     return None
+
+
+PROBE_SECONDS = 0.05  # per probe text: a sane pattern answers in microseconds
+
+
+def _probe_texts(pattern: str) -> list[str]:
+    """Texts that make a backtracking matcher explode on nested repetition: long runs of the
+    characters the pattern names (and of common classes), ended by a character that fails the match."""
+    literal = [c for c in dict.fromkeys(pattern) if c.isalnum() or c in " -_.@:/"]
+    chars = list(dict.fromkeys([*literal[:12], "a", "A", "1", " ", "-"]))
+    texts = [c * 48 + "\x00" for c in chars]
+    texts += [(a + b) * 24 + "\x00" for a in chars[:6] for b in chars[:6] if a != b]
+    # a pattern that starts with a fixed prefix ("T-(a|aa)+") only reaches its repetition after it
+    prefix = regex.match(r"(?:\^|\\b)*([A-Za-z0-9 _:/@-]*)", pattern).group(1)
+    if prefix:
+        texts += [prefix + text for text in texts]
+    return texts
+
+
+KEEP_MATCH_SECONDS = 2.0  # per message and keep-pattern
+
+
+class SlowPattern(ValueError):
+    """A keep-pattern ran out of time on a message (the scan stops; the curator simplifies it)."""
+
+
+def _keep_spans(patterns: list, text: str) -> list[tuple[int, int]]:
+    spans = []
+    for pattern in patterns:
+        try:
+            spans.extend(m.span() for m in pattern.finditer(text, timeout=KEEP_MATCH_SECONDS))
+        except TimeoutError:
+            raise SlowPattern(
+                f"The keep-pattern {pattern.pattern!r} took over {KEEP_MATCH_SECONDS:g} s on one message: "
+                "simplify it in the dataset's settings (avoid a repetition inside a repetition)."
+            ) from None
+    return spans
+
+
+def _backtracks(pattern: str) -> bool:
+    """Whether Presidio's matcher (``regex``, which the keep-patterns use too) runs out of time on
+    one of the probe texts: the pattern could stall a scan worker on a message like them."""
+    try:
+        compiled = regex.compile(pattern, _CUSTOM_REGEX_FLAGS)
+        for text in _probe_texts(pattern):
+            compiled.search(text, timeout=PROBE_SECONDS)
+    except TimeoutError:
+        return True
+    except regex.error:
+        return False  # a flag combination the scan does not use: compile errors are reported above
+    return False
 
 
 @dataclass
@@ -823,7 +879,9 @@ class PiiScanner:
             if recognizers
             else None
         )
-        self._keep = [re.compile(p) for p in policy.keep_patterns]
+        # Presidio's engine (``regex``): it avoids most catastrophic backtracking that ``re`` falls into,
+        # and takes a time limit (a pattern saved before the probe in _regex_error existed)
+        self._keep = [regex.compile(p) for p in policy.keep_patterns]
         self._allow = {term.strip().casefold() for term in policy.allow_list}
         pipe_names = get_nlp().pipe_names
         self._can_tag = self.uses_ner and "tagger" in pipe_names
@@ -912,7 +970,7 @@ class PiiScanner:
                 continue
             if source not in self.custom_sources and self._keep:
                 if keep_spans is None:
-                    keep_spans = [m.span() for pattern in self._keep for m in pattern.finditer(text)]
+                    keep_spans = _keep_spans(self._keep, text)
                 if any(_kept_by(start, end, ks, ke) for ks, ke in keep_spans):
                     continue
             cand = (start, end, result.entity_type, float(result.score), source)

@@ -753,3 +753,31 @@ def test_normalise_value_keeps_different_values_apart():
         "PHONE_NUMBER", "(415) 382-1948"
     )
     assert normalise_value("PERSON", "Maria Garcia") != normalise_value("PERSON", "Mario Garcia")
+
+
+def test_patterns_that_backtrack_exponentially_are_refused():
+    """A valid pattern such as ``(a|aa)+$`` makes a backtracking matcher try exponentially many ways on a
+    long run of "a": one message like that stalled the scan worker for good. Such patterns are refused
+    where they are saved, naming the field; ordinary identifier patterns pass in milliseconds."""
+    policy = PiiPolicy(
+        custom_recognizers=[CustomRecognizer(name="slow", entity_type="TICKET_ID", regex=r"T-(a|aa)+$")],
+        keep_patterns=[r"\bORD-\d{6}\b", r"(x|xx)+y"],
+    )
+    text = "\n".join(policy.validate())
+    assert "custom_recognizers[0].regex: invalid regex 'T-(a|aa)+$': it takes too long on some texts" in text
+    assert "keep_patterns[1]: invalid regex '(x|xx)+y': it takes too long on some texts" in text
+    assert "keep_patterns[0]" not in text
+    assert PiiPolicy().validate() == []  # the defaults (order numbers, SKUs, tickets...) are fine
+
+
+def test_a_keep_pattern_that_runs_out_of_time_stops_the_scan_with_its_name(monkeypatch):
+    """A pattern saved before the check above still cannot stall a worker: the keep-patterns run with
+    a time limit, and the scan stops with a message naming the pattern."""
+    import regex
+
+    from datasets_app import pii
+
+    monkeypatch.setattr(pii, "KEEP_MATCH_SECONDS", 0.05)
+    with pytest.raises(pii.SlowPattern, match=r"keep-pattern '\(a\|aa\)\+\$' took over 0.05 s"):
+        pii._keep_spans([regex.compile(r"(a|aa)+$")], "a" * 60 + "!")
+    assert pii._keep_spans([regex.compile(r"ORD-\d+")], "see ORD-12 and ORD-345") == [(4, 10), (15, 22)]
