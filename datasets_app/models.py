@@ -83,7 +83,9 @@ class Upload(models.Model):
         ordering = ["-created_at"]
 
     def __str__(self) -> str:
-        return f"upload {self.pk} ({self.original_name})"
+        # not the file's name: it may hold a person's name, and this text goes into the append-only
+        # audit log (object_repr), which nothing can scrub later
+        return f"upload {self.pk}"
 
     def get_absolute_url(self) -> str:
         return reverse("datasets:upload", args=[self.pk])

@@ -294,3 +294,21 @@ def test_marking_words_on_a_stale_page_does_not_scrub_other_words(scanned, curat
         {"segment": 0, "start": start, "end": start + 11, "entity_type": "PERSON", "loaded": token},
     )
     assert "SKU-AB-1234" not in email_example().messages[0]["content"]
+
+
+def test_the_audit_log_never_holds_an_uploads_file_name(curator, client_for, tmp_path):
+    """The audit log is append-only: nothing can scrub it later. An upload's file name may hold a
+    person's name ("jane_roe_complaints.jsonl"), and it reached the log through the upload's text."""
+    from studio.models import AuditEvent
+
+    dataset = datasets.create_dataset("names", "sft", curator)
+    path = write_jsonl(tmp_path / "jane_roe_complaints.jsonl", [*ROWS, {"messages": []}])
+    upload = imports.receive_path(dataset, curator, path)
+    imports.process(upload.pk)
+    response = client_for(curator).get(reverse("datasets:upload_rejects", args=[upload.pk]))
+    assert response.status_code == 200
+    b"".join(response.streaming_content)
+    events = AuditEvent.objects.filter(verb="upload.download_rejects")
+    assert events.count() == 1
+    assert not AuditEvent.objects.filter(object_repr__icontains="jane").exists()
+    assert "jane" not in json.dumps(list(AuditEvent.objects.values("object_repr", "data")))
