@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
 from collections import Counter
 
@@ -621,46 +622,66 @@ def version_detail(request, pk: int):
     return render(
         request,
         "datasets/version.html",
-        {"version": version, "form": form, "estimate": estimate, "others": others, "sample": sample},
+        {
+            "version": version,
+            "form": form,
+            "estimate": estimate,
+            "others": others,
+            "sample": sample,
+            "export_sha256": versions.export_sha256(version),
+        },
     )
 
 
 @role_required(*READERS)
 def version_export(request, pk: int):
     version = get_object_or_404(DatasetVersion.objects.select_related("dataset"), pk=pk)
-    audit.record(request.user, "dataset.export", version, sha256=version.sha256)
+    file_sha256 = versions.export_sha256(version)
+    audit.record(request.user, "dataset.export", version, sha256=version.sha256, file_sha256=file_sha256)
     response = StreamingHttpResponse(versions.export_lines(version), content_type="application/jsonl")
     response["Content-Disposition"] = (
         f'attachment; filename="dataset-{version.dataset_id}-v{version.number}.jsonl"'
     )
+    # the same value the version page shows and `export_dataset` prints: `sha256sum` of this file
+    response["X-Content-SHA256"] = file_sha256
+    response["Repr-Digest"] = f"sha-256=:{base64.b64encode(bytes.fromhex(file_sha256)).decode()}:"
     return response
 
 
 @role_required(*READERS)
 def version_diff(request, pk: int, other: int):
-    new = get_object_or_404(DatasetVersion, pk=pk)
+    new = get_object_or_404(DatasetVersion.objects.select_related("dataset"), pk=pk)
+    # versions of another dataset share no example, so such a "diff" would say nothing: refused
     old = get_object_or_404(DatasetVersion, pk=other, dataset_id=new.dataset_id)
     if old.number > new.number:
         old, new = new, old
-    d = versions.diff(old, new)
     from .models import VersionExample
 
     limit = 50
-    added = VersionExample.objects.filter(pk__in=d.added[:limit])
-    removed = VersionExample.objects.filter(pk__in=d.removed[:limit])
-    pairs = d.changed[:limit]
-    rows = {v.pk: v for v in VersionExample.objects.filter(pk__in=[p for pair in pairs for p in pair])}
-    changed = [(rows[a], rows[b]) for a, b in pairs]
+    try:
+        page = max(1, min(int(request.GET.get("page", 1)), 10**9))
+    except ValueError:
+        page = 1
+    d = versions.diff_page(old, new, page=page, limit=limit)
+    added = VersionExample.objects.filter(pk__in=d.added)
+    removed = VersionExample.objects.filter(pk__in=d.removed)
+    rows = {v.pk: v for v in VersionExample.objects.filter(pk__in=[p for pair in d.changed for p in pair])}
+    changed = [(rows[a], rows[b]) for a, b in d.changed]
+    pages = max(1, -(-max(d.summary.values()) // limit))
     return render(
         request,
         "datasets/diff.html",
         {
             "old": old,
             "new": new,
-            "summary": d.summary(),
+            "summary": d.summary,
             "added": added,
             "removed": removed,
             "changed": changed,
             "limit": limit,
+            "page": page,
+            "pages": pages,
+            "previous_page": page - 1 if page > 1 else None,
+            "next_page": page + 1 if page < pages else None,
         },
     )

@@ -121,11 +121,13 @@ def freeze(dataset: Dataset, user, changelog: str = "") -> DatasetVersion:
         tags: Counter[str] = Counter()
         lengths: list[int] = []
         rows: list[VersionExample] = []
+        file_digest = hashlib.sha256()  # of the export file's bytes, what an auditor can check
         examples = Example.objects.filter(dataset=locked, dropped=False).order_by("position")
         for position, ex in enumerate(examples.iterator(chunk_size=2000)):
             body = canonical_record(ex.messages, ex.chosen, ex.rejected, ex.tags, ex.split)
             line = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
             digest.update(line.encode() + b"\n")
+            file_digest.update(export_line(ex.messages, ex.chosen, ex.rejected, ex.tags, ex.split))
             rows.append(
                 VersionExample(
                     version=version,
@@ -155,9 +157,11 @@ def freeze(dataset: Dataset, user, changelog: str = "") -> DatasetVersion:
             "eval": splits.get("eval", 0),
             "golden": splits.get("golden", 0),
             "tags": dict(tags.most_common(50)),
+            # sha256 of the bytes `export_dataset` and the download write (not the canonical sha256)
+            EXPORT_SHA256: file_digest.hexdigest(),
         }
         version.token_stats = stats_to_dict(stats)
-        version.diff_summary = diff(previous, version).summary() if previous else {}
+        version.diff_summary = diff_page(previous, version, limit=0).summary if previous else {}
         version.save(_allow_update=True)
         audit.record(
             user,
@@ -197,34 +201,111 @@ class VersionDiff:
         return {"added": len(self.added), "removed": len(self.removed), "changed": len(self.changed)}
 
 
+def _by_example(version: DatasetVersion) -> Iterator[tuple[int, int, str]]:
+    return (
+        version.examples.order_by("example_id")
+        .values_list("example_id", "pk", "digest")
+        .iterator(chunk_size=5000)
+    )
+
+
+def iter_diff(old: DatasetVersion, new: DatasetVersion) -> Iterator[tuple[str, int | None, int | None]]:
+    """("added", None, new id) / ("removed", old id, None) / ("changed", old id, new id) in source
+    example order. Examples are matched across versions by their source example id; both versions are
+    read sorted by it in chunks and merged, so memory stays flat however big the versions are."""
+    a, b = _by_example(old), _by_example(new)
+    x, y = next(a, None), next(b, None)
+    while x is not None or y is not None:
+        if y is None or (x is not None and x[0] < y[0]):
+            yield "removed", x[1], None
+            x = next(a, None)
+        elif x is None or y[0] < x[0]:
+            yield "added", None, y[1]
+            y = next(b, None)
+        else:
+            if x[2] != y[2]:
+                yield "changed", x[1], y[1]
+            x, y = next(a, None), next(b, None)
+
+
 def diff(old: DatasetVersion, new: DatasetVersion) -> VersionDiff:
-    """Examples are matched across versions by their source example id."""
-    a = {eid: (pk, d) for pk, eid, d in old.examples.values_list("pk", "example_id", "digest")}
-    b = {eid: (pk, d) for pk, eid, d in new.examples.values_list("pk", "example_id", "digest")}
+    """The whole diff as id lists (small versions, tests); pages use ``diff_page``."""
     result = VersionDiff()
-    for eid, (pk, d) in b.items():
-        if eid not in a:
-            result.added.append(pk)
-        elif a[eid][1] != d:
-            result.changed.append((a[eid][0], pk))
-    result.removed = [pk for eid, (pk, _) in a.items() if eid not in b]
+    for kind, a, b in iter_diff(old, new):
+        if kind == "added":
+            result.added.append(b)
+        elif kind == "removed":
+            result.removed.append(a)
+        else:
+            result.changed.append((a, b))
     result.added.sort()
     result.removed.sort()
     result.changed.sort()
     return result
 
 
+@dataclass
+class DiffPage:
+    summary: dict  # {"added", "removed", "changed"}: totals
+    added: list[int]  # VersionExample ids on this page
+    removed: list[int]
+    changed: list[tuple[int, int]]
+
+
+def diff_page(old: DatasetVersion, new: DatasetVersion, *, page: int = 1, limit: int = 50) -> DiffPage:
+    """Totals of the diff plus page ``page`` (``limit`` of each kind), keeping only that page in memory."""
+    start = (page - 1) * limit
+    counts = {"added": 0, "removed": 0, "changed": 0}
+    kept: dict[str, list] = {"added": [], "removed": [], "changed": []}
+    for kind, a, b in iter_diff(old, new):
+        if start <= counts[kind] < start + limit:
+            kept[kind].append(b if kind == "added" else a if kind == "removed" else (a, b))
+        counts[kind] += 1
+    return DiffPage(counts, kept["added"], kept["removed"], kept["changed"])
+
+
 # --- export -------------------------------------------------------------------------------------------
+
+EXPORT_SHA256 = "export_sha256"  # key in DatasetVersion.counts
+
+# JSON allows these raw inside strings, but str.splitlines(), many editors and some JSONL readers end a
+# line at them: escaped, every line of the file is exactly one object (json.loads gives the same text).
+_LINE_BREAKS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def export_line(messages, chosen, rejected, tags, split) -> bytes:
+    """One line of the export file (UTF-8, no BOM, ``\\n``-terminated)."""
+    body: dict = {"messages": messages}
+    if chosen is not None:
+        body["chosen"] = chosen
+        body["rejected"] = rejected
+    if tags:
+        body["tags"] = tags
+    body["split"] = split
+    return (json.dumps(body, ensure_ascii=False).translate(_LINE_BREAKS) + "\n").encode()
 
 
 def export_lines(version: DatasetVersion) -> Iterator[bytes]:
     """OpenAI chat JSONL in import order (messages, plus tags and split; chosen/rejected for preference)."""
     for ex in version.examples.order_by("position").iterator(chunk_size=2000):
-        body: dict = {"messages": ex.messages}
-        if ex.chosen is not None:
-            body["chosen"] = ex.chosen
-            body["rejected"] = ex.rejected
-        if ex.tags:
-            body["tags"] = ex.tags
-        body["split"] = ex.split
-        yield (json.dumps(body, ensure_ascii=False) + "\n").encode()
+        yield export_line(ex.messages, ex.chosen, ex.rejected, ex.tags, ex.split)
+
+
+def export_sha256(version: DatasetVersion) -> str:
+    """SHA-256 of the export file's bytes (``sha256sum`` of a download or of ``export_dataset --out``).
+
+    Recorded when the version is frozen; computed once (streaming) and cached for older versions."""
+    known = (version.counts or {}).get(EXPORT_SHA256)
+    if known:
+        return known
+    from django.core.cache import cache
+
+    key = f"dataset-version-export-sha256:{version.pk}"
+    value = cache.get(key)
+    if value is None:
+        digest = hashlib.sha256()
+        for line in export_lines(version):
+            digest.update(line)
+        value = digest.hexdigest()
+        cache.set(key, value, None)
+    return value
