@@ -223,9 +223,11 @@ def mark_selection_works(example_url: str):
 # --- the crawl -----------------------------------------------------------------------------------------
 
 
-def crawl(browser, base_url: str, role: str, user, then=None) -> tuple[list[str], list[str]]:
+def crawl(browser, base_url: str, role: str, user, then=None, on_page=None) -> tuple[list[str], list[str]]:
     """Sign in as `user` in a fresh context and visit up to PAGES_PER_ROLE pages: (visited, problems).
-    `then(page, note)` runs at the end, still signed in."""
+    `then(page, note)` runs at the end, still signed in; `on_page(page, url)` runs on every page checked
+    (the sign-in page included), once the requests it fires on load have settled (tests/e2e/
+    test_review8_a11y.py audits each page with it)."""
     context = browser.new_context(base_url=base_url, viewport={"width": 1280, "height": 900}, locale="en-US")
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
@@ -276,6 +278,8 @@ def crawl(browser, base_url: str, role: str, user, then=None) -> tuple[list[str]
             note(f"{count} <h1> elements (want exactly 1)")
         elif not h1.inner_text().strip():
             note("empty <h1>")
+        if on_page is not None:
+            on_page(page, current["url"])
 
     # the sign-in page is checked too (anonymous)
     login = reverse("login")
