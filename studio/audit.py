@@ -76,17 +76,22 @@ class ChainReport:
         return self.broken_at is None and not self.problem
 
 
-def verify_chain(expect: str = "") -> ChainReport:
+def verify_chain(
+    expect: str = "", *, after_id: int | None = None, after_hash: str = "", checked: int = 0
+) -> ChainReport:
     """Walk the chain in insertion order; report the first event whose link or content is wrong.
 
     The chain cannot show that its newest events were deleted (what is left still links up). For that,
     ``expect`` is a head hash recorded earlier outside the database (``verify_audit`` prints it): it
-    must still be in the chain."""
-    prev = GENESIS
-    checked = 0
-    head_id = None
+    must still be in the chain. ``after_id``/``after_hash``/``checked``: continue from an event already
+    verified (its id and hash, and how many events up to it were checked), reading only the newer ones."""
+    prev = after_hash if after_id is not None else GENESIS
+    head_id = after_id
     seen_expected = not expect
-    for event in AuditEvent.objects.order_by("id").iterator(chunk_size=2000):
+    events = AuditEvent.objects.order_by("id")
+    if after_id is not None:
+        events = events.filter(id__gt=after_id)
+    for event in events.iterator(chunk_size=2000):
         if event.prev_hash != prev:
             return ChainReport(
                 checked,

@@ -309,24 +309,6 @@ def _pretty_json(value) -> str:
 CHAIN_HEAD_KEY = "studio:audit:verified-head"
 
 
-def _verify_after(head_id: int, head_hash: str, checked: int) -> ChainReport:
-    """Continue verify_chain from an already verified event: only the events after it are read."""
-    prev, last_id = head_hash, head_id
-    for event in AuditEvent.objects.filter(id__gt=head_id).order_by("id").iterator(chunk_size=2000):
-        if event.prev_hash != prev:
-            return ChainReport(
-                checked,
-                event.pk,
-                "its previous-hash link does not match the event before it "
-                "(an event was deleted or inserted)",
-            )
-        if compute_hash(event) != event.hash:
-            return ChainReport(checked, event.pk, "its content does not match its hash (the row was edited)")
-        prev, last_id = event.hash, event.pk
-        checked += 1
-    return ChainReport(checked, head_id=last_id, head_hash=prev)
-
-
 def chain_status(full: bool = False) -> tuple[ChainReport, object]:
     """(the chain's report, when the whole chain was last walked). `full` walks it all now."""
     remembered = None if full else cache.get(CHAIN_HEAD_KEY)
@@ -335,7 +317,9 @@ def chain_status(full: bool = False) -> tuple[ChainReport, object]:
         if still_there != remembered["hash"]:
             remembered = None  # rolled back, truncated or edited: start again from the beginning
     if remembered:
-        report = _verify_after(remembered["id"], remembered["hash"], remembered["checked"])
+        report = verify_chain(
+            after_id=remembered["id"], after_hash=remembered["hash"], checked=remembered["checked"]
+        )
         full_at = remembered["full_at"]
     else:
         report = verify_chain()
