@@ -81,7 +81,6 @@ class StudioLoginView(LoginView):
 
     def form_valid(self, form):
         ratelimit.succeeded(self.request, self.request.POST.get("username", ""))
-        ratelimit.clear_username(form.get_user().get_username())
         return super().form_valid(form)
 
     def _locked(self, username: str, lockout: ratelimit.Lockout):

@@ -115,8 +115,8 @@ def test_resume_on_a_retired_base_model_is_refused(client_for, engineer, admin_u
 def test_half_written_merge_folder_is_neither_listed_nor_downloadable(
     client_for, engineer, sft_version, tiny_base
 ):
-    """While a merge runs it writes into final/.merged-XXXX before renaming it to merged/: the job page
-    listed those half-written files as artifacts and served them for download."""
+    """While a merge runs it writes into a hidden folder, final/.merged-<random>, before renaming it to
+    merged/: the job page listed those half-written files as artifacts and served them for download."""
     job = jobs.create_job(smoke_request(sft_version, tiny_base), engineer)
     final = job.output_dir / "final"
     (final / ".merged-abcd1234").mkdir(parents=True)

@@ -15,6 +15,7 @@ from django.urls import reverse
 from playwright.sync_api import expect
 
 from datasets_app.models import Dataset, DatasetVersion, Example, PiiFinding
+from e2e.helpers import SELECT_WORD
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -146,20 +147,7 @@ def test_curator_uploads_reviews_and_freezes(page, shot, sign_in, curator, start
     example = Example.objects.get(dataset=dataset, position=1)
     page.goto(reverse("datasets:example", args=[example.pk]))
     expect(page.locator("#mark-button")).to_be_disabled()
-    page.evaluate(
-        """(word) => {
-            const el = document.querySelector('.bubble-text[data-segment="0"]');
-            const text = el.firstChild;
-            const start = text.textContent.indexOf(word);
-            const range = document.createRange();
-            range.setStart(text, start);
-            range.setEnd(text, start + word.length);
-            const sel = window.getSelection();
-            sel.removeAllRanges();
-            sel.addRange(range);
-        }""",
-        MISSED,
-    )
+    page.evaluate(SELECT_WORD, MISSED)
     expect(page.locator("#mark-selection")).to_have_text(f"Selected: “{MISSED}”")
     page.locator("#mark-form select[name=entity_type]").select_option("PERSON")
     shot(page, "curator-09-mark-selection")

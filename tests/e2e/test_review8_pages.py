@@ -29,6 +29,7 @@ from playwright.sync_api import expect
 
 from datasets_app.models import Example, Upload
 from datasets_app.services import versions
+from e2e.helpers import SELECT_WORD
 from eval_app.models import Canary, Comparison, EvalRun, Generation, ModelVersion, RegisteredModel, Vote
 from eval_app.services import gate, voting
 from studio.roles import ADMIN, CURATOR, ENGINEER, REVIEWER
@@ -103,25 +104,12 @@ def make_world(make_user) -> dict:
     )
 
     config = {"lora_r": 8, "lora_alpha": 16, "learning_rate": 0.0002, "max_steps": 5}
+    job = {"dataset_version": v2, "base_model": base, "method": "lora", "config": config}
+    job.update(model_name="support", created_by=engineer)
     done = TrainingJob.objects.create(
-        dataset_version=v2,
-        base_model=base,
-        method="lora",
-        config=config,
-        model_name="support",
-        created_by=engineer,
-        state=TrainingJob.State.SUCCEEDED,
-        started_at=timezone.now(),
-        finished_at=timezone.now(),
+        **job, state=TrainingJob.State.SUCCEEDED, started_at=timezone.now(), finished_at=timezone.now()
     )
-    TrainingJob.objects.create(
-        dataset_version=v2,
-        base_model=base,
-        method="lora",
-        config=config,
-        model_name="support",
-        created_by=engineer,
-    )  # queued: its page polls
+    TrainingJob.objects.create(**job)  # queued: its page polls
     line = RegisteredModel.objects.create(name="support", created_by=engineer)
     version = ModelVersion.objects.create(
         registered_model=line,
@@ -191,18 +179,6 @@ def make_world(make_user) -> dict:
 
 
 # --- one interaction under the policy: the example page's selection script (a static file) --------------
-
-SELECT_WORD = """(word) => {
-    const el = document.querySelector('.bubble-text[data-segment="0"]');
-    const text = el.firstChild;
-    const start = text.textContent.indexOf(word);
-    const range = document.createRange();
-    range.setStart(text, start);
-    range.setEnd(text, start + word.length);
-    const sel = window.getSelection();
-    sel.removeAllRanges();
-    sel.addRange(range);
-}"""
 
 
 def mark_selection_works(example_url: str):
