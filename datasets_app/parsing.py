@@ -43,6 +43,7 @@ __all__ = [
     "MAX_DEPTH",
     "RAW_LIMIT",
     "REJECTION_CODES",
+    "SPLITS",
     "CsvMapping",
     "FileError",
     "Record",
@@ -99,7 +100,12 @@ REJECTION_CODES: dict[str, str] = {
     "empty_rejected": "Empty rejected answer",
     "identical_pair": "Chosen equals rejected",
     "too_long": "Too many tokens",
+    "unknown_split": "Unknown split",
 }
+
+# The splits a record may name in an optional top-level "split" field (as the studio's own export
+# writes it): a re-imported export keeps its train/eval/golden assignment.
+SPLITS = ("train", "eval", "golden")
 
 FILE_ERROR_CODES: dict[str, str] = {
     "empty_file": "Empty file",
@@ -146,14 +152,15 @@ class Record:
     tags: list[str]
     chosen: str | None = None
     rejected: str | None = None
+    split: str | None = None  # None: the dataset's default (train)
 
 
 class JsonRecord(Record):
     """A Record from the typed fast path, whose messages arrive as the JSON text they are stored
     as: the import writes that text as it is, and ``messages`` decodes it only when read."""
 
-    def __init__(self, line: int, messages_json: str, tags: list[str]) -> None:
-        self.line, self.messages_json, self.tags = line, messages_json, tags
+    def __init__(self, line: int, messages_json: str, tags: list[str], split: str | None = None) -> None:
+        self.line, self.messages_json, self.tags, self.split = line, messages_json, tags, split
         self.chosen = self.rejected = None
 
     @property
@@ -163,7 +170,7 @@ class JsonRecord(Record):
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Record):
             return NotImplemented
-        fields = ("line", "messages", "tags", "chosen", "rejected")
+        fields = ("line", "messages", "tags", "chosen", "rejected", "split")
         return all(getattr(self, f) == getattr(other, f) for f in fields)
 
     __hash__ = None  # type: ignore[assignment]
@@ -286,6 +293,7 @@ class _Example:
     tags: list[str]
     chosen: str | None = None
     rejected: str | None = None
+    split: str | None = None
 
 
 @dataclass(frozen=True)
@@ -491,6 +499,20 @@ def _read_tags(value: Any) -> list[str]:
     return list(tags)
 
 
+def _read_split(value: Any) -> str | None:
+    """The optional "split" field: train, eval or golden (any case), or absent/null."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lower() in SPLITS:
+        return value.strip().lower()
+    shown = f'"{value[:40]}"' if isinstance(value, str) else _describe(value)
+    raise _Reject(
+        "unknown_split",
+        f'"split" is {shown}; it must be "train", "eval" or "golden". Correct it, or remove the field to '
+        "import the record into the train split.",
+    )
+
+
 def _split_tags(cell: str) -> list[str]:
     return list(dict.fromkeys(t.strip() for t in re.split(r"[,;]", cell) if t.strip()))
 
@@ -581,6 +603,7 @@ class _TypedTurn(msgspec.Struct, forbid_unknown_fields=True):
 class _TypedChat(msgspec.Struct, forbid_unknown_fields=True):
     messages: list[_TypedTurn]
     tags: list[str] = []
+    split: str | None = None
 
 
 _TYPED_CHAT = msgspec.json.Decoder(_TypedChat)
@@ -620,7 +643,7 @@ def _typed_record(data: bytes, line: int) -> JsonRecord | None:
         first = False
         if not _plain_content(content):
             return None
-    if not dialogue or expect != "user":
+    if not dialogue or expect != "user" or (chat.split is not None and chat.split not in SPLITS):
         return None
     kept: dict[str, None] = {}
     for tag in chat.tags:
@@ -628,7 +651,7 @@ def _typed_record(data: bytes, line: int) -> JsonRecord | None:
             return None
         if tag := tag.strip():
             kept[tag] = None
-    return JsonRecord(line, _ENCODE(chat.messages).decode("utf-8"), list(kept))
+    return JsonRecord(line, _ENCODE(chat.messages).decode("utf-8"), list(kept), chat.split)
 
 
 class _OpenAIFormat(_JsonFormat):
@@ -653,8 +676,8 @@ class _OpenAIFormat(_JsonFormat):
             return None
         if type(obj) is not dict or "chosen" in obj or "rejected" in obj:
             return None
-        items, tags = obj.get("messages"), obj.get("tags")
-        if type(items) is not list:
+        items, tags, split = obj.get("messages"), obj.get("tags"), obj.get("split")
+        if type(items) is not list or (split is not None and split not in SPLITS):
             return None
         if len(obj) > 1 + ("tags" in obj) and _holds_containers(obj, ("messages", "tags")):
             return None  # extra keys holding lists/objects: leave the nesting check to the general path
@@ -679,7 +702,7 @@ class _OpenAIFormat(_JsonFormat):
         if not dialogue or expect != "user":
             return None
         if tags is None:
-            return Record(line, messages, [])
+            return Record(line, messages, [], split=split)
         if type(tags) is not list:
             return None
         kept: dict[str, None] = {}
@@ -688,7 +711,7 @@ class _OpenAIFormat(_JsonFormat):
                 return None
             if tag := tag.strip():
                 kept[tag] = None
-        return Record(line, messages, list(kept))
+        return Record(line, messages, list(kept), split=split)
 
     def _normalise(self, obj: dict) -> _Example:
         turns = _read_turns(_require(obj, "messages", self.name), "messages", _OPENAI_SCHEME)
@@ -1519,7 +1542,7 @@ def _finish(example: _Example, line: int, raw: bytes, opts: _Options) -> Record 
                 "Shorten it or split the conversation into smaller examples.",
                 raw[:RAW_LIMIT],
             )
-    return Record(line, messages, example.tags, example.chosen, example.rejected)
+    return Record(line, messages, example.tags, example.chosen, example.rejected, example.split)
 
 
 def _parse_json_units(
@@ -1536,7 +1559,9 @@ def _parse_json_units(
                 raise _unit_problem(unit, opts.max_line_bytes, in_array)
             if not unit.data.strip():
                 continue  # blank line
-            example = fmt.normalise(_load_json_object(unit, in_array))
+            obj = _load_json_object(unit, in_array)
+            example = fmt.normalise(obj)
+            example.split = _read_split(obj.get("split"))
         except _Reject as problem:
             yield Rejection(unit.line, problem.code, problem.reason, unit.data[:RAW_LIMIT])
             continue

@@ -289,6 +289,7 @@ BAD_CASES = [
     ("no_user.jsonl", {}, [(2, "no_user")], 1),
     ("not_starting_user.jsonl", {}, [(2, "not_starting_user")], 1),
     ("empty_messages.jsonl", {}, [(2, "empty_messages")], 1),
+    ("unknown_split.jsonl", {}, [(2, "unknown_split"), (3, "unknown_split")], 2),
     ("missing_role.jsonl", {}, [(2, "missing_field")], 1),
     ("format_mismatch.jsonl", {}, [(2, "format_mismatch")], 2),
     ("nul_escape.jsonl", {}, [(2, "nul_bytes")], 1),

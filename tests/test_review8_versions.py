@@ -121,8 +121,7 @@ def curated_sft(curator, tmp_path, name="Runde") -> Dataset:
 
 
 def test_round_trip_sft_gives_same_examples_order_and_canonical_sha(curator, tmp_path):
-    ds = curated_sft(curator, tmp_path)
-    Example.objects.filter(dataset=ds).update(split="train")  # the importer does not read "split"
+    ds = curated_sft(curator, tmp_path)  # train, train, eval (edited), golden: the importer reads them back
     v1 = versions.freeze(ds, curator, "original")
     data = export_bytes(v1)
     assert not data.startswith(b"\xef\xbb\xbf")
@@ -134,6 +133,7 @@ def test_round_trip_sft_gives_same_examples_order_and_canonical_sha(curator, tmp
     v2 = versions.freeze(ready(ds2, curator), curator)
     assert content(v2) == content(v1)
     assert [r[0][0]["role"] for r in content(v2)] == ["system", "user", "user", "user"]
+    assert [r[4] for r in content(v2)] == ["train", "train", "eval", "golden"]
     # ids and positions differ, the canonical SHA-256 and the file do not
     assert set(v1.examples.values_list("example_id", flat=True)).isdisjoint(
         v2.examples.values_list("example_id", flat=True)
@@ -153,19 +153,12 @@ def test_round_trip_preference_with_splits(curator, tmp_path):
     ds2 = datasets.create_dataset("Paare zurück", "preference", curator)
     assert import_file(ds2, tmp_path / "back.jsonl").imported == 4
     ready(ds2, curator)
-    # same messages, chosen/rejected and tags in the same order; the split is part of the version's
-    # content (what is trained on, what is held out) and the importer does not take it from the file,
-    # so the hash differs until the same split is set again
+    # same messages, chosen/rejected, tags and splits in the same order: the split is part of the
+    # version's content (what is trained on, what is held out) and the importer reads it back
     v2 = versions.freeze(ds2, curator)
-    assert [r[:4] for r in content(v2)] == [r[:4] for r in content(v1)]
+    assert content(v2) == content(v1)
     assert content(v1)[1][1:3] == ("4", "5") and content(v1)[1][0][0]["role"] == "system"
-    assert v2.sha256 != v1.sha256
-    for ex, split in zip(
-        Example.objects.filter(dataset=ds2).order_by("position"), [r[4] for r in content(v1)], strict=True
-    ):
-        Example.objects.filter(pk=ex.pk).update(split=split)
-    v3 = versions.freeze(ds2, curator)
-    assert v3.sha256 == v1.sha256 and export_bytes(v3) == export_bytes(v1)
+    assert v2.sha256 == v1.sha256 and export_bytes(v2) == export_bytes(v1)
 
 
 def test_export_file_sha256_is_the_same_on_the_page_the_cli_and_the_download(

@@ -298,7 +298,7 @@ def _record_bytes(rec: parsing.Record) -> bytes:
 #
 # A good record becomes a "prepared" tuple: its number among the good records of the file (from 0),
 # then the database values that vary per example: source_line, messages JSON, chosen, rejected, tags
-# JSON, tags_text. Position (the dataset's next position + the number) and token count are added by
+# JSON, tags_text, split. Position (the dataset's next position + the number) and token count are added by
 # the importing process. A batch is a pair: the prepared tuples of up to STUDIO_IMPORT_BATCH good
 # records, and the parsing.Rejection objects met on the way (each list in file order), so that the
 # importing process hands the first list to the database as it is, without a loop over its rows.
@@ -310,6 +310,7 @@ Batch = tuple[list[Prepared], list[parsing.Rejection]]
 # The first batch is small and the next ones grow fourfold up to STUDIO_IMPORT_BATCH, so that the
 # importing process starts inserting a few milliseconds after the helper starts, not a whole batch later.
 FIRST_BATCH = 64
+TRAIN = Example.Split.TRAIN.value  # the split of a record that names none
 
 
 def prepare_batches(items: Iterable[parsing.Record | parsing.Rejection], batch_size: int) -> Iterator[Batch]:
@@ -329,7 +330,9 @@ def prepare_batches(items: Iterable[parsing.Record | parsing.Rejection], batch_s
                 tag_columns.clear()
             tag_values = tag_columns[key] = (json_text(item.tags), tags_text(item.tags))
         messages = item.messages_json if type(item) is parsing.JsonRecord else json_text(item.messages)
-        good.append((number, item.line, messages, item.chosen, item.rejected, *tag_values))
+        good.append(
+            (number, item.line, messages, item.chosen, item.rejected, *tag_values, item.split or TRAIN)
+        )
         number += 1
         if len(good) >= limit:
             yield good, rejected
@@ -341,7 +344,7 @@ def prepare_batches(items: Iterable[parsing.Record | parsing.Rejection], batch_s
 
 def _prepared_record(p: Prepared) -> parsing.Record:
     """The record back from its prepared values (for token counting)."""
-    return parsing.Record(p[1], orjson.loads(p[2]), orjson.loads(p[5]), p[3], p[4])
+    return parsing.Record(p[1], orjson.loads(p[2]), orjson.loads(p[5]), p[3], p[4], p[7])
 
 
 class _Source:
@@ -479,6 +482,7 @@ _ROW_COLUMNS = (
     "rejected",
     "tags",
     "tags_text",
+    "split",
     "token_count",
 )
 
@@ -554,7 +558,7 @@ def _sqlite_insert(connection, table: str, column_list: str, prepared: list[Prep
     keys are not checked during an import either (see _parents_held)."""
     quote = connection.schema_editor().quote_value
     shared = ", ".join([quote(v) for v in fixed])
-    values = f"?+{int(offset)}, ?, ?, ?, ?, ?, ?, 0, {shared}"
+    values = f"?+{int(offset)}, ?, ?, ?, ?, ?, ?, ?, 0, {shared}"
     sql = f"INSERT INTO {table} ({column_list}) VALUES ({values})"  # noqa: S608 - names and quoted literals
     with connection.cursor() as cursor, connection.wrap_database_errors:
         raw = cursor.cursor
