@@ -138,7 +138,7 @@ class Example(models.Model):
     chosen = models.TextField(null=True, blank=True)
     rejected = models.TextField(null=True, blank=True)
     tags = models.JSONField(default=list, blank=True)
-    tags_text = models.CharField(max_length=1000, blank=True)  # "|a|b|" for filtering (LIKE, no index)
+    tags_text = models.TextField(blank=True)  # "|a|b|" for filtering (LIKE, no index); every tag, uncut
     split = models.CharField(max_length=8, choices=Split.choices, default=Split.TRAIN)
     # grouped in Python by dedup, never looked up; "" until the duplicate analysis after the import
     content_hash = models.CharField(max_length=64)

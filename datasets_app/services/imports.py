@@ -259,7 +259,7 @@ def tag_filter_text(tag: str) -> str:
 
 
 def tags_text(tags: list[str]) -> str:
-    return ("|" + "|".join(t.replace("|", TAG_BAR) for t in tags) + "|")[:1000] if tags else ""
+    return "|" + "|".join(t.replace("|", TAG_BAR) for t in tags) + "|" if tags else ""
 
 
 class _Rejections:
