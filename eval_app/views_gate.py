@@ -49,12 +49,15 @@ def promotion_detail(request, pk: int):
     req = _promotion(pk)
     policy = req.policy
     live = None
+    newer_run = None
     if req.status == PromotionRequest.Status.PENDING:
-        try:  # what an approval would be judged by now (more votes may have arrived)
-            live = gate.evaluate_policy(req.version, req.alias, req.eval_run)
+        try:  # what an approval would be judged by now: the newest finished run, with the votes so far
+            live = gate.evaluate_policy(req.version, req.alias)
         except gate.GateRefused:
             live = None
         policy = live or policy
+        if live and live["eval_run"] and live["eval_run"] != req.eval_run_id:
+            newer_run = live["eval_run"]  # finished after the request was made: it is the evidence now
     user = request.user
     is_admin = has_role(user, ADMIN)
     blockers = []
@@ -66,6 +69,7 @@ def promotion_detail(request, pk: int):
         "req": req,
         "policy": policy,
         "live": live is not None,
+        "newer_run": newer_run,
         "is_admin": is_admin,
         "can_decide": is_admin and req.status == PromotionRequest.Status.PENDING,
         "approve_blockers": blockers,
@@ -123,6 +127,11 @@ def promotion_approve(request, pk: int):
     acknowledged = None  # the rules the decision form showed failing: an override covers only those
     if "override_seen" in request.POST:
         acknowledged = {k.strip() for k in request.POST.get("override_seen", "").split(",") if k.strip()}
+    seen_run = None  # the evidence run the decision form showed: approval is refused if a newer one finished
+    if "evidence_seen" in request.POST:
+        seen = request.POST.get("evidence_seen", "").strip()
+        seen_run = int(seen) if seen.isascii() and seen.isdigit() else 0
+    requested_run = req.eval_run_id
     try:
         req = gate.approve(
             request.user,
@@ -131,12 +140,22 @@ def promotion_approve(request, pk: int):
             override=override,
             justification=request.POST.get("justification", ""),
             acknowledged=acknowledged,
+            seen_run=seen_run,
         )
     except gate.GateRefused as exc:
         messages.error(request, str(exc))
     else:
         line = req.version.registered_model
         note = " (policy overridden; the justification is on record)" if req.overridden else ""
+        if req.eval_run_id and req.eval_run_id != requested_run:
+            note += f"; judged on run {req.eval_run_id}, which finished after the request was made"
+        if req.superseded_ids:
+            ids = ", ".join(str(pk) for pk in req.superseded_ids)
+            n = len(req.superseded_ids)
+            note += (
+                f". Superseded and cancelled: request{'' if n == 1 else 's'} {ids} for the same alias "
+                f"(the requesters can ask again)"
+            )
         messages.success(request, f"{line}@{req.alias} now points at {req.version}{note}.")
     return redirect(req)
 

@@ -111,6 +111,9 @@ def version_detail(request, pk: int):
         "serving_names": registry.serving_names(version),
         "runs": runs,
         "finished_runs": finished,
+        # the run the gate judges (the newest finished one): the request form sends it, so a run that
+        # finishes while the engineer reads the page makes the request refused, not silently re-based
+        "evidence": next((r for r in finished if r.pk == preview["eval_run"]), None),
         "promotions": list(
             version.promotions.select_related("requested_by", "decided_by", "eval_run").order_by(
                 "-created_at"

@@ -529,7 +529,10 @@ def test_rollback_button_is_one_post_for_admins(world, client_for):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_concurrent_approvals_for_one_alias_keep_one_row_and_a_consistent_history(world, make_user):
+def test_concurrent_approvals_for_one_alias_move_it_once_and_supersede_the_other(world, make_user):
+    """Two admins approve two pending requests for one alias at the same moment: the first to get the
+    line's lock moves the alias and cancels the other request as superseded, so the second approval is
+    refused instead of moving the alias a second time."""
     v1, v2 = world.version(), world.version()
     world.good_run(v1)
     world.good_run(v2)
@@ -555,14 +558,17 @@ def test_concurrent_approvals_for_one_alias_keep_one_row_and_a_consistent_histor
         t.start()
     for t in threads:
         t.join(30)
-    assert errors == []
+    assert len(errors) == 1 and isinstance(errors[0], gate.GateRefused), errors
+    assert "already cancelled. Superseded: promotion" in str(errors[0])
     assert Alias.objects.filter(registered_model=world.line, name="production").count() == 1
-    first, second = AliasChange.objects.order_by("id")
-    assert first.from_version is None and second.from_version == first.to_version
-    assert Alias.objects.get(name="production").version == second.to_version
-    approved = PromotionRequest.objects.filter(status="approved").order_by("decided_at", "id")
-    assert [r.previous_version for r in approved] == [None, first.to_version]
-    assert WebhookEvent.objects.count() == 2 and verify_chain().ok
+    change = AliasChange.objects.get()
+    assert change.from_version is None
+    assert Alias.objects.get(name="production").version == change.to_version
+    approved = PromotionRequest.objects.get(status="approved")
+    cancelled = PromotionRequest.objects.get(status="cancelled")
+    assert approved.version == change.to_version and approved.previous_version is None
+    assert cancelled.decision_comment.startswith(f"Superseded: promotion {approved.pk} moved production")
+    assert WebhookEvent.objects.count() == 1 and verify_chain().ok
 
 
 # =====================================================================================================

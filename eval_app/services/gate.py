@@ -5,7 +5,11 @@ usually the one who asks); only admins approve, reject or roll back. The approve
 requester nor the version's trainer. A failed rule blocks approval unless an admin overrides it with a
 written justification, which is stored, audited ("eval.promotion.override") and shown on the version
 page. Approval and rollback move the alias inside one transaction with the alias history, the audit
-event and the webhook outbox row.
+event and the webhook outbox row; approval also cancels the other pending requests for that alias
+("superseded"), so an older request approved afterwards cannot move the alias back.
+
+The evidence is always the version's newest finished evaluation run: a request naming an older run is
+refused, and approval re-judges the policy on the newest run at that moment.
 """
 
 from __future__ import annotations
@@ -99,15 +103,23 @@ def production_loss(production: ModelVersion, run: EvalRun) -> tuple[float, Eval
 def evaluate_policy(version: ModelVersion, alias: str, eval_run: EvalRun | None = None) -> dict:
     """Each rule with its figure and result, plus the settings it was judged by (stored on requests).
 
-    The evidence is `eval_run` (which must be a succeeded run of `version` as candidate) or, by default,
-    the version's latest succeeded run."""
+    The evidence is always the version's newest finished run: the latest succeeded run with `version` as
+    candidate, whatever its baseline (registry.latest_run), so nobody can pick an older, kinder run while a
+    newer one tells another story. `eval_run`, when given, must be that run; an older one is refused with
+    the newer run's number."""
     conf = policy_settings()
+    newest = latest_run(version)
     if eval_run is not None:
         if eval_run.candidate_id != version.pk:
             raise GateRefused(f"Run {eval_run.pk} evaluated another version; choose a run of {version}.")
         if eval_run.state != EvalRun.State.SUCCEEDED:
             raise GateRefused(f"Run {eval_run.pk} has not succeeded; choose a finished run.")
-    run = eval_run or latest_run(version)
+        if newest is not None and newest.pk != eval_run.pk:
+            raise GateRefused(
+                f"Run {newest.pk} finished after run {eval_run.pk}; the gate judges the newest run. "
+                f"Choose run {newest.pk}."
+            )
+    run = newest
     summary = summary_for(run)
     baseline = run.baseline_label if run else ""
     rules = []
@@ -308,11 +320,20 @@ def request_promotion(
     return req
 
 
+def _check_pending(req: PromotionRequest) -> None:
+    """Refuse a decision on a request that is no longer pending, saying why (a superseded request's
+    cancellation names the promotion that superseded it)."""
+    if req.status != PromotionRequest.Status.PENDING:
+        why = ""
+        if req.status == PromotionRequest.Status.CANCELLED and req.decision_comment:
+            why = f" {req.decision_comment}"
+        raise GateRefused(f"Promotion request {req.pk} is already {req.get_status_display().lower()}.{why}")
+
+
 def _check_decider(user, req: PromotionRequest, verb: str) -> None:
     if not has_role(user, ADMIN):
         raise GateRefused(f"Only admins can {verb} a promotion.")
-    if req.status != PromotionRequest.Status.PENDING:
-        raise GateRefused(f"Promotion request {req.pk} is already {req.get_status_display().lower()}.")
+    _check_pending(req)
 
 
 def _locked(req: PromotionRequest) -> PromotionRequest:
@@ -378,16 +399,39 @@ def approve(
     override: bool = False,
     justification: str = "",
     acknowledged: set[str] | None = None,
+    seen_run: int | None = None,
 ) -> PromotionRequest:
     """Approve a pending request: re-check the policy now, then move the alias atomically.
 
     Refused (GateRefused, nothing changed) when the user is not an admin, is the requester or trained the
-    version, or a rule fails without override=True and a justification of at least 20 characters.
+    version, the request is no longer pending, or a rule fails without override=True and a justification
+    of at least 20 characters.
     `acknowledged`: the keys of the rules the approver saw failing (the decision form sends them); an
-    override never covers a rule that started failing after that, the approver has to look again."""
+    override never covers a rule that started failing after that, the approver has to look again.
+
+    The policy is judged on the version's newest finished run now, not on the run named when the request
+    was made: a run that finished since then replaces it as evidence (the approved request records the
+    run it was judged on). `seen_run`: the run the decision page showed (0: none); when a newer one has
+    finished since, approval is refused so that nobody approves evidence they have not read.
+
+    Approval cancels every other pending request for the same model line and alias in the same
+    transaction ("superseded", audited one by one): approving one of them later would move the alias
+    back to an older choice. The line's row lock is taken before the request's, so two admins approving
+    two requests for one alias at once are serialised and the second is refused as superseded. The ids of
+    the cancelled requests are returned on the request as `superseded_ids`."""
     justification = (justification or "").strip()
     with transaction.atomic():
+        line_id = (
+            PromotionRequest.objects.filter(pk=request.pk)
+            .values_list("version__registered_model_id", flat=True)
+            .first()
+        )
+        if line_id is None:
+            raise GateRefused(f"Promotion request {request.pk} does not exist any more.")
+        # lock order: the line, then the request (as every alias change of a line does)
+        line = RegisteredModel.objects.select_for_update().get(pk=line_id)
         req = _locked(request)
+        requested_run = req.eval_run_id
         _check_decider(user, req, "approve")
         if req.requested_by_id == user.pk:
             raise GateRefused("You requested this promotion; a second admin has to approve it.")
@@ -395,17 +439,24 @@ def approve(
             raise GateRefused(f"You trained {req.version}; an admin who did not train it has to approve.")
         if req.version.status == ModelVersion.Status.ARCHIVED:
             raise GateRefused(f"{req.version} has been archived since the request; reject the request.")
-        line = RegisteredModel.objects.select_for_update().get(pk=req.version.registered_model_id)
         if current_version(line, req.alias) == req.version:
             raise GateRefused(f"{line}@{req.alias} already points at {req.version}; reject this request.")
-        policy = evaluate_policy(req.version, req.alias, req.eval_run)
+        policy = evaluate_policy(req.version, req.alias)  # the newest finished run, whichever was named
+        if seen_run is not None and policy["eval_run"] is not None and policy["eval_run"] != seen_run:
+            raise GateRefused(
+                f"Run {policy['eval_run']} finished after you opened the request; the gate now judges it. "
+                f"Read the policy check again before you approve."
+            )
         failed = policy["failed"]
         overridden = bool(failed)
         if failed and not override:
             labels = "; ".join(f"{r['label']} ({r['figure']})" for r in policy["rules"] if not r["passed"])
+            newer = ""
+            if requested_run and policy["eval_run"] != requested_run:
+                newer = f" (judged on run {policy['eval_run']}, which finished after the request's run)"
             raise GateRefused(
-                f"The policy check fails: {labels}. Collect more evidence, or override with a written "
-                f"justification, or reject the request."
+                f"The policy check fails{newer}: {labels}. Collect more evidence, or override with a "
+                f"written justification, or reject the request."
             )
         unseen = [r for r in policy["rules"] if not r["passed"] and r["key"] not in (acknowledged or set())]
         if failed and acknowledged is not None and unseen:
@@ -419,6 +470,12 @@ def approve(
                 f"Overriding a failed rule needs a written justification of at least {MIN_JUSTIFICATION} "
                 f"characters saying why the evidence is enough."
             )
+        # claim the request with a conditional UPDATE: only a still-pending request can move the alias
+        claimed = PromotionRequest.objects.filter(pk=req.pk, status=PromotionRequest.Status.PENDING).update(
+            status=PromotionRequest.Status.APPROVED
+        )
+        if claimed != 1:
+            raise GateRefused(f"Promotion request {req.pk} was decided meanwhile; reload its page.")
         previous, change = move_alias(line, req.alias, req.version, user, AliasChange.Kind.PROMOTE, req)
         req.status = PromotionRequest.Status.APPROVED
         req.decided_by = user
@@ -445,18 +502,62 @@ def approve(
             to_version=version.pk,
             alias_change=change.pk,
             overridden=overridden,
+            eval_run=req.eval_run_id,
+            requested_eval_run=requested_run,
         )
         if overridden:
             audit.record(
                 user, "eval.promotion.override", req, version=version.pk, alias=req.alias, failed=failed
             )
+        req.superseded_ids = _supersede_pending(user, line, req)
         event = webhooks.enqueue_event(
             "model.promoted",
             _event_payload(line, req.alias, version, previous, user, promotion=req.pk, overridden=overridden),
         )
         audit.record(user, "eval.webhook.queue", event, event_name=event.event, promotion=req.pk)
-    log.info("promotion %s approved by user %s (override=%s)", req.pk, user.pk, overridden)
+    log.info(
+        "promotion %s approved by user %s (override=%s, superseded %s)",
+        req.pk,
+        user.pk,
+        overridden,
+        req.superseded_ids,
+    )
     return req
+
+
+def _supersede_pending(user, line: RegisteredModel, approved: PromotionRequest) -> list[int]:
+    """Cancel every other pending request for `approved`'s line and alias, each with a comment naming the
+    promotion that superseded it and an audit event. Call inside approve()'s transaction, holding the
+    line's lock. Returns the ids cancelled."""
+    others = list(
+        PromotionRequest.objects.select_for_update(of=("self",))
+        .select_related("version")
+        .filter(version__registered_model=line, alias=approved.alias, status=PromotionRequest.Status.PENDING)
+        .exclude(pk=approved.pk)
+        .order_by("pk")
+    )
+    now = timezone.now()
+    cancelled = []
+    for other in others:
+        why = (
+            f"Superseded: promotion {approved.pk} moved {approved.alias} to {approved.version} first. "
+            f"Request again if {other.version} should still go to {approved.alias}."
+        )
+        done = PromotionRequest.objects.filter(pk=other.pk, status=PromotionRequest.Status.PENDING).update(
+            status=PromotionRequest.Status.CANCELLED, decided_by=user, decided_at=now, decision_comment=why
+        )
+        if done != 1:
+            continue
+        audit.record(
+            user,
+            "eval.promotion.superseded",
+            other,
+            version=other.version_id,
+            superseded_by=approved.pk,
+            to_version=approved.version_id,
+        )
+        cancelled.append(other.pk)
+    return cancelled
 
 
 def reject(user, request: PromotionRequest, comment: str) -> PromotionRequest:
@@ -481,8 +582,7 @@ def cancel(user, request: PromotionRequest) -> PromotionRequest:
         req = _locked(request)
         if req.requested_by_id != user.pk and not has_role(user, ADMIN):
             raise GateRefused("Only the requester or an admin can withdraw a request.")
-        if req.status != PromotionRequest.Status.PENDING:
-            raise GateRefused(f"Promotion request {req.pk} is already {req.get_status_display().lower()}.")
+        _check_pending(req)
         req.status = PromotionRequest.Status.CANCELLED
         req.decided_by = user
         req.decided_at = timezone.now()

@@ -227,7 +227,7 @@ def test_reviewers_vote_and_admin_promotes_then_rolls_back(
     eng = open_page(engineer)
     eng.goto(reverse("eval:version", args=[v2.pk]))
     eng.get_by_label("Alias").fill("production")
-    eng.get_by_label("Evidence").select_option(str(run.pk))
+    expect(eng.locator("#evidence")).to_contain_text(f"run {run.pk} against")  # the newest, not a choice
     eng.get_by_label("Comment for the approver").fill("Better answers than v1 on the helpdesk eval split.")
     eng.get_by_role("button", name="Request promotion").click()
     expect(eng.locator("h1")).to_contain_text(f"{v2} → production")
