@@ -30,5 +30,7 @@ RUN SECRET_KEY=build STUDIO_ENCRYPTION_KEY=Zm9yLWJ1aWxkLW9ubHktbm90LWEtcmVhbC1rZ
  && mkdir -p /var/lib/studio/data /var/lib/studio/log && chown -R studio:studio /var/lib/studio
 ENV STATIC_ROOT=/app/static
 USER studio
+# gunicorn listens on all of the container's interfaces; docker-compose.yml publishes the port on the
+# host's 127.0.0.1 only, for the TLS proxy (README, Production deployment).
 EXPOSE 8000
 CMD ["gunicorn", "studio.wsgi:application", "--bind", "0.0.0.0:8000", "--workers", "4", "--timeout", "300"]

@@ -43,3 +43,22 @@ class AuditEvent(models.Model):
 
     def delete(self, *args, **kwargs):
         raise PermissionError("audit events are append-only")
+
+
+class AuditCheckpoint(models.Model):
+    """The newest audit event the audit page has verified, so that a page load checks only the events
+    after it (one row, kept in the database: clearing the cache does not bring back a walk of the whole
+    chain). Signed with SECRET_KEY (which is not in the database), so a row moved past tampered events
+    by someone who can write to the database is ignored rather than trusted. `broken`: the last walk of
+    the whole chain found a break, so page loads walk the whole chain until it is whole again."""
+
+    event_id = models.BigIntegerField()  # not a foreign key: audit events are never deleted
+    event_hash = models.CharField(max_length=64)
+    checked = models.PositiveBigIntegerField()  # events verified up to and including event_id
+    full_at = models.DateTimeField()  # when the whole chain was last walked
+    broken = models.BooleanField(default=False)
+    signature = models.CharField(max_length=64)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"audit checkpoint at #{self.event_id}"

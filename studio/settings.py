@@ -8,6 +8,8 @@ kombu filesystem broker under `var/`, no external service needed. Production set
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import dj_database_url
@@ -18,12 +20,14 @@ from studio.forking import available_cores
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
-def envstr(name: str, default: str = "") -> str:
-    return os.environ.get(name, default)
+# The env* helpers read os.environ, or `env` where given (the helpers below take one so that tests can
+# evaluate them with other values without re-importing the settings).
+def envstr(name: str, default: str = "", env: Mapping[str, str] | None = None) -> str:
+    return (os.environ if env is None else env).get(name, default)
 
 
-def envbool(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
+def envbool(name: str, default: bool, env: Mapping[str, str] | None = None) -> bool:
+    value = (os.environ if env is None else env).get(name)
     if value is None or value == "":
         return default
     if value.lower() in {"1", "true", "yes", "on"}:
@@ -33,8 +37,8 @@ def envbool(name: str, default: bool) -> bool:
     raise ImproperlyConfigured(f"{name}={value!r}: use true/false, yes/no, on/off or 1/0")
 
 
-def envint(name: str, default: int) -> int:
-    value = os.environ.get(name)
+def envint(name: str, default: int, env: Mapping[str, str] | None = None) -> int:
+    value = (os.environ if env is None else env).get(name)
     if value is None or value == "":
         return default
     try:
@@ -137,6 +141,53 @@ TEMPLATES = [
     },
 ]
 
+
+def is_web_server(argv: list[str] | None = None, modules: Mapping[str, object] | None = None) -> bool:
+    """True in a process that answers web requests: gunicorn (master and workers have imported it before
+    they load the application) or `manage.py runserver`. Celery workers, beat and other management
+    commands (migrate, imports from the command line) are not."""
+    argv = sys.argv if argv is None else argv
+    modules = sys.modules if modules is None else modules
+    return "gunicorn" in modules or argv[1:2] == ["runserver"]
+
+
+def postgres_options(
+    env: Mapping[str, str] | None = None, *, web: bool, current: Mapping | None = None
+) -> dict:
+    """libpq options of a PostgreSQL connection (merged over `current`, those from DATABASE_URL).
+
+    A stopped or unreachable server must not hang a request or a worker for ever: connecting gives up
+    after DATABASE_CONNECT_TIMEOUT seconds, and TCP keepalives notice a connection whose server has gone
+    silent (black-holed network, dead host) after about idle + interval x count seconds. The web server's
+    connections also get a server-side statement_timeout (STUDIO_DB_STATEMENT_TIMEOUT_MS, 0 = none): a
+    statement running longer is cancelled, and the request gets the "temporarily unavailable" page
+    (studio.middleware.ServiceErrorMiddleware). Workers and management commands run without it: their
+    imports, scans and COPYs legitimately take longer than any page should."""
+
+    def positive(name: str, default: int) -> int:
+        value = envint(name, default, env)
+        if value < 1:
+            raise ImproperlyConfigured(f"{name}={value}: expected a whole number of at least 1")
+        return value
+
+    options = dict(current or {})
+    options.update(
+        connect_timeout=positive("DATABASE_CONNECT_TIMEOUT", 5),
+        keepalives=1,
+        keepalives_idle=positive("STUDIO_DB_KEEPALIVES_IDLE", 30),
+        keepalives_interval=positive("STUDIO_DB_KEEPALIVES_INTERVAL", 10),
+        keepalives_count=positive("STUDIO_DB_KEEPALIVES_COUNT", 3),
+    )
+    statement_timeout = envint("STUDIO_DB_STATEMENT_TIMEOUT_MS", 30000, env)
+    if statement_timeout < 0:
+        raise ImproperlyConfigured(f"STUDIO_DB_STATEMENT_TIMEOUT_MS={statement_timeout}: 0 (none) or more")
+    if web and statement_timeout:
+        # Sent in the connection's start-up packet: no extra round trip per connection or request.
+        extra = f"-c statement_timeout={statement_timeout}"
+        options["options"] = f"{options['options']} {extra}" if options.get("options") else extra
+    return options
+
+
 DATABASES = {
     "default": dj_database_url.parse(
         envstr("DATABASE_URL", f"sqlite:///{VAR_DIR / 'studio.sqlite3'}"),
@@ -159,7 +210,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # A file (not :memory:) so the worker processes started by integration tests share the test DB.
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / f"test-studio-{os.getpid()}.sqlite3")}
 else:
-    DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = envint("DATABASE_CONNECT_TIMEOUT", 5)
+    DATABASES["default"]["OPTIONS"] = postgres_options(
+        web=is_web_server(), current=DATABASES["default"].get("OPTIONS")
+    )
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -250,9 +303,38 @@ STUDIO_LOGIN_WINDOW_SECONDS = envint("STUDIO_LOGIN_WINDOW_SECONDS", 300)
 # Per client address (default four times the per-username limit, so one person's typos do not lock out
 # a whole office behind one NAT).
 STUDIO_LOGIN_MAX_ATTEMPTS_PER_IP = envint("STUDIO_LOGIN_MAX_ATTEMPTS_PER_IP", 4 * STUDIO_LOGIN_MAX_ATTEMPTS)
-# Reverse proxies in front of the web server that append to X-Forwarded-For (the TLS proxy: 1). With 0,
-# every client behind the proxy has the proxy's address and shares one sign-in allowance.
-STUDIO_TRUSTED_PROXY_COUNT = envint("STUDIO_TRUSTED_PROXY_COUNT", 0)
+
+
+def proxy_settings(env: Mapping[str, str] | None = None) -> tuple[bool, int]:
+    """(STUDIO_BEHIND_PROXY, STUDIO_TRUSTED_PROXY_COUNT) from the environment.
+
+    Headers a reverse proxy sets (X-Forwarded-Proto, X-Forwarded-For) can be sent by any client that
+    reaches the web server directly, so they are trusted only when the deployment says that web is
+    reachable through the proxy alone: STUDIO_BEHIND_PROXY=true, or a STUDIO_TRUSTED_PROXY_COUNT of 1 or
+    more (which declares the proxies). Behind a proxy, one X-Forwarded-For hop is trusted unless
+    STUDIO_TRUSTED_PROXY_COUNT says otherwise; STUDIO_BEHIND_PROXY=false with a count is refused."""
+    count: int | None = None
+    if envstr("STUDIO_TRUSTED_PROXY_COUNT", "", env).strip():
+        count = envint("STUDIO_TRUSTED_PROXY_COUNT", 0, env)
+        if count < 0:
+            raise ImproperlyConfigured(f"STUDIO_TRUSTED_PROXY_COUNT={count}: expected 0 or more")
+    behind = envbool("STUDIO_BEHIND_PROXY", bool(count), env)
+    if count is None:
+        count = 1 if behind else 0
+    if count > 0 and not behind:
+        raise ImproperlyConfigured(
+            f"STUDIO_TRUSTED_PROXY_COUNT={count} trusts X-Forwarded-For, which only a reverse proxy may set, "
+            "but STUDIO_BEHIND_PROXY=false: set STUDIO_BEHIND_PROXY=true (web reachable through the proxy "
+            "only) or STUDIO_TRUSTED_PROXY_COUNT=0"
+        )
+    return behind, count
+
+
+# Behind a reverse proxy (the TLS terminator), and only then: X-Forwarded-Proto: https marks a request
+# secure (SECURE_PROXY_SSL_HEADER below), and the client's address is read from X-Forwarded-For, as
+# appended by that many proxies (else every client has the proxy's address and shares one sign-in
+# allowance).
+STUDIO_BEHIND_PROXY, STUDIO_TRUSTED_PROXY_COUNT = proxy_settings()
 
 # --- Cache (login throttling, task progress shared by web and worker processes) ------------------
 REDIS_URL = envstr("REDIS_URL", "")
@@ -336,11 +418,13 @@ STUDIO_CSP = envstr(
     "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; object-src 'none'; "
     "base-uri 'self'; form-action 'self'; frame-ancestors 'none'",
 )
+# Trusted only behind the proxy (STUDIO_BEHIND_PROXY): a client reaching gunicorn directly could send
+# the header itself and pass a plain-HTTP request off as HTTPS.
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if STUDIO_BEHIND_PROXY else None
 if STUDIO_PRODUCTION:
     SESSION_COOKIE_SECURE = envbool("SESSION_COOKIE_SECURE", True)
     CSRF_COOKIE_SECURE = envbool("CSRF_COOKIE_SECURE", True)
     SECURE_SSL_REDIRECT = envbool("SECURE_SSL_REDIRECT", False)  # usually done by the TLS proxy
-    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SECURE_HSTS_SECONDS = envint("SECURE_HSTS_SECONDS", 31536000)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
 

@@ -11,7 +11,6 @@ from django.contrib import messages
 from django.contrib.auth import get_user_model, update_session_auth_hash
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.views import LoginView
-from django.core.cache import cache
 from django.core.exceptions import FieldError, ValidationError
 from django.core.paginator import Paginator
 from django.db import DatabaseError, transaction
@@ -19,11 +18,10 @@ from django.db.models import Max, Prefetch
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
-from django.utils import timezone
 from django.views.decorators.http import require_http_methods, require_POST
 
 from . import ratelimit
-from .audit import ChainReport, compute_hash, verify_chain
+from .audit import ChainReport, compute_hash, verify_from_checkpoint
 from .context_processors import first_url
 from .forms import (
     AdminSetPasswordForm,
@@ -300,35 +298,11 @@ def _pretty_json(value) -> str:
     return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
 
 
-# The audit page does not walk the whole chain on every load (that grows with the log): the newest
-# event verified so far is kept in the cache, and a load checks only the events after it — provided
-# that event is still there with the same hash, else it walks the whole chain again. A full walk runs
-# on demand ("Check the whole chain", a POST here) and in `manage.py verify_audit`, which also catches
-# edits to events older than the remembered head.
-CHAIN_HEAD_KEY = "studio:audit:verified-head"
-
-
 def chain_status(full: bool = False) -> tuple[ChainReport, object]:
-    """(the chain's report, when the whole chain was last walked). `full` walks it all now."""
-    remembered = None if full else cache.get(CHAIN_HEAD_KEY)
-    if remembered:
-        still_there = AuditEvent.objects.filter(pk=remembered["id"]).values_list("hash", flat=True).first()
-        if still_there != remembered["hash"]:
-            remembered = None  # rolled back, truncated or edited: start again from the beginning
-    if remembered:
-        report = verify_chain(
-            after_id=remembered["id"], after_hash=remembered["hash"], checked=remembered["checked"]
-        )
-        full_at = remembered["full_at"]
-    else:
-        report = verify_chain()
-        full_at = timezone.now()
-    if report.ok and report.head_id:
-        head = {"id": report.head_id, "hash": report.head_hash, "checked": report.checked, "full_at": full_at}
-        cache.set(CHAIN_HEAD_KEY, head, timeout=None)
-    elif not report.ok:
-        cache.delete(CHAIN_HEAD_KEY)  # a broken chain stays reported until it is whole again
-    return report, full_at
+    """(the chain's report, when the whole chain was last walked). A page load checks only the events
+    after the checkpoint kept in the database (studio.audit.verify_from_checkpoint); `full` walks the
+    whole chain now ("Check the whole chain")."""
+    return verify_from_checkpoint(full)
 
 
 def _chain_context(full: bool = False) -> dict:
