@@ -71,9 +71,11 @@ __all__ = [
     "SPACY_MODEL",
     "CustomRecognizer",
     "Finding",
+    "InvalidPolicy",
     "PiiPolicy",
     "PiiScanner",
     "Pseudonymizer",
+    "SlowPattern",
     "get_nlp",
     "make_nlp_engine",
     "ner_model_configuration",
@@ -310,7 +312,31 @@ KEEP_MATCH_SECONDS = 2.0  # per message and keep-pattern
 
 
 class SlowPattern(ValueError):
-    """A keep-pattern ran out of time on a message (the scan stops; the curator simplifies it)."""
+    """A keep-pattern ran out of time on a message (the scan stops; the curator simplifies it).
+
+    ``pattern`` is the keep-pattern's text (the curator's own setting) and ``seconds`` the limit it ran
+    past; neither the exception nor its message carries the text it was matched against."""
+
+    def __init__(self, message: str, pattern: str = "", seconds: float = 0.0):
+        super().__init__(message)
+        self.pattern = pattern
+        self.seconds = seconds
+
+    def __reduce__(self):  # picklable with its fields (a forked helper's failure)
+        return type(self), (str(self), self.pattern, self.seconds)
+
+
+class InvalidPolicy(ValueError):
+    """A policy ``PiiScanner`` cannot run: ``problems`` as ``PiiPolicy.validate`` words them (they
+    quote the curator's settings, never message text). Raised for a policy stored before a check
+    existed, e.g. a keep-pattern that fails today's backtracking probe."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__("invalid PII policy: " + "; ".join(self.problems))
+
+    def __reduce__(self):
+        return type(self), (self.problems,)
 
 
 def _keep_spans(patterns: list, text: str) -> list[tuple[int, int]]:
@@ -321,7 +347,9 @@ def _keep_spans(patterns: list, text: str) -> list[tuple[int, int]]:
         except TimeoutError:
             raise SlowPattern(
                 f"The keep-pattern {pattern.pattern!r} took over {KEEP_MATCH_SECONDS:g} s on one message: "
-                "simplify it in the dataset's settings (avoid a repetition inside a repetition)."
+                "simplify it in the dataset's settings (avoid a repetition inside a repetition).",
+                pattern=pattern.pattern,
+                seconds=KEEP_MATCH_SECONDS,
             ) from None
     return spans
 
@@ -837,7 +865,7 @@ class PiiScanner:
         forked helpers, see studio.forking.split_map), with the same findings as one process."""
         errors = policy.validate()
         if errors:
-            raise ValueError("invalid PII policy: " + "; ".join(errors))
+            raise InvalidPolicy(errors)
         eng = _engine()
         self.policy = policy
         self.batch_size = batch_size

@@ -1,5 +1,9 @@
 """Celery tasks (queue "curation"): thin wrappers around the services. Arguments are ids only,
-so no message text ever passes through the broker."""
+so no message text ever passes through the broker.
+
+A scan stopped by the dataset's own settings (``scrub.ScanStopped``: a keep-pattern that runs out of
+time) ends the task normally: the service recorded the failure (shown on the dataset page) and cleared
+the progress, and raising would only log a traceback; the watchdog does not requeue it either."""
 
 from __future__ import annotations
 
@@ -28,7 +32,10 @@ def analyse_dataset(dataset_id: int, user_id: int | None = None, scrub_all: bool
     progress.set_progress("scan", dataset_id, "Finding duplicates", 0, 1)
     duplicates.recompute(dataset)
     unscanned = dataset.examples.filter(pii_status="unscanned").values_list("pk", flat=True)
-    scrub.scan_examples(dataset, list(unscanned), on_progress=scrub.scan_progress_callback(dataset_id))
+    try:
+        scrub.scan_examples(dataset, list(unscanned), on_progress=scrub.scan_progress_callback(dataset_id))
+    except scrub.ScanStopped:
+        return  # recorded and shown on the dataset page; nothing is scrubbed after an incomplete scan
     if scrub_all:
         user = get_user_model().objects.filter(pk=user_id).first()
         scrub.apply_all(dataset, user)
@@ -38,5 +45,8 @@ def analyse_dataset(dataset_id: int, user_id: int | None = None, scrub_all: bool
 @shared_task(acks_late=True, reject_on_worker_lost=True)
 def scan_examples(dataset_id: int, example_ids: list[int] | None = None) -> None:
     dataset = Dataset.objects.get(pk=dataset_id)
-    scrub.scan_examples(dataset, example_ids, on_progress=scrub.scan_progress_callback(dataset_id))
+    try:
+        scrub.scan_examples(dataset, example_ids, on_progress=scrub.scan_progress_callback(dataset_id))
+    except scrub.ScanStopped:
+        return  # recorded and shown on the dataset page; a retry would stop the same way
     progress.clear_progress("scan", dataset_id)

@@ -94,6 +94,7 @@ def dataset_detail(request, pk: int):
         "uploads": dataset.uploads.all()[:10],
         "versions": dataset.versions.select_related("created_by")[:20],
         "scan": progress.get_progress("scan", dataset.pk),
+        "scan_failed": scrub.scan_failure(dataset),
         "split_form": forms.SplitForm(),
         "freeze_form": forms.FreezeForm(),
     }
@@ -106,7 +107,11 @@ def scan_status(request, pk: int):
     return render(
         request,
         "datasets/partials/scan_status.html",
-        {"dataset": dataset, "scan": progress.get_progress("scan", pk)},
+        {
+            "dataset": dataset,
+            "scan": progress.get_progress("scan", pk),
+            "scan_failed": scrub.scan_failure(dataset),
+        },
     )
 
 
@@ -294,6 +299,7 @@ def pii_review(request, pk: int):
         "decision": decision,
         "entity_type": entity_type,
         "scan": progress.get_progress("scan", dataset.pk),
+        "scan_failed": scrub.scan_failure(dataset),
         "types": scrub.entity_types(scrub.policy_for(dataset)),
     }
     return render_htmx(request, "datasets/pii_review.html", "datasets/partials/pii_table.html", context)

@@ -15,6 +15,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from datetime import timedelta
+from typing import NoReturn
 
 from django.conf import settings
 from django.db import transaction
@@ -26,7 +27,7 @@ from studio.db import purge_freed_pages
 
 from ..dedup import content_hash
 from ..models import Dataset, Example, PiiFinding
-from ..pii import ENTITY_TYPES, PiiPolicy, PiiScanner, Pseudonymizer
+from ..pii import ENTITY_TYPES, InvalidPolicy, PiiPolicy, PiiScanner, Pseudonymizer, SlowPattern
 from . import progress
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,13 @@ Decision = PiiFinding.Decision
 
 class ScrubError(Exception):
     pass
+
+
+class ScanStopped(ScrubError):
+    """A PII scan stopped for a reason in the dataset's own settings (a keep-pattern that runs out of
+    time, settings that no longer pass validation). The failure is final: recorded as ``pii.scan.fail``
+    (shown on the dataset page, never requeued by the watchdog) until the curator fixes the settings
+    and scans again. ``str()`` is the plain reason."""
 
 
 def pseudonym_secret() -> bytes:
@@ -63,22 +71,62 @@ def scan_examples(
 ) -> int:
     """Scan examples (all of them by default, dropped ones too: see scrub_dropped); replaces their
     unapplied findings. Returns the number of findings created. Decisions to keep a value are
-    remembered across re-scans."""
-    scanner = PiiScanner(policy_for(dataset), processes=settings.STUDIO_CURATION_PROCESSES)
+    remembered across re-scans.
+
+    Each chunk of examples is scanned, then its findings and statuses are written in one transaction.
+    When the dataset's settings stop the scan (see ``ScanStopped``: raised after recording it), the
+    chunks written so far stay as they are (findings pending review, no text changed: dropped examples
+    are scrubbed only after a complete scan), the examples not reached are left unscanned, so freezing
+    waits for them, and the next scan takes them up."""
     qs = Example.objects.filter(dataset=dataset)
     if example_ids is not None:
         qs = qs.filter(pk__in=list(example_ids))
     ids = list(qs.order_by("position").values_list("pk", flat=True))
+    try:
+        scanner = PiiScanner(policy_for(dataset), processes=settings.STUDIO_CURATION_PROCESSES)
+    except InvalidPolicy as exc:  # stored before a check existed (e.g. the backtracking probe)
+        _stop_scan(dataset, ids, 0, reason=SCAN_INVALID_POLICY, problems=exc.problems)
     batch = settings.STUDIO_PII_BATCH
     created = 0
     for offset in range(0, len(ids), batch):
         chunk = ids[offset : offset + batch]
-        created += _scan_chunk(dataset, scanner, chunk)
+        try:
+            created += _scan_chunk(dataset, scanner, chunk)
+        except SlowPattern as exc:  # raised while scanning, before the chunk's transaction
+            _stop_scan(
+                dataset, ids, offset, reason=SCAN_SLOW_PATTERN, pattern=exc.pattern, seconds=exc.seconds
+            )
         if on_progress:
             on_progress(min(offset + batch, len(ids)), len(ids))
     log.info("dataset %s scanned examples=%s findings=%s", dataset.pk, len(ids), created)
     scrub_dropped(dataset, ids)
     return created
+
+
+def _stop_scan(dataset: Dataset, ids: list[int], offset: int, *, reason: str, **data) -> NoReturn:
+    """End a scan that cannot go on: ``ids[offset:]`` were not scanned (under the current settings: a
+    re-scan's were scanned under the previous ones), so they are marked unscanned; the failure is
+    recorded in the same transaction (audit ``pii.scan.fail``, which ends the scan's attempts: the
+    watchdog does not requeue it); then ``ScanStopped`` is raised with the plain reason."""
+    not_reached = ids[offset:]
+    with transaction.atomic():
+        for start in range(0, len(not_reached), 1000):
+            Example.objects.filter(pk__in=not_reached[start : start + 1000]).exclude(
+                pii_status=Example.Pii.UNSCANNED
+            ).update(pii_status=Example.Pii.UNSCANNED)
+        unscanned = Example.objects.filter(dataset=dataset, pii_status=Example.Pii.UNSCANNED).count()
+        audit.record(None, SCAN_FAIL, dataset, reason=reason, unscanned=unscanned, **data)
+    progress.clear_progress("scan", dataset.pk)
+    log.warning(
+        "dataset %s PII scan stopped (%s) in the chunk from example %s: scanned=%s not_reached=%s unscanned=%s",
+        dataset.pk,
+        reason,
+        not_reached[0] if not_reached else None,
+        offset,
+        len(not_reached),
+        unscanned,
+    )
+    raise ScanStopped(failure_text({"reason": reason, **data}))
 
 
 def scrub_dropped(dataset: Dataset, example_ids: Iterable[int] | None = None, user=None) -> int:
@@ -396,6 +444,8 @@ def scan_progress_callback(dataset_id: int):
 
 SCAN_STALE_AFTER = timedelta(minutes=3)
 SCAN_REQUEUE, SCAN_FAIL, SCAN_RESCAN = "pii.scan.requeue", "pii.scan.fail", "pii.rescan"
+# reasons of a pii.scan.fail event
+SCAN_WORKER_LOST, SCAN_SLOW_PATTERN, SCAN_INVALID_POLICY = "worker_lost", "slow_pattern", "invalid_policy"
 
 
 def scan_attempts(dataset_id: int, before=None) -> tuple[int, dict | None]:
@@ -430,15 +480,41 @@ def scan_attempts(dataset_id: int, before=None) -> tuple[int, dict | None]:
 
 
 def scan_failure(dataset: Dataset) -> str | None:
-    """The plain reason the dataset's PII scan was given up (shown where freezing is blocked), or None."""
+    """The plain reason the dataset's PII scan was given up (shown with the scan status and where
+    freezing is blocked), or None."""
     _attempts, failure = scan_attempts(dataset.pk)
     if failure is None:
         return None
+    return failure_text(failure)
+
+
+def failure_text(failure: dict) -> str:
+    """Plain words for a ``pii.scan.fail`` event's data: what happened and what to do. Quotes the
+    curator's own settings (a keep-pattern), never message text."""
+    reason = failure.get("reason")
+    if reason == SCAN_SLOW_PATTERN:
+        pattern = _shorten(str(failure.get("pattern") or ""))
+        seconds = float(failure.get("seconds") or 0)
+        return (
+            f"The keep-pattern '{pattern}' took longer than {seconds:g} second{'' if seconds == 1 else 's'} "
+            "on one message, so the scan stopped; nothing was changed. Simplify the pattern (avoid nested "
+            "repetition such as (a+)+) or remove it in the PII settings, then scan again."
+        )
+    if reason == SCAN_INVALID_POLICY:
+        problems = "; ".join(_shorten(str(p), 400) for p in failure.get("problems") or [])
+        return (
+            "The PII settings were saved before a check they now fail, so the scan stopped; nothing was "
+            f"changed. The problem: {problems}. Fix it in the PII settings, then scan again."
+        )
     return (
         f"The personal-data scan was given up after its worker stopped {failure.get('attempts')} times "
         "without finishing (killed, e.g. out of memory on an unusual upload). Remove the suspicious examples "
         "or give the curation workers more memory, then press “Re-scan dataset” on the PII review page."
     )
+
+
+def _shorten(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def requeue_stale_scans() -> list[int]:
@@ -447,7 +523,9 @@ def requeue_stale_scans() -> list[int]:
     that time. Queues the analysis again for each (it scans only
     the unscanned examples, and a chunk's findings are replaced, never added twice), up to
     STUDIO_JOB_MAX_ATTEMPTS attempts in all: then the scan is failed with a reason (audit event
-    pii.scan.fail, shown on the dataset page) and never queued again until a curator re-scans."""
+    pii.scan.fail, shown on the dataset page) and never queued again until a curator re-scans. A scan that
+    stopped on the dataset's own settings (``ScanStopped``) recorded its pii.scan.fail itself: it is
+    final at once, as retrying would stop the same way."""
     from ..models import Upload
     from ..tasks import analyse_dataset
 
@@ -473,7 +551,7 @@ def requeue_stale_scans() -> list[int]:
                 dataset_id=dataset_id, pii_status=Example.Pii.UNSCANNED
             ).count()
             audit.record(
-                None, SCAN_FAIL, dataset, reason="worker_lost", attempts=attempts, unscanned=unscanned
+                None, SCAN_FAIL, dataset, reason=SCAN_WORKER_LOST, attempts=attempts, unscanned=unscanned
             )
             progress.clear_progress("scan", dataset_id)
             failed.append(dataset_id)
