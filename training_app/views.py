@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from django.contrib import messages
 from django.http import FileResponse, Http404
 from django.shortcuts import get_object_or_404, redirect, render
@@ -22,9 +24,14 @@ from .services import jobs as job_service
 def base_models(request):
     devices = job_service.known_devices()
     models = list(BaseModel.objects.all())
+    active = Counter(
+        TrainingJob.objects.filter(state__in=TrainingJob.ACTIVE_STATES).values_list("base_model_id", "state")
+    )
     for model in models:
         ready = model.status == BaseModel.Status.ACTIVE and model.parameters
         model.fit = job_service.device_fit(model, devices) if ready else []
+        model.queued_jobs = active[(model.pk, TrainingJob.State.QUEUED)]
+        model.running_jobs = active[(model.pk, TrainingJob.State.RUNNING)]
     context = {"models": models, "devices": devices}
     return render(request, "training/base_models.html", context)
 
@@ -60,13 +67,38 @@ def base_model_status(request, pk: int):
         messages.error(request, "Unknown status.")
     else:
         try:
-            services.set_status(model, status, request.user)
+            change = services.set_status(model, status, request.user)
         except services.BaseModelRefused as exc:
             messages.error(request, str(exc))
         else:
             label = BaseModel.Status(status).label.lower()
-            messages.success(request, f"{model.name} is now {label}.")
+            text = f"{model.name} is now {label}."
+            if status == BaseModel.Status.RETIRED:
+                text += " " + _retire_outcome(change)
+            messages.success(request, text)
     return redirect("training:base_models")
+
+
+def _jobs(n: int) -> str:
+    return f"{n} job" if n == 1 else f"{n} jobs"
+
+
+def _retire_outcome(change: services.StatusChange) -> str:
+    """What retiring did to the jobs on the model, in the words of the success message."""
+    cancelled = len(change.cancelled_jobs)
+    if cancelled:
+        shown = change.cancelled_jobs[:10]
+        ids = ", ".join(f"#{pk}" for pk in shown) + (", …" if cancelled > len(shown) else "")
+        text = (
+            f"{_jobs(cancelled)} still queued on it {'was' if cancelled == 1 else 'were'} cancelled ({ids}); "
+            "each job's page tells its owner why and to launch again on another base model."
+        )
+    else:
+        text = "No queued job was waiting on it."
+    running = change.running_jobs
+    if running:
+        text += f" {_jobs(running)} already running on it {'is' if running == 1 else 'are'} left to finish."
+    return text
 
 
 # --- jobs --------------------------------------------------------------------------------------------

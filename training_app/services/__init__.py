@@ -3,6 +3,7 @@
 from .base_models import (
     SMOLLM2_NAME,
     BaseModelRefused,
+    StatusChange,
     add_base_model,
     register_bundled_smollm2,
     register_gguf,
@@ -13,6 +14,7 @@ from .base_models import (
 __all__ = [
     "SMOLLM2_NAME",
     "BaseModelRefused",
+    "StatusChange",
     "add_base_model",
     "register_bundled_smollm2",
     "register_gguf",

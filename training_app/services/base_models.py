@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from django.conf import settings
@@ -98,7 +99,16 @@ STATUS_CHANGES = {
 }
 
 
-def set_status(model: BaseModel, status: str, user) -> None:
+@dataclass(frozen=True)
+class StatusChange:
+    """What a status change did besides the status: retiring a model cancels the jobs still queued on it
+    (their pages say why) and leaves the running ones to finish."""
+
+    cancelled_jobs: list[int] = field(default_factory=list)
+    running_jobs: int = 0
+
+
+def set_status(model: BaseModel, status: str, user) -> StatusChange:
     with transaction.atomic():
         model = BaseModel.objects.select_for_update().get(pk=model.pk)
         if (model.status, status) not in STATUS_CHANGES:
@@ -112,7 +122,16 @@ def set_status(model: BaseModel, status: str, user) -> None:
             )
         model.status = status
         model.save(update_fields=["status"])
-        audit.record(user, f"base_model.{status}", model)
+        change = StatusChange()
+        if status == BaseModel.Status.RETIRED:
+            from .jobs import cancel_queued_on_base
+
+            cancelled, running = cancel_queued_on_base(model, user)
+            change = StatusChange(cancelled_jobs=cancelled, running_jobs=running)
+            audit.record(user, f"base_model.{status}", model, cancelled_jobs=cancelled, running_jobs=running)
+        else:
+            audit.record(user, f"base_model.{status}", model)
+    return change
 
 
 class BaseModelRefused(Exception):

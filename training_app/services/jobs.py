@@ -272,20 +272,23 @@ def estimate(
     replay_percent: float = 0.0,
     device: dict | None = None,
 ) -> dict:
-    """Tokens, steps and epochs of the run and its memory against the target device."""
+    """Tokens, steps and epochs of the run and its memory against the target device. The token figures
+    are those of `base_model`'s tokenizer (see `train_lengths`); `token_sources` says how they were had."""
 
-    lengths = list(dataset_version.examples.filter(split="train").values_list("token_count", flat=True))
+    lengths, source = train_lengths(dataset_version, base_model)
+    replay_source = None
     if replay_version is not None and replay_percent:
-        replay_lengths = list(
-            replay_version.examples.filter(split="train").values_list("token_count", flat=True)
-        )
         extra = round(len(lengths) * replay_percent / 100)
-        if replay_lengths and extra:
-            mean = sum(replay_lengths) / len(replay_lengths)
-            lengths += [round(mean)] * extra
+        if extra:
+            replay_lengths, replay_source = train_lengths(replay_version, base_model)
+            if replay_lengths:
+                mean = sum(replay_lengths) / len(replay_lengths)
+                lengths += [round(mean)] * extra
     max_length = config["max_length"]
     truncated = [min(n, max_length) for n in lengths]
-    if config.get("packing") and method != Method.DPO:
+    approximate = any(s and s["method"] == SAMPLED for s in (source, replay_source))
+    packed = bool(config.get("packing")) and method != Method.DPO
+    if packed:
         from ..trainer.data import pack_examples
 
         rows = max(1, len(pack_examples(truncated, max_length)))  # the trainer's own packing
@@ -315,6 +318,12 @@ def estimate(
         "steps_per_epoch": steps_per_epoch,
         "steps": steps,
         "epochs": round(epochs, 3),
+        # where the token counts come from (the page says so): the train split's, then the replay's
+        "token_sources": [{"part": "train", **source}]
+        + ([{"part": "replay", **replay_source}] if replay_source else []),
+        # the token figures (and with packing the steps) are extrapolated from a sample
+        "approximate": approximate,
+        "steps_approximate": approximate and packed and not config.get("max_steps"),
     }
     devices = known_devices()
     target = device or devices[0]
@@ -330,6 +339,124 @@ def estimate(
         for d in devices
     ]
     return figures
+
+
+# How the token counts behind an estimate were had (`token_sources[i]["method"]`):
+STORED = "stored"  # the version's stored counts, made with this base model's tokenizer (the fast path)
+STORED_UNKNOWN = "stored_unknown"  # stored counts whose tokenizer the version does not record
+COUNTED = "counted"  # every example counted now with this base model's tokenizer
+SAMPLED = "sampled"  # a sample counted now with it, extrapolated to the whole split
+# At most this many examples are counted for a page request; a larger split is estimated from an evenly
+# spaced sample of this size (a fast tokenizer counts it in well under a second).
+TOKEN_SAMPLE_SIZE = 2000
+TOKEN_COUNTS_CACHE_SECONDS = 3600
+
+
+def train_lengths(version: DatasetVersion, base_model: BaseModel) -> tuple[list[int], dict]:
+    """Token counts of the version's train examples (in position order) as `base_model`'s tokenizer makes
+    them, and where they come from: {"method", "tokenizer", "counted_with", "examples", "sample"}.
+
+    The counts stored with a version were made with the tokenizer of the dataset's base model
+    (`version.base_model`) when the examples were imported. When that is the job's base model they are
+    used as they are; otherwise the examples are counted with the job's tokenizer, exactly as the importer
+    counts them (the chat-template rendering; a preference pair's longer side), all of them up to
+    TOKEN_SAMPLE_SIZE, else an evenly spaced sample whose counts are extrapolated and labelled an estimate.
+    A version without a base model has no counts (0) and is counted too; one whose nonzero counts name no
+    tokenizer (made outside the importer) keeps them, labelled as such."""
+    rows = list(version.examples.filter(split="train").order_by("position").values_list("pk", "token_count"))
+    stored = [count for _pk, count in rows]
+    counted_with = version.base_model.name if version.base_model_id else ""
+    source = {
+        "method": STORED,
+        "tokenizer": base_model.name,
+        "counted_with": counted_with,
+        "examples": len(rows),
+        "sample": 0,
+    }
+    if version.base_model_id == base_model.pk:
+        return stored, source
+    if version.base_model_id is None and any(stored):
+        return stored, {**source, "method": STORED_UNKNOWN}
+    if not rows:
+        return [], {**source, "method": COUNTED}
+    size = max(1, TOKEN_SAMPLE_SIZE)
+    picks = list(range(len(rows))) if len(rows) <= size else [i * len(rows) // size for i in range(size)]
+    counts = _sample_counts(version, [rows[i][0] for i in picks], base_model)
+    if len(picks) == len(rows):
+        return counts, {**source, "method": COUNTED, "sample": len(rows)}
+    return _extrapolate(stored, picks, counts), {**source, "method": SAMPLED, "sample": len(picks)}
+
+
+def _sample_counts(version: DatasetVersion, ids: list[int], base_model: BaseModel) -> list[int]:
+    """`_count_examples`, kept a while in the cache: a version never changes, and the form asks for the
+    estimate again at every change of a field (the counting takes up to about a second)."""
+    from django.core.cache import cache
+
+    key = f"training:token-counts:{version.pk}:{base_model.pk}:{len(ids)}"
+    counts = cache.get(key)
+    if not isinstance(counts, list) or len(counts) != len(ids):
+        counts = _count_examples(version, ids, base_model)
+        cache.set(key, counts, TOKEN_COUNTS_CACHE_SECONDS)
+    return counts
+
+
+def _count_examples(version: DatasetVersion, ids: list[int], base_model: BaseModel) -> list[int]:
+    """`ids`' token counts with `base_model`'s tokenizer, in the order given (datasets_app.tokens, the
+    importer's counting: the chat-template rendering; a preference pair's longer side)."""
+    from datasets_app.tokens import count_many, load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(str(base_model.local_dir))
+    except Exception as exc:  # missing or unreadable tokenizer files: the trainer could not load it either
+        log.warning(
+            "base model %s: tokenizer unreadable for an estimate (%s)", base_model.pk, type(exc).__name__
+        )
+        raise JobRefused(
+            f"Base model {base_model.name}'s tokenizer could not be read from {base_model.local_dir}, so "
+            "this job's tokens cannot be counted (and it could not train): an admin can restore the "
+            "model's tokenizer files or retire the model; choose another base model meanwhile."
+        ) from None
+    found = {
+        pk: (messages, chosen, rejected)
+        for pk, messages, chosen, rejected in version.examples.filter(pk__in=ids).values_list(
+            "pk", "messages", "chosen", "rejected"
+        )
+    }
+    conversations: list[list[dict]] = []
+    sides: list[int] = []  # how many conversations each example counts as (1, or 2 for a pair)
+    for pk in ids:
+        messages, chosen, rejected = found[pk]
+        if chosen is None:
+            conversations.append(messages)
+            sides.append(1)
+        else:
+            conversations.append(messages + [{"role": "assistant", "content": chosen}])
+            conversations.append(messages + [{"role": "assistant", "content": rejected or ""}])
+            sides.append(2)
+    counted = count_many(tokenizer, conversations)
+    out, i = [], 0
+    for n in sides:
+        out.append(max(counted[i : i + n]))
+        i += n
+    return out
+
+
+def _extrapolate(stored: list[int], picks: list[int], counts: list[int]) -> list[int]:
+    """Every example's count from an evenly spaced sample's: the sampled ones exactly; the others from
+    their stored counts scaled by the sample's ratio of new to stored tokens (keeping which examples are
+    long, for the cut at max length and for packing) or, with no stored counts, the count of the sampled
+    example whose stretch of the split they lie in."""
+    import bisect
+
+    stored_in_sample = sum(stored[i] for i in picks)
+    if stored_in_sample:
+        ratio = sum(counts) / stored_in_sample
+        lengths = [max(1, round(n * ratio)) if n else 0 for n in stored]
+    else:
+        lengths = [counts[bisect.bisect_right(picks, i) - 1] for i in range(len(stored))]
+    for i, count in zip(picks, counts, strict=True):
+        lengths[i] = count
+    return lengths
 
 
 def device_fit(base_model: BaseModel, devices: list[dict], method: str = "lora") -> list[dict]:
@@ -467,6 +594,13 @@ def create_job(request: JobRequest, user, *, enqueue: bool = True) -> TrainingJo
     if problems:
         raise JobRefused(problems)
     with transaction.atomic():
+        # under the base model's row lock, as a retire takes it: a retire that committed since the checks
+        # above refuses the launch, one that comes after cancels the job along with the others queued
+        base = BaseModel.objects.select_for_update().get(pk=request.base_model.pk)
+        if base.status != BaseModel.Status.ACTIVE:
+            raise JobRefused(
+                f"Base model {base.name} is {base.get_status_display().lower()}; choose an available one."
+            )
         job = TrainingJob.objects.create(
             dataset_version=request.dataset_version,
             base_model=request.base_model,
@@ -714,10 +848,26 @@ def claim_next(worker: str) -> TrainingJob | None:
 
 
 def claim(job_id: int, worker: str) -> TrainingJob | None:
-    """Claim one queued job; None when another worker got it first (or it is no longer queued)."""
+    """Claim one queued job; None when another worker got it first (or it is no longer queued), or when
+    its base model is no longer available: the job is then cancelled with the reason, never started
+    (a job queued before its base model was retired whose message raced the retire, or one the watchdog
+    put back in the queue after the retire)."""
     token = uuid.uuid4().hex
     now = timezone.now()
     with transaction.atomic():  # the state change and its audit event commit together
+        base_id = (
+            TrainingJob.objects.filter(pk=job_id, state=State.QUEUED, cancel_requested=False)
+            .values_list("base_model_id", flat=True)
+            .first()
+        )
+        if base_id is None:
+            return None
+        # the row lock a retire holds: a retire in flight commits first (and has cancelled this job),
+        # a claim that wins leaves the retire to find the job running
+        base = BaseModel.objects.select_for_update().get(pk=base_id)
+        if base.status != BaseModel.Status.ACTIVE:
+            _cancel_on_unavailable_base(job_id, base, now)
+            return None
         won = TrainingJob.objects.filter(pk=job_id, state=State.QUEUED, cancel_requested=False).update(
             state=State.RUNNING,
             attempt=F("attempt") + 1,
@@ -732,6 +882,88 @@ def claim(job_id: int, worker: str) -> TrainingJob | None:
         job = TrainingJob.objects.get(pk=job_id)
         audit.record(None, "training.job.start", job, attempt=job.attempt, worker=worker)
     return job
+
+
+BASE_RETIRED = "base_model_retired"
+BASE_UNAVAILABLE = "base_model_unavailable"
+
+
+def base_unavailable_reason(base: BaseModel, job: TrainingJob, retired_by: str = "") -> tuple[str, str]:
+    """(message, what to do) shown on the page of a queued job cancelled because its base model is retired
+    (or otherwise not available) before the job could start."""
+    restart = job.attempt > 0  # it ran before: resumed by hand or put back by the watchdog
+    when = "before this job could restart" if restart else "before this job started"
+    if base.status == BaseModel.Status.RETIRED:
+        by = f" by {retired_by}" if retired_by else ""
+        message = f"Cancelled: the base model {base.name} was retired{by} {when}."
+    else:
+        message = (
+            f"Cancelled: the base model {base.name} is {base.get_status_display().lower()}, so this job "
+            "could not start."
+        )
+    suggestion = "Choose another base model and launch the job again."
+    if restart:
+        suggestion = (
+            "Launch the job again on another base model, or ask an admin to reactivate "
+            f"{base.name} and resume this job from its checkpoint."
+        )
+    return message, suggestion
+
+
+def cancel_queued_on_base(base: BaseModel, user) -> tuple[list[int], int]:
+    """Called by the retire of `base`, inside its transaction with the base model's row locked: every job
+    on it still queued is cancelled with the reason shown on its page and an audit event each. Running
+    jobs are left to finish. Returns (the cancelled jobs' ids, how many are running on it)."""
+    now = timezone.now()
+    retired_by = user.get_username() if getattr(user, "is_authenticated", False) else ""
+    cancelled = []
+    queued = (
+        TrainingJob.objects.select_for_update().filter(base_model=base, state=State.QUEUED).order_by("pk")
+    )
+    for job in queued:
+        message, suggestion = base_unavailable_reason(base, job, retired_by)
+        if _cancel_queued(job.pk, now, BASE_RETIRED, message, suggestion):
+            job.refresh_from_db()
+            audit.record(user, "training.job.cancel", job, outcome="cancelled", reason=BASE_RETIRED)
+            cancelled.append(job.pk)
+    running = TrainingJob.objects.filter(base_model=base, state=State.RUNNING).count()
+    if cancelled:
+        log.info("base model %s retired: cancelled queued jobs %s", base.pk, cancelled)
+    return cancelled, running
+
+
+def _cancel_queued(job_id: int, now, code: str, message: str, suggestion: str) -> int:
+    return TrainingJob.objects.filter(pk=job_id, state=State.QUEUED).update(
+        state=State.CANCELLED,
+        finished_at=now,
+        error_code=code,
+        error_message=message,
+        error_suggestion=suggestion,
+        error_traceback="",
+    )
+
+
+def _cancel_on_unavailable_base(job_id: int, base: BaseModel, now) -> None:
+    """The worker's refusal to start a job whose base model is not available (see `claim`)."""
+    from studio.models import AuditEvent
+
+    job = TrainingJob.objects.get(pk=job_id)
+    retired_by = ""
+    if base.status == BaseModel.Status.RETIRED:
+        retired_by = (
+            AuditEvent.objects.filter(
+                verb=f"base_model.{BaseModel.Status.RETIRED}", object_type="basemodel", object_id=str(base.pk)
+            )
+            .order_by("-id")
+            .values_list("actor_name", flat=True)
+            .first()
+            or ""
+        )
+    code = BASE_RETIRED if base.status == BaseModel.Status.RETIRED else BASE_UNAVAILABLE
+    message, suggestion = base_unavailable_reason(base, job, retired_by)
+    if _cancel_queued(job_id, now, code, message, suggestion):
+        audit.record(None, "training.job.cancelled", job, reason=code)
+        log.warning("training job %s not started: base model %s is %s", job_id, base.pk, base.status)
 
 
 def requeue_stale() -> dict[str, list[int]]:
