@@ -35,9 +35,19 @@ SERVICE_ERRORS = _service_errors()
 RETRY_AFTER_SECONDS = 60
 
 
-def service_unavailable_response() -> HttpResponse:
-    """The 503 page. Rendered without a request: no context processor, no session, no database."""
-    body = loader.render_to_string("503.html", {"retry_after": RETRY_AFTER_SECONDS})
+QUERY_CANCELED = "57014"  # PostgreSQL's SQLSTATE for a statement stopped by statement_timeout
+
+
+def timed_out(exception: BaseException) -> bool:
+    """Whether a database error is a statement the server stopped for running too long (the web
+    server's STUDIO_DB_STATEMENT_TIMEOUT_MS), not a database that cannot be reached."""
+    return getattr(exception.__cause__, "sqlstate", None) == QUERY_CANCELED
+
+
+def service_unavailable_response(slow: bool = False) -> HttpResponse:
+    """The 503 page. Rendered without a request: no context processor, no session, no database.
+    ``slow``: the database answered, but too slowly (a statement timeout), which the page says."""
+    body = loader.render_to_string("503.html", {"retry_after": RETRY_AFTER_SECONDS, "slow": slow})
     response = HttpResponse(body, status=503)
     response["Retry-After"] = str(RETRY_AFTER_SECONDS)
     response["Cache-Control"] = "no-store"
@@ -67,7 +77,7 @@ class ServiceErrorMiddleware:
             type(exception).__qualname__,
             match.view_name if match else "-",
         )
-        return service_unavailable_response()
+        return service_unavailable_response(slow=timed_out(exception))
 
 
 class SecurityHeadersMiddleware:

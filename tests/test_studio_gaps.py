@@ -282,6 +282,7 @@ def test_a_statement_timeout_in_a_request_gives_the_503_page(admin_user, client_
     assert response["Retry-After"] == "60"
     body = response.content.decode()
     assert "Temporarily unavailable" in body and "Traceback" not in body and "pg_sleep" not in body
+    assert "The database took too long to answer this page" in body and "can't reach" not in body
     assert "QueryCanceled" in caplog.text or "OperationalError" in caplog.text
 
 
