@@ -106,12 +106,11 @@ def test_sign_in_with_next_pointing_at_the_login_page_lands_on_the_dashboard(
 # --- production settings from the environment -----------------------------------------------------------
 
 
-def _settings_in_subprocess(tmp_path, **env) -> dict:
+def settings_of_a_fresh_process(tmp_path, *keys: str, preamble: str = "", **env) -> dict:
+    """Selected settings of a fresh process started with `env` (and `preamble` run before Django loads)."""
     code = (
-        "import json, django; django.setup(); from django.conf import settings as s; "
-        "print(json.dumps({k: getattr(s, k, None) for k in ("
-        "'STUDIO_TRUSTED_PROXY_COUNT', 'STUDIO_LOGIN_MAX_ATTEMPTS_PER_IP', 'SECURE_PROXY_SSL_HEADER', "
-        "'SESSION_COOKIE_SECURE', 'STUDIO_CSP', 'ALLOWED_HOSTS', 'SESSION_COOKIE_AGE')}))"
+        f"{preamble}import json, django; django.setup(); from django.conf import settings as s; "
+        f"print(json.dumps({{k: getattr(s, k, None) for k in {keys!r}}}, default=str))"
     )
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("STUDIO_", "DATABASE_", "CELERY_"))}
     full_env.update(
@@ -126,6 +125,19 @@ def _settings_in_subprocess(tmp_path, **env) -> dict:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _settings_in_subprocess(tmp_path, **env) -> dict:
+    keys = (
+        "STUDIO_TRUSTED_PROXY_COUNT",
+        "STUDIO_LOGIN_MAX_ATTEMPTS_PER_IP",
+        "SECURE_PROXY_SSL_HEADER",
+        "SESSION_COOKIE_SECURE",
+        "STUDIO_CSP",
+        "ALLOWED_HOSTS",
+        "SESSION_COOKIE_AGE",
+    )
+    return settings_of_a_fresh_process(tmp_path, *keys, **env)
 
 
 def test_sign_in_throttle_settings_are_read_from_the_environment(tmp_path):

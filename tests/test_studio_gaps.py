@@ -4,10 +4,6 @@ page's checkpoint kept in the database (signed), re-checked before the page cont
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 from io import StringIO
 from pathlib import Path
@@ -20,6 +16,8 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.db import OperationalError, connection
 from django.urls import reverse
+from test_review8_followup import _counting_hash
+from test_review8_studio import settings_of_a_fresh_process as _settings_in_subprocess
 
 from studio import audit
 from studio import settings as studio_settings
@@ -27,27 +25,6 @@ from studio.models import AuditCheckpoint, AuditEvent
 
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_ONLY = pytest.mark.skipif(connection.vendor != "postgresql", reason="needs PostgreSQL")
-
-
-def _settings_in_subprocess(tmp_path, *keys: str, preamble: str = "", **env) -> dict:
-    """Selected settings of a fresh process started with `env` (and `preamble` run before Django loads)."""
-    code = (
-        f"{preamble}import json, django; django.setup(); from django.conf import settings as s; "
-        f"print(json.dumps({{k: getattr(s, k, None) for k in {keys!r}}}, default=str))"
-    )
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("STUDIO_", "DATABASE_", "CELERY_"))}
-    full_env.update(
-        DJANGO_SETTINGS_MODULE="studio.settings",
-        SECRET_KEY="x" * 60,
-        STUDIO_ENCRYPTION_KEY="Zm9yLWJ1aWxkLW9ubHktbm90LWEtcmVhbC1rZXktMDA9",
-        STUDIO_VAR_DIR=str(tmp_path / "var"),
-        **env,
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # =====================================================================================================
@@ -289,16 +266,6 @@ def test_a_statement_timeout_in_a_request_gives_the_503_page(admin_user, client_
 # =====================================================================================================
 # 3. The audit page's checkpoint: durable, signed, re-checked
 # =====================================================================================================
-
-
-def _counting_hash():
-    calls, real = [], audit.compute_hash
-
-    def counted(event):
-        calls.append(event.pk)
-        return real(event)
-
-    return calls, counted
 
 
 def _verify_audit() -> tuple[int, str]:
