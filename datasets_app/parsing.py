@@ -100,6 +100,7 @@ REJECTION_CODES: dict[str, str] = {
     "empty_rejected": "Empty rejected answer",
     "identical_pair": "Chosen equals rejected",
     "too_long": "Too many tokens",
+    "template_refused": "Refused by the chat template",
     "unknown_split": "Unknown split",
 }
 

@@ -33,6 +33,7 @@ from django.conf import settings
 from django.db import connections, router, transaction
 from django.db.models import F, JSONField, Q
 from django.utils import timezone
+from jinja2 import TemplateError
 
 from studio import audit, forking
 from studio.db import checkpoint_wal
@@ -713,10 +714,20 @@ def _within_context(
     good: list[Prepared], count_tokens, context: int, dataset: Dataset, rejections: _Rejections
 ):
     """The prepared records that fit the base model's context and their token counts; the others are
-    rejected as "too_long"."""
+    rejected as "too_long", or as "template_refused" when the base model's chat template refuses to
+    render them (e.g. a system message for a template without a system role): training could not
+    render them either."""
     records = [_prepared_record(p) for p in good]
+    try:
+        all_counts: list[int | None] = list(count_tokens(records))
+    except TemplateError:
+        all_counts = [_count_or_refuse(rec, count_tokens, dataset, rejections) for rec in records]
+        if all(n is not None for n in all_counts):
+            raise  # each renders on its own: not a refusal of one record, a fault
     kept, counts = [], []
-    for p, rec, n in zip(good, records, count_tokens(records), strict=True):
+    for p, rec, n in zip(good, records, all_counts, strict=True):
+        if n is None:
+            continue
         if n > context:
             rejections.add(
                 rec.line,
@@ -729,6 +740,25 @@ def _within_context(
         kept.append(p)
         counts.append(n)
     return kept, counts
+
+
+def _count_or_refuse(
+    rec: parsing.Record, count_tokens, dataset: Dataset, rejections: _Rejections
+) -> int | None:
+    """One record's token count, or None after rejecting it because the chat template refuses it (the
+    template's own words, which name roles or rules, never the record's text)."""
+    try:
+        return count_tokens([rec])[0]
+    except TemplateError as exc:
+        rejections.add(
+            rec.line,
+            "template_refused",
+            f"the base model {dataset.base_model.name}'s chat template refuses this conversation (it says: "
+            f'"{str(exc)[:200]}"). Change the conversation (often: remove or merge the system message), or '
+            "import it into a dataset with another base model.",
+            _record_bytes(rec),
+        )
+        return None
 
 
 def _finish(upload: Upload, imported: int, rejections: _Rejections, error: str = "", file_error=None) -> None:
