@@ -14,10 +14,11 @@ import logging
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 from django.utils import timezone
 from django.utils.crypto import constant_time_compare, salted_hmac
 
+from .db import brief_lock_wait
 from .models import AuditCheckpoint, AuditEvent
 
 log = logging.getLogger(__name__)
@@ -163,8 +164,15 @@ def load_checkpoint() -> AuditCheckpoint | None:
 
 
 def save_checkpoint(
-    event_id: int, event_hash: str, checked: int, full_at: dt.datetime, broken: bool = False
+    event_id: int,
+    event_hash: str,
+    checked: int,
+    full_at: dt.datetime,
+    broken: bool = False,
+    replacing: AuditCheckpoint | None = None,
 ) -> AuditCheckpoint:
+    """Store the checkpoint. `replacing`: the checkpoint a page load continued from; the row is then
+    moved on only if it is still that one, so a whole check that found a break meanwhile keeps its mark."""
     checkpoint = AuditCheckpoint(
         pk=_CHECKPOINT_PK,
         event_id=event_id,
@@ -175,12 +183,17 @@ def save_checkpoint(
         signature=_checkpoint_signature(event_id, event_hash, checked, full_at, broken),
         updated_at=timezone.now(),
     )
+    fields = ["event_id", "event_hash", "checked", "full_at", "broken", "signature", "updated_at"]
+    if replacing is not None:  # one conditional UPDATE
+        values = {name: getattr(checkpoint, name) for name in fields}
+        AuditCheckpoint.objects.filter(pk=_CHECKPOINT_PK, signature=replacing.signature).update(**values)
+        return checkpoint
     # One statement (INSERT … ON CONFLICT DO UPDATE): two page loads at once cannot collide.
     AuditCheckpoint.objects.bulk_create(
         [checkpoint],
         update_conflicts=True,
         unique_fields=["id"],
-        update_fields=["event_id", "event_hash", "checked", "full_at", "broken", "signature", "updated_at"],
+        update_fields=fields,
     )
     return checkpoint
 
@@ -229,7 +242,9 @@ def verify_from_checkpoint(full: bool = False) -> tuple[ChainReport, dt.datetime
             after_id=checkpoint.event_id, after_hash=checkpoint.event_hash, checked=checkpoint.checked
         )
         if report.ok and report.head_id != checkpoint.event_id:
-            save_checkpoint(report.head_id, report.head_hash, report.checked, checkpoint.full_at)
+            _save_if_free(
+                report.head_id, report.head_hash, report.checked, checkpoint.full_at, replacing=checkpoint
+            )
         return report, checkpoint.full_at
 
     report = verify_chain()
@@ -244,5 +259,16 @@ def verify_from_checkpoint(full: bool = False) -> tuple[ChainReport, dt.datetime
         if problem is not None:
             return problem, checkpoint.full_at
     if report.head_id:
-        save_checkpoint(report.head_id, report.head_hash, report.checked, full_at)
+        _save_if_free(report.head_id, report.head_hash, report.checked, full_at)
     return report, full_at
+
+
+def _save_if_free(*args, **kwargs) -> None:
+    """save_checkpoint for a checkpoint that only saves work later: skipped when the database's write
+    lock is held (embedded SQLite during an import) rather than keeping the page waiting for it; the
+    next load moves it on. A break's mark is always saved (save_checkpoint, waiting as any write)."""
+    try:
+        with brief_lock_wait(), transaction.atomic():
+            save_checkpoint(*args, **kwargs)
+    except OperationalError:
+        log.info("audit checkpoint not moved: the database is busy (a later page load moves it)")

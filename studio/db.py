@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 from django.db import connection, transaction
 
@@ -29,3 +31,22 @@ def checkpoint_wal() -> None:
             cur.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     except Exception:  # noqa: BLE001 - another reader holds the WAL: the next checkpoint gets it
         log.warning("WAL checkpoint deferred")
+
+
+@contextlib.contextmanager
+def brief_lock_wait(milliseconds: int = 250) -> Iterator[None]:
+    """On SQLite, wait at most `milliseconds` (not the connection's 30 s) for the write lock in this
+    block: for writes a page makes only to save work later (a cache kept in the database), which it
+    can skip while an import holds the lock. Elsewhere a no-op. The usual wait is restored after."""
+    if connection.vendor != "sqlite":
+        yield
+        return
+    with connection.cursor() as cur:
+        cur.execute("PRAGMA busy_timeout")
+        before = cur.fetchone()[0]
+        cur.execute(f"PRAGMA busy_timeout = {int(milliseconds)}")
+    try:
+        yield
+    finally:
+        with connection.cursor() as cur:
+            cur.execute(f"PRAGMA busy_timeout = {int(before)}")

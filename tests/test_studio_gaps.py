@@ -416,3 +416,35 @@ def test_a_checkpoint_moved_in_the_database_is_not_trusted(admin_user, client_fo
         assert "Chain intact, 6 events." in client_for(admin_user).get(reverse("audit")).content.decode()
     assert len(calls) == 6
     assert audit.load_checkpoint() is not None  # signed again under the new key
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="the embedded mode's single write lock")
+def test_a_page_load_while_an_import_holds_the_write_lock_does_not_wait_for_it(admin_user, client_for):
+    """Embedded SQLite: a long import holds the database's one write lock. The audit page only moves
+    its checkpoint to save later work, so it skips that write instead of waiting 30 s (and a 503)."""
+    import sqlite3
+
+    for i in range(5):
+        audit.record(admin_user, f"step.{i}", None, n=i)
+    client = client_for(admin_user)
+    assert "Chain intact, 5 events." in client.get(reverse("audit")).content.decode()
+    before = AuditCheckpoint.objects.get().event_id
+    newer = audit.record(admin_user, "step.new", None, n=5)
+    importer = sqlite3.connect(connection.settings_dict["NAME"], isolation_level=None)
+    importer.execute("BEGIN IMMEDIATE")  # as an import's transaction does
+    try:
+        started = time.monotonic()
+        response = client.get(reverse("audit"))
+        waited = time.monotonic() - started
+    finally:
+        importer.execute("ROLLBACK")
+        importer.close()
+    assert response.status_code == 200 and waited < 5
+    assert "Chain intact, 6 events." in response.content.decode()
+    assert AuditCheckpoint.objects.get().event_id == before  # not moved while the lock was held
+    with connection.cursor() as cur:  # the connection's usual wait is back
+        cur.execute("PRAGMA busy_timeout")
+        assert cur.fetchone()[0] == 30000
+    client.get(reverse("audit"))
+    assert AuditCheckpoint.objects.get().event_id == newer.pk  # the next load moves it
