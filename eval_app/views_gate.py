@@ -17,6 +17,11 @@ from .models import EvalRun, ModelVersion, PromotionRequest, RegisteredModel
 from .services import gate, webhooks
 
 
+def _run_number(text: str) -> int | None:
+    """A run's id from a form field: ASCII digits that fit a 64-bit id (None otherwise, never a 500)."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
+
+
 @role_required(ADMIN)
 def promotion_list(request):
     rows = PromotionRequest.objects.select_related(
@@ -88,12 +93,12 @@ def promotion_request(request, version_pk: int):
     run = None
     run_id = (request.POST.get("eval_run") or "").strip()
     if run_id:
-        run = EvalRun.objects.filter(
-            pk=int(run_id) if run_id.isascii() and run_id.isdigit() else 0, candidate=version
-        ).first()
+        number = _run_number(run_id)
+        run = EvalRun.objects.filter(pk=number, candidate=version).first() if number else None
         if run is None:
             messages.error(
-                request, "That evaluation run is not a run of this version; choose one from the list."
+                request,
+                "That evaluation run is not a run of this version; reload its page and request again.",
             )
             return redirect(version)
     try:
@@ -130,7 +135,14 @@ def promotion_approve(request, pk: int):
     seen_run = None  # the evidence run the decision form showed: approval is refused if a newer one finished
     if "evidence_seen" in request.POST:
         seen = request.POST.get("evidence_seen", "").strip()
-        seen_run = int(seen) if seen.isascii() and seen.isdigit() else 0
+        seen_run = _run_number(seen) if seen else 0  # empty: the page showed no finished run
+        if seen_run is None:
+            messages.error(
+                request,
+                "The decision form did not say which evaluation run it showed; nothing was approved. Reload "
+                "the request's page, read the policy check and approve again.",
+            )
+            return redirect(req)
     requested_run = req.eval_run_id
     try:
         req = gate.approve(

@@ -470,6 +470,10 @@ def approve(
                 f"Overriding a failed rule needs a written justification of at least {MIN_JUSTIFICATION} "
                 f"characters saying why the evidence is enough."
             )
+        # lock the other pending requests for the alias before the first audit event below takes the audit
+        # log's lock: a withdrawal or rejection of one of them holds its row, then records its event, so
+        # locking them after ours would wait on it while it waits on us (a deadlock)
+        others = _other_pending(line, req)
         # claim the request with a conditional UPDATE: only a still-pending request can move the alias
         claimed = PromotionRequest.objects.filter(pk=req.pk, status=PromotionRequest.Status.PENDING).update(
             status=PromotionRequest.Status.APPROVED
@@ -509,7 +513,7 @@ def approve(
             audit.record(
                 user, "eval.promotion.override", req, version=version.pk, alias=req.alias, failed=failed
             )
-        req.superseded_ids = _supersede_pending(user, line, req)
+        req.superseded_ids = _supersede_pending(user, req, others)
         event = webhooks.enqueue_event(
             "model.promoted",
             _event_payload(line, req.alias, version, previous, user, promotion=req.pk, overridden=overridden),
@@ -525,17 +529,21 @@ def approve(
     return req
 
 
-def _supersede_pending(user, line: RegisteredModel, approved: PromotionRequest) -> list[int]:
-    """Cancel every other pending request for `approved`'s line and alias, each with a comment naming the
-    promotion that superseded it and an audit event. Call inside approve()'s transaction, holding the
-    line's lock. Returns the ids cancelled."""
-    others = list(
+def _other_pending(line: RegisteredModel, approved: PromotionRequest) -> list[PromotionRequest]:
+    """The other pending requests for `approved`'s line and alias, row-locked (in id order). Call inside
+    approve()'s transaction, holding the line's lock, before it records any audit event."""
+    return list(
         PromotionRequest.objects.select_for_update(of=("self",))
         .select_related("version")
         .filter(version__registered_model=line, alias=approved.alias, status=PromotionRequest.Status.PENDING)
         .exclude(pk=approved.pk)
         .order_by("pk")
     )
+
+
+def _supersede_pending(user, approved: PromotionRequest, others: list[PromotionRequest]) -> list[int]:
+    """Cancel the other pending requests `others` (from _other_pending, still locked), each with a comment
+    naming the promotion that superseded it and an audit event. Returns the ids cancelled."""
     now = timezone.now()
     cancelled = []
     for other in others:

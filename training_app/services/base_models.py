@@ -110,7 +110,11 @@ class StatusChange:
 
 def set_status(model: BaseModel, status: str, user) -> StatusChange:
     with transaction.atomic():
-        model = BaseModel.objects.select_for_update().get(pk=model.pk)
+        # FOR NO KEY UPDATE, as create_job and claim take it: the three wait for one another, while a
+        # transaction inserting a row that refers to this model (a model version, a dataset version…)
+        # does not wait for us. With FOR UPDATE it would (its foreign key check takes FOR KEY SHARE), and
+        # one that had recorded an audit event first would deadlock with us on the audit log's lock.
+        model = BaseModel.objects.select_for_update(no_key=True).get(pk=model.pk)
         if (model.status, status) not in STATUS_CHANGES:
             raise BaseModelRefused(
                 f"{model.name} is {model.get_status_display().lower()}; it cannot be made "

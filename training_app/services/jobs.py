@@ -417,15 +417,15 @@ def _count_examples(version: DatasetVersion, ids: list[int], base_model: BaseMod
             "model's tokenizer files or retire the model; choose another base model meanwhile."
         ) from None
     found = {
-        pk: (messages, chosen, rejected)
-        for pk, messages, chosen, rejected in version.examples.filter(pk__in=ids).values_list(
-            "pk", "messages", "chosen", "rejected"
+        pk: (messages, chosen, rejected, position)
+        for pk, messages, chosen, rejected, position in version.examples.filter(pk__in=ids).values_list(
+            "pk", "messages", "chosen", "rejected", "position"
         )
     }
     conversations: list[list[dict]] = []
     sides: list[int] = []  # how many conversations each example counts as (1, or 2 for a pair)
     for pk in ids:
-        messages, chosen, rejected = found[pk]
+        messages, chosen, rejected, _position = found[pk]
         if chosen is None:
             conversations.append(messages)
             sides.append(1)
@@ -433,12 +433,46 @@ def _count_examples(version: DatasetVersion, ids: list[int], base_model: BaseMod
             conversations.append(messages + [{"role": "assistant", "content": chosen}])
             conversations.append(messages + [{"role": "assistant", "content": rejected or ""}])
             sides.append(2)
-    counted = count_many(tokenizer, conversations)
+    try:
+        counted = count_many(tokenizer, conversations)
+    except Exception as exc:  # the chat template refuses one (no system role, roles must alternate, …)
+        positions = [found[pk][3] for pk in ids]
+        refusal = _template_refusal(tokenizer, base_model, exc, conversations, sides, positions)
+        if refusal is None:
+            raise  # every conversation renders: not the template but a fault, logged with its traceback
+        raise refusal from None
     out, i = [], 0
     for n in sides:
         out.append(max(counted[i : i + n]))
         i += n
     return out
+
+
+def _template_refusal(
+    tokenizer, base_model: BaseModel, exc: Exception, conversations, sides, positions
+) -> JobRefused | None:
+    """JobRefused naming the first example `base_model`'s chat template refuses (its number in the version)
+    and the template's own words, never the example's text (nor in the log); None when each renders."""
+    from jinja2 import TemplateError
+
+    owner = [position for position, n in zip(positions, sides, strict=True) for _ in range(n)]
+    where = None
+    if getattr(tokenizer, "chat_template", None):
+        for i, messages in enumerate(conversations):
+            try:
+                tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+            except Exception:  # the one that refuses
+                where = f"example {owner[i] + 1}"
+                break
+    if where is None:
+        return None
+    said = f' (the template says: "{str(exc)[:200]}")' if isinstance(exc, TemplateError) else ""
+    log.warning("base model %s: chat template refused %s (%s)", base_model.pk, where, type(exc).__name__)
+    return JobRefused(
+        f"Base model {base_model.name}'s chat template refuses {where} of this dataset version{said}, so the "
+        "job could not train on it either: choose a base model whose chat template accepts these "
+        "conversations (e.g. one that allows a system message), or edit the dataset and freeze a new version."
+    )
 
 
 def _extrapolate(stored: list[int], picks: list[int], counts: list[int]) -> list[int]:
@@ -596,7 +630,8 @@ def create_job(request: JobRequest, user, *, enqueue: bool = True) -> TrainingJo
     with transaction.atomic():
         # under the base model's row lock, as a retire takes it: a retire that committed since the checks
         # above refuses the launch, one that comes after cancels the job along with the others queued
-        base = BaseModel.objects.select_for_update().get(pk=request.base_model.pk)
+        # (FOR NO KEY UPDATE, as the retire and `claim` take it: see base_models.set_status)
+        base = BaseModel.objects.select_for_update(no_key=True).get(pk=request.base_model.pk)
         if base.status != BaseModel.Status.ACTIVE:
             raise JobRefused(
                 f"Base model {base.name} is {base.get_status_display().lower()}; choose an available one."
@@ -863,8 +898,8 @@ def claim(job_id: int, worker: str) -> TrainingJob | None:
         if base_id is None:
             return None
         # the row lock a retire holds: a retire in flight commits first (and has cancelled this job),
-        # a claim that wins leaves the retire to find the job running
-        base = BaseModel.objects.select_for_update().get(pk=base_id)
+        # a claim that wins leaves the retire to find the job running (NO KEY: see base_models.set_status)
+        base = BaseModel.objects.select_for_update(no_key=True).get(pk=base_id)
         if base.status != BaseModel.Status.ACTIVE:
             _cancel_on_unavailable_base(job_id, base, now)
             return None
