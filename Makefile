@@ -43,17 +43,19 @@ run: setup
 	  --access-logfile - & \
 	wait
 
-# When the suite ran against another database (CI: PostgreSQL + Redis), the curation tests run again
-# in the embedded mode that `make run` uses (SQLite file, filesystem broker, a real worker).
+# When the suite ran against another database (CI: PostgreSQL + Redis), the curation tests and the
+# SQLite-specific hardening/studio tests run again in the embedded mode that `make run` uses (SQLite
+# file, filesystem broker, a real worker).
 EMBEDDED_TESTS := tests/test_datasets.py tests/test_import_speed.py tests/test_dedup.py tests/test_forking.py \
-	tests/test_faults_uploads.py tests/test_integration_worker.py tests/test_key_rotation.py
+	tests/test_faults_uploads.py tests/test_integration_worker.py tests/test_key_rotation.py \
+	tests/test_hardening.py tests/test_studio_gaps.py
 
 test: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	@if [ -n "$$DATABASE_URL$$CELERY_BROKER_URL" ] && [ -z "$(PYTEST_ARGS)" ]; then \
-	  echo "Curation tests again in the embedded mode (SQLite, filesystem broker)"; \
+	  echo "Curation and SQLite-specific tests again in the embedded mode (SQLite, filesystem broker)"; \
 	  env -u DATABASE_URL -u CELERY_BROKER_URL -u STUDIO_TEST_BACKENDS \
 	    $(BIN)/python -m pytest -q $(EMBEDDED_TESTS); \
 	fi
