@@ -529,6 +529,10 @@ def example_drop(request, pk: int):
         return redirect(example)
     drop = request.POST.get("drop") == "1"
     with transaction.atomic():
+        # the dataset's row before the example's and before the audit event (see services.scrub's
+        # docstring): scrub_dropped below takes it, and waiting for it while holding the audit log's lock
+        # deadlocked with a curator scrubbing a finding of this example, or an import into the dataset
+        Dataset.objects.select_for_update(no_key=True).get(pk=example.dataset_id)
         Example.objects.filter(pk=pk).update(dropped=drop)
         audit.record(request.user, "example.drop" if drop else "example.restore", example)
         if drop:

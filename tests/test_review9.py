@@ -214,3 +214,41 @@ def test_an_import_rejects_the_lines_a_chat_template_refuses_and_keeps_the_rest(
     assert list(Example.objects.filter(dataset=ds).values_list("source_line", flat=True)) == [1, 3]
     assert all(n > 0 for n in Example.objects.filter(dataset=ds).values_list("token_count", flat=True))
     assert Upload.objects.get(pk=result.upload.pk).report["counts"] == {"template_refused": 1}
+
+
+# =====================================================================================================
+# 5. The upload watchdog never requeues an upload a redelivered task claimed again meanwhile
+# =====================================================================================================
+
+
+@pytest.mark.parametrize("attempts", [1, 3], ids=["requeue", "give-up"])
+def test_the_watchdog_leaves_an_upload_claimed_again_after_its_listing(
+    curator, tmp_path, monkeypatch, attempts
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from datasets_app.models import Upload
+    from datasets_app.services import datasets, imports, progress
+
+    ds = datasets.create_dataset("Watched", "sft", curator)
+    path = tmp_path / "w.jsonl"
+    path.write_text(
+        '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}\n'
+    )
+    upload = imports.receive_path(ds, curator, path)
+    stale = timezone.now() - imports.STALE_AFTER - timedelta(minutes=1)
+    Upload.objects.filter(pk=upload.pk).update(
+        status=Upload.Status.PROCESSING, started_at=stale, attempts=attempts
+    )
+
+    def claimed_again_meanwhile(kind, pk):  # between the watchdog's listing and its UPDATE
+        Upload.objects.filter(pk=pk).update(started_at=timezone.now(), attempts=attempts + 1)
+        return None
+
+    monkeypatch.setattr(progress, "get_progress", claimed_again_meanwhile)
+    assert imports.requeue_stale() == []
+    upload.refresh_from_db()
+    assert (upload.status, upload.attempts, upload.error) == (Upload.Status.PROCESSING, attempts + 1, "")
+    assert upload.raw_path  # the running attempt keeps its file

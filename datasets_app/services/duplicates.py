@@ -79,6 +79,9 @@ def recompute(dataset: Dataset) -> int:
     found = find_duplicate_groups(items, threshold=settings.STUDIO_NEAR_DUP_THRESHOLD)
     groups = [g for g in found if not set(g.member_ids) <= decided_members]
     with transaction.atomic():
+        # the dataset's row first, as a curator's decision takes it (see services.scrub's docstring): the
+        # two then run one after the other instead of each holding rows the other wants
+        Dataset.objects.select_for_update(no_key=True).get(pk=dataset.pk)
         Example.objects.filter(dataset=dataset, duplicate_group__decision=Decision.PENDING).update(
             duplicate_group=None
         )
@@ -103,7 +106,13 @@ def decide(group: DuplicateGroup, decision: str, user) -> None:
     examples the decision dropped and restored."""
     _check(decision)
     with transaction.atomic():
-        members = list(group.members.order_by("position"))
+        # The dataset's row, the group's and its members' before the audit event (scrub_dropped below takes
+        # the dataset's again: waiting for it while holding the audit log's lock deadlocked with an import
+        # or a curator's scrub), and the members as they are now: one dropped or restored meanwhile counts.
+        Dataset.objects.select_for_update(no_key=True).get(pk=group.dataset_id)
+        if DuplicateGroup.objects.select_for_update().filter(pk=group.pk).first() is None:
+            return  # rebuilt meanwhile by the duplicate analysis of a new upload: its groups are listed
+        members = list(Example.objects.select_for_update().filter(duplicate_group=group).order_by("position"))
         if decision == Decision.KEEP_ONE:
             kept = next((m for m in members if not m.dropped), members[0]) if members else None
             keep = [kept] if kept else []

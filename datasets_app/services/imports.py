@@ -828,7 +828,9 @@ def requeue_stale(max_attempts: int = 3) -> list[int]:
             continue
         if upload.attempts >= max_attempts:
             with transaction.atomic():
-                gave_up = Upload.objects.filter(pk=upload.pk, status=Upload.Status.PROCESSING).update(
+                gave_up = Upload.objects.filter(
+                    pk=upload.pk, status=Upload.Status.PROCESSING, started_at__lt=cutoff
+                ).update(
                     status=Upload.Status.FAILED,
                     error=f"The import was interrupted {upload.attempts} times (worker stopped); nothing was "
                     "added. Upload the file again, or ask an engineer to check the workers.",
@@ -839,7 +841,9 @@ def requeue_stale(max_attempts: int = 3) -> list[int]:
             if gave_up:
                 _dispose_original(upload)  # no plaintext original left behind
             continue
-        if Upload.objects.filter(pk=upload.pk, status=Upload.Status.PROCESSING).update(
+        # still the stale attempt (started before the cutoff): a redelivered task that claimed it again
+        # meanwhile has a fresh started_at and is left to run
+        if Upload.objects.filter(pk=upload.pk, status=Upload.Status.PROCESSING, started_at__lt=cutoff).update(
             status=Upload.Status.QUEUED
         ):
             requeued.append(upload.pk)

@@ -5,6 +5,12 @@ finding the curator accepts is applied at once: the span is replaced in the exam
 pseudonym (or a mask/hash/redaction, per the dataset's policy), so the database holds only scrubbed
 text from then on. Rejecting a finding keeps the text. Remaining findings of the same segment have
 their offsets shifted so they keep pointing at the same words.
+
+Row locks: curation writes take their row locks in one order, and all of them before they record an
+audit event (the audit log's lock is held until commit): the dataset's row where they take it (FOR NO KEY
+UPDATE: a transaction inserting a finding, whose foreign key takes FOR KEY SHARE on it, does not wait),
+then the examples (in position order), then their findings. Two curators, or a curator and a scan, then
+wait for each other instead of each holding a row the other wants (a deadlock).
 """
 
 from __future__ import annotations
@@ -92,7 +98,7 @@ def scan_examples(
         chunk = ids[offset : offset + batch]
         try:
             created += _scan_chunk(dataset, scanner, chunk)
-        except SlowPattern as exc:  # raised while scanning, before the chunk's transaction
+        except SlowPattern as exc:  # raised while scanning: the chunk's transaction wrote nothing
             _stop_scan(
                 dataset, ids, offset, reason=SCAN_SLOW_PATTERN, pattern=exc.pattern, seconds=exc.seconds
             )
@@ -149,6 +155,42 @@ def scrub_dropped(dataset: Dataset, example_ids: Iterable[int] | None = None, us
 
 def _scan_chunk(dataset: Dataset, scanner: PiiScanner, ids: list[int]) -> int:
     examples = list(Example.objects.filter(pk__in=ids).order_by("position"))
+    new, with_findings = _findings_of(dataset, scanner, examples)
+    with transaction.atomic():
+        # Lock the examples first: two scans of the same chunk (a requeued scan next to the original one)
+        # then replace each other's pending findings one after the other instead of both inserting.
+        now = {
+            pk: (updated_at, kept)
+            for pk, updated_at, kept in Example.objects.select_for_update()
+            .filter(pk__in=ids)
+            .order_by("position")
+            .values_list("pk", "updated_at", "kept_digests")
+        }
+        # An example changed since it was read above (a finding scrubbed or an edit saved meanwhile: either
+        # saves the row; a value kept: its digest) is scanned again as it is now: findings of the text
+        # read before would point at other words (inside a pseudonym), or find a kept value again.
+        stale = {ex.pk for ex in examples if now.get(ex.pk) != (ex.updated_at, ex.kept_digests)}
+        if stale:
+            fresh = list(Example.objects.filter(pk__in=stale).order_by("position"))
+            again, again_with = _findings_of(dataset, scanner, fresh)
+            new = [f for f in new if f.example_id not in stale] + again
+            with_findings = (with_findings - stale) | again_with
+            examples = [ex for ex in examples if ex.pk not in stale] + fresh
+        PiiFinding.objects.filter(example_id__in=ids, decision=Decision.PENDING).delete()
+        PiiFinding.objects.bulk_create(new)
+        by_status: dict[str, list[int]] = defaultdict(list)
+        for pk, status in _statuses([ex.pk for ex in examples], with_new=with_findings).items():
+            by_status[status].append(pk)
+        for status, pks in by_status.items():  # a few UPDATEs per chunk, not one per example
+            Example.objects.filter(pk__in=pks).update(pii_status=status)
+    return len(new)
+
+
+def _findings_of(
+    dataset: Dataset, scanner: PiiScanner, examples: list[Example]
+) -> tuple[list[PiiFinding], set[int]]:
+    """The scanner's findings in these examples (unsaved; values the curator kept left out) and the ids
+    of the examples with any."""
     texts, owners = [], []
     for ex in examples:
         for seg, text in enumerate(ex.segments()):
@@ -174,18 +216,7 @@ def _scan_chunk(dataset: Dataset, scanner: PiiScanner, ids: list[int]) -> int:
                 )
             )
             with_findings.add(ex.pk)
-    with transaction.atomic():
-        # Lock the examples first: two scans of the same chunk (a requeued scan next to the original one)
-        # then replace each other's pending findings one after the other instead of both inserting.
-        list(Example.objects.select_for_update().filter(pk__in=ids).values_list("pk", flat=True))
-        PiiFinding.objects.filter(example_id__in=ids, decision=Decision.PENDING).delete()
-        PiiFinding.objects.bulk_create(new)
-        by_status: dict[str, list[int]] = defaultdict(list)
-        for pk, status in _statuses([ex.pk for ex in examples], with_new=with_findings).items():
-            by_status[status].append(pk)
-        for status, pks in by_status.items():  # a few UPDATEs per chunk, not one per example
-            Example.objects.filter(pk__in=pks).update(pii_status=status)
-    return len(new)
+    return new, with_findings
 
 
 def value_digest(entity_type: str, value: str) -> str:
@@ -282,10 +313,13 @@ def redact(dataset: Dataset, findings: Iterable[PiiFinding], user) -> int:
     if not ids:
         return 0
     with transaction.atomic():
-        locked = Dataset.objects.select_for_update().get(pk=dataset.pk)
+        # the dataset, the examples, then the findings (see the module's docstring)
+        locked = Dataset.objects.select_for_update(no_key=True).get(pk=dataset.pk)
+        examples = _lock_examples(PiiFinding.objects.filter(pk__in=ids).values_list("example_id", flat=True))
         # The rows as they are now, not as the caller read them: a finding another curator (or a double
         # submit) decided meanwhile is not applied again, and offsets shifted by a redaction since then
         # are the ones used. Applying stale offsets would cut into the pseudonym and the text after it.
+        # The examples too: the whole row is saved below, so a value kept meanwhile is not undone.
         findings = list(PiiFinding.objects.select_for_update().filter(pk__in=ids, decision=Decision.PENDING))
         if not findings:
             return 0
@@ -294,11 +328,17 @@ def redact(dataset: Dataset, findings: Iterable[PiiFinding], user) -> int:
             by_example[f.example_id].append(f)
         policy = policy_for(locked)
         pseudo = Pseudonymizer(pseudonym_secret(), dict(locked.pseudonym_map or {}))
-        for ex in Example.objects.filter(pk__in=list(by_example)).order_by("position"):
-            _apply_to_example(ex, by_example[ex.pk], pseudo, policy, user)
+        for ex in examples:
+            if ex.pk in by_example:
+                _apply_to_example(ex, by_example[ex.pk], pseudo, policy, user)
         Dataset.objects.filter(pk=locked.pk).update(pseudonym_map=pseudo.mapping)
         purge_freed_pages()
     return len(findings)
+
+
+def _lock_examples(example_ids: Iterable[int]) -> list[Example]:
+    """The examples, row-locked in position order and read as they are now (in a transaction)."""
+    return list(Example.objects.select_for_update().filter(pk__in=set(example_ids)).order_by("position"))
 
 
 def keep(findings: Iterable[PiiFinding], user) -> int:
@@ -306,12 +346,11 @@ def keep(findings: Iterable[PiiFinding], user) -> int:
     if not ids:
         return 0
     with transaction.atomic():
+        # the examples before their findings (see the module's docstring), read as they are now: the
+        # digests of values kept meanwhile (another curator) are added to, not overwritten
+        examples = _lock_examples(PiiFinding.objects.filter(pk__in=ids).values_list("example_id", flat=True))
         # only findings still pending now: one scrubbed meanwhile (another curator) stays scrubbed
-        rows = list(
-            PiiFinding.objects.select_for_update(of=("self",))
-            .filter(pk__in=ids, decision=Decision.PENDING)
-            .select_related("example")
-        )
+        rows = list(PiiFinding.objects.select_for_update().filter(pk__in=ids, decision=Decision.PENDING))
         ids = [f.pk for f in rows]
         if not ids:
             return 0
@@ -321,8 +360,10 @@ def keep(findings: Iterable[PiiFinding], user) -> int:
         PiiFinding.objects.filter(pk__in=ids).update(
             decision=Decision.KEEP, decided_by=user, decided_at=timezone.now()
         )
-        for findings in by_example.values():
-            ex = findings[0].example
+        for ex in examples:
+            findings = by_example.get(ex.pk)
+            if not findings:
+                continue
             segments = ex.segments()
             digests = set(ex.kept_digests or [])
             digests.update(
@@ -386,6 +427,12 @@ def pending_types(dataset: Dataset) -> list[str]:
     )
 
 
+MARK_ON_CHANGED_TEXT = (
+    "This example was changed since you opened it (another curator, or a finding scrubbed meanwhile); "
+    "nothing was marked. Select the words again in its current text."
+)
+
+
 def mark_span(example: Example, segment: int, start: int, end: int, entity_type: str, user) -> PiiFinding:
     """A curator marks a span the scanner missed; it is scrubbed at once."""
     segments = example.segments()
@@ -402,6 +449,12 @@ def mark_span(example: Example, segment: int, start: int, end: int, entity_type:
     if overlapping.exists():
         raise ScrubError("Part of that selection has already been scrubbed; select only the missed words.")
     with transaction.atomic():
+        # the dataset, then the example, before its findings (see the module's docstring); the example as
+        # it is now: the offsets count characters of the text the page showed, and after a scrub or an
+        # edit since then they point at other words, which would be scrubbed instead of the selected ones
+        Dataset.objects.select_for_update(no_key=True).get(pk=example.dataset_id)
+        if Example.objects.select_for_update().get(pk=example.pk).segments() != segments:
+            raise ScrubError(MARK_ON_CHANGED_TEXT)
         # pending findings inside the selection are superseded by the curator's span
         PiiFinding.objects.filter(
             example=example, segment=segment, start__lt=end, end__gt=start, decision=Decision.PENDING

@@ -30,23 +30,26 @@ def split_by_ratio(dataset: Dataset, train: float, eval_: float, golden: float, 
     total = train + eval_ + golden
     if total <= 0 or min(train, eval_, golden) < 0:
         raise ValueError("Ratios must be zero or more and add up to more than zero.")
-    ids = list(
-        Example.objects.filter(dataset=dataset, dropped=False)
-        .order_by("position")
-        .values_list("pk", flat=True)
-    )
-    random.Random(seed).shuffle(ids)
-    n = len(ids)
-    n_eval = round(n * eval_ / total)
-    # cumulative rounding: the three parts add up to n, and a 0 % share gets no example (rounding each
-    # share on its own gave 0/50/50 of 5 examples as 2 eval, 2 golden and 1 train)
-    n_golden = round(n * (eval_ + golden) / total) - n_eval
-    parts = {
-        Example.Split.EVAL: ids[:n_eval],
-        Example.Split.GOLDEN: ids[n_eval : n_eval + n_golden],
-        Example.Split.TRAIN: ids[n_eval + n_golden :],
-    }
     with transaction.atomic():
+        # the dataset's row first (see services.scrub's docstring): two splits at once run one after the
+        # other (each moving its rows in its own order, they deadlocked), as a freeze or a scrub does
+        Dataset.objects.select_for_update(no_key=True).get(pk=dataset.pk)
+        ids = list(
+            Example.objects.filter(dataset=dataset, dropped=False)
+            .order_by("position")
+            .values_list("pk", flat=True)
+        )
+        random.Random(seed).shuffle(ids)
+        n = len(ids)
+        n_eval = round(n * eval_ / total)
+        # cumulative rounding: the three parts add up to n, and a 0 % share gets no example (rounding each
+        # share on its own gave 0/50/50 of 5 examples as 2 eval, 2 golden and 1 train)
+        n_golden = round(n * (eval_ + golden) / total) - n_eval
+        parts = {
+            Example.Split.EVAL: ids[:n_eval],
+            Example.Split.GOLDEN: ids[n_eval : n_eval + n_golden],
+            Example.Split.TRAIN: ids[n_eval + n_golden :],
+        }
         for split, members in parts.items():
             for i in range(0, len(members), 5000):
                 Example.objects.filter(pk__in=members[i : i + 5000]).update(split=split)
@@ -149,6 +152,13 @@ def freeze(dataset: Dataset, user, changelog: str = "") -> DatasetVersion:
                 VersionExample.objects.bulk_create(rows)
                 rows.clear()
         VersionExample.objects.bulk_create(rows)
+        # Checked again now that the examples are copied: an edit does not wait for the dataset's lock, and
+        # one saved since the check above may be in the copy, its new text not scanned yet. It marked the
+        # example unscanned in the same row update, and no finding can be accepted while this lock is held,
+        # so such a copy always shows here (unscanned, or findings to review): the freeze is rolled back.
+        problems = blockers(locked)
+        if problems:
+            raise FreezeRefused(" ".join(problems))
         stats = token_stats(lengths)
         version.sha256 = digest.hexdigest()
         version.counts = {
