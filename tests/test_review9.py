@@ -252,3 +252,49 @@ def test_the_watchdog_leaves_an_upload_claimed_again_after_its_listing(
     upload.refresh_from_db()
     assert (upload.status, upload.attempts, upload.error) == (Upload.Status.PROCESSING, attempts + 1, "")
     assert upload.raw_path  # the running attempt keeps its file
+
+
+# =====================================================================================================
+# 6. Tags are scanned like the text: an edit of the tags alone is scanned again
+# =====================================================================================================
+
+
+def test_editing_only_the_tags_rescans_them_and_drops_findings_on_the_old_tags(
+    curator, tmp_path, django_capture_on_commit_callbacks
+):
+    from test_datasets import import_file, write_jsonl
+
+    from datasets_app.models import Example, PiiFinding
+    from datasets_app.services import datasets, scrub
+
+    ds = datasets.create_dataset("Tagged", "sft", curator)
+    chat = [
+        {"role": "user", "content": "Is order ORD-5512 shipped?"},
+        {"role": "assistant", "content": "Yes."},
+    ]
+    import_file(
+        ds, write_jsonl(tmp_path / "t.jsonl", [{"messages": chat, "tags": ["caller Maria Gonzalez"]}])
+    )
+    scrub.scan_examples(ds)
+    example = Example.objects.get(dataset=ds)
+    old = list(PiiFinding.objects.filter(example=example).values_list("entity_type", flat=True))
+    assert "PERSON" in old  # the name in the old tag
+
+    with django_capture_on_commit_callbacks() as callbacks:  # the scan task is sent on commit
+        datasets.edit_example(
+            example,
+            messages=example.messages,
+            tags=["billing", "write to jane.roe@example.com"],
+            user=curator,
+        )
+    example.refresh_from_db()
+    assert example.pii_status == Example.Pii.UNSCANNED and example.edited
+    assert not PiiFinding.objects.filter(example=example).exists()  # offsets into tags that are gone
+    assert len(callbacks) >= 1
+    scrub.scan_examples(ds, [example.pk])
+    found = set(PiiFinding.objects.filter(example=example).values_list("entity_type", flat=True))
+    assert "EMAIL_ADDRESS" in found and "PERSON" not in found
+    # the same tags again: nothing to scan
+    datasets.edit_example(example, messages=example.messages, tags=list(example.tags), user=curator)
+    example.refresh_from_db()
+    assert example.pii_status == Example.Pii.PENDING

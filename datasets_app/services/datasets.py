@@ -145,19 +145,24 @@ def edit_example(
         if split is not None:
             example.split = split
             fields.append("split")
+        # tags are scanned like the text: new tags must be scanned, and findings in the old ones point at
+        # words that are no longer there
+        rescan = text_changed or (tags is not None and tags != current.tags)
         if text_changed:
             example.content_hash = content_hash(messages, chosen, rejected)
             example.minhash = None
             example.token_count = token_count
+            fields += ["content_hash", "minhash", "token_count"]
+        if rescan:
             example.edited = True
             example.pii_status = Example.Pii.UNSCANNED
-            fields += ["content_hash", "minhash", "token_count", "edited", "pii_status"]
+            fields += ["edited", "pii_status"]
             PiiFinding.objects.filter(example=example).delete()
         # only what the edit sets: a drop, a duplicate decision or a kept value recorded since this
         # example was read is not overwritten with the values of that older read
         example.save(update_fields=fields)
         audit.record(user, "example.edit", example, dataset=dataset.pk, text_changed=text_changed)
-        if text_changed:
+        if rescan:
             from ..tasks import scan_examples
 
             purge_freed_pages()
