@@ -457,6 +457,9 @@ def test_freeze_blocked_until_reviewed_then_immutable(dataset, curator, tmp_path
     ex = Example.objects.order_by("position").last()
     datasets.edit_example(ex, messages=ex.messages, tags=["math", "easy"], user=curator)
     Example.objects.filter(dataset=dataset).update(dropped=False)
+    with pytest.raises(versions.FreezeRefused, match="not been scanned"):  # new tags are scanned first
+        versions.freeze(dataset, curator)
+    scrub.scan_examples(dataset, [ex.pk])
     v3 = versions.freeze(dataset, curator)
     assert v3.sha256 != v2.sha256
     assert versions.diff(v2, v3).summary() == {"added": 0, "removed": 0, "changed": 1}
