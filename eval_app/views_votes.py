@@ -147,7 +147,11 @@ def review_skip(request, pk: int):
     found = _access_or_404(request, pk)
     if found.voted:
         return redirect("eval:review_done", pk)
-    voting.skip(request.user, found.comparison)
+    try:
+        voting.skip(request.user, found.comparison)
+    except voting.VoteRefused as exc:  # a vote on it committed meanwhile (another tab): that vote stands
+        messages.info(request, str(exc))
+        return redirect("eval:review_done", pk)
     messages.info(request, "Skipped. You will not be shown that comparison again.")
     comparison = voting.claim_next(request.user, _session_run(request))
     if comparison is None:

@@ -288,6 +288,10 @@ def request_promotion(
     if version.status == ModelVersion.Status.ARCHIVED:
         raise GateRefused(f"{version} is archived; it cannot be promoted.")
     with transaction.atomic():
+        # the version's row lock serialises requests for it, so a form submitted twice creates one request
+        # and the second sees it waiting (no_key: runs, aliases and requests that reference the version
+        # are not blocked)
+        ModelVersion.objects.select_for_update(no_key=True, of=("self",)).filter(pk=version.pk).first()
         if current_version(version.registered_model, alias) == version:
             raise GateRefused(f"{version.registered_model}@{alias} already points at {version}.")
         pending = PromotionRequest.objects.filter(

@@ -123,9 +123,16 @@ def check_key(raw: str | None) -> KeyCheck:
         return KeyCheck(key, "insufficient_role")
     now = timezone.now()
     if key.last_used_at is None or now - key.last_used_at >= LAST_USED_RESOLUTION:
-        ApiKey.objects.filter(pk=key.pk).filter(
-            Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - LAST_USED_RESOLUTION)
-        ).update(last_used_at=now)
+        # A revoke in progress holds the key's row, so this UPDATE waits for it; once it has committed
+        # the row no longer matches `revoked_at IS NULL` and nothing is written: the key is refused
+        # rather than used after its revoke committed.
+        touched = (
+            ApiKey.objects.filter(pk=key.pk, revoked_at__isnull=True)
+            .filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - LAST_USED_RESOLUTION))
+            .update(last_used_at=now)
+        )
+        if not touched and ApiKey.objects.filter(pk=key.pk, revoked_at__isnull=False).exists():
+            return KeyCheck(key, "revoked_api_key")
         key.last_used_at = now
     return KeyCheck(key)
 

@@ -117,13 +117,16 @@ def mark_unblinded(run: EvalRun, user) -> bool:
         return False
     now = timezone.now()
     with transaction.atomic():
-        audit.record(user, UNBLIND_VERB, run)
         released = (
             _active_assignments(now)
             .filter(reviewer=user, comparison__run=run)
             .exclude(comparison__votes__reviewer=user)
         )
+        # the slots are given back (their rows locked) before the audit event takes the audit log's lock:
+        # a vote or skip of this person in another tab holds its assignment's row and then records its
+        # own event, so waiting for that row while holding the audit lock would deadlock with it
         Assignment.objects.filter(pk__in=list(released.values_list("pk", flat=True))).update(expires_at=now)
+        audit.record(user, UNBLIND_VERB, run)
     return True
 
 
@@ -407,6 +410,9 @@ def cast_vote(reviewer, comparison: Comparison, choice: str, comment: str = "", 
 def skip(reviewer, comparison: Comparison) -> None:
     """Give the slot back; this reviewer will not be offered this comparison again."""
     with transaction.atomic():
+        # the comparison's row lock serialises a skip with a vote on it (cast_vote locks it too): a vote
+        # and a skip of the same comparison (two tabs) never both go through
+        Comparison.objects.select_for_update(no_key=True, of=("self",)).filter(pk=comparison.pk).first()
         if Vote.objects.filter(comparison=comparison, reviewer=reviewer).exists():
             raise VoteRefused("You already voted on this comparison.")
         assignment, created = Assignment.objects.get_or_create(
