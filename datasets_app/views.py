@@ -19,6 +19,7 @@ from django.views.decorators.http import require_POST
 
 from studio import audit
 from studio.htmx import render_htmx
+from studio.numbers import form_id
 from studio.roles import CURATOR, ENGINEER, role_required
 
 from . import forms, search
@@ -316,7 +317,7 @@ NO_ACTION = "action: choose Accept (scrub) or Reject (keep the text); nothing wa
 def pii_decide(request, pk: int):
     dataset = get_object_or_404(Dataset, pk=pk)
     # ids beyond a 64-bit key can name no finding (and overflow SQLite's integers: a 500)
-    ids = [int(i) for i in request.POST.getlist("finding") if i.isascii() and i.isdigit() and len(i) <= 18]
+    ids = [i for i in map(form_id, request.POST.getlist("finding")) if i is not None]
     if request.POST.get("action") not in DECISION_ACTIONS:
         if request.htmx:
             return HttpResponseBadRequest(NO_ACTION)

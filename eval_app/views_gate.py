@@ -11,15 +11,11 @@ from django.contrib import messages
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
+from studio.numbers import form_id
 from studio.roles import ADMIN, ENGINEER, has_role, role_required
 
 from .models import EvalRun, ModelVersion, PromotionRequest, RegisteredModel
 from .services import gate, webhooks
-
-
-def _run_number(text: str) -> int | None:
-    """A run's id from a form field: ASCII digits that fit a 64-bit id (None otherwise, never a 500)."""
-    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
 
 
 @role_required(ADMIN)
@@ -93,7 +89,7 @@ def promotion_request(request, version_pk: int):
     run = None
     run_id = (request.POST.get("eval_run") or "").strip()
     if run_id:
-        number = _run_number(run_id)
+        number = form_id(run_id)
         run = EvalRun.objects.filter(pk=number, candidate=version).first() if number else None
         if run is None:
             messages.error(
@@ -135,7 +131,7 @@ def promotion_approve(request, pk: int):
     seen_run = None  # the evidence run the decision form showed: approval is refused if a newer one finished
     if "evidence_seen" in request.POST:
         seen = request.POST.get("evidence_seen", "").strip()
-        seen_run = _run_number(seen) if seen else 0  # empty: the page showed no finished run
+        seen_run = form_id(seen) if seen else 0  # empty: the page showed no finished run
         if seen_run is None:
             messages.error(
                 request,

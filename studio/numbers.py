@@ -1,4 +1,4 @@
-"""Numbers in messages people read."""
+"""Numbers in messages people read, and ids read from forms."""
 
 from __future__ import annotations
 
@@ -9,3 +9,9 @@ def shown(number: float) -> str:
     if isinstance(number, int) or (float(number).is_integer() and abs(number) < 1e16):
         return f"{int(number):,}"
     return f"{number:g}"
+
+
+def form_id(text: str) -> int | None:
+    """A row id from a form field: ASCII digits that fit a 64-bit id, else None (never a 500 from int()
+    on thousands of digits, never a negative or non-ASCII digit taken for an id)."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
