@@ -273,20 +273,28 @@ def estimate(
     device: dict | None = None,
 ) -> dict:
     """Tokens, steps and epochs of the run and its memory against the target device. The token figures
-    are those of `base_model`'s tokenizer (see `train_lengths`); `token_sources` says how they were had."""
+    are those of `base_model`'s tokenizer (see `train_lengths`); `token_sources` says how they were had.
+    Train examples the trainer will skip (no trained token within the max length: see `skipped_train`)
+    are left out of every figure and reported under `skipped`; when it would skip them all, JobRefused."""
 
     lengths, source = train_lengths(dataset_version, base_model)
-    replay_source = None
-    if replay_version is not None and replay_percent:
-        extra = round(len(lengths) * replay_percent / 100)
-        if extra:
-            replay_lengths, replay_source = train_lengths(replay_version, base_model)
-            if replay_lengths:
-                mean = sum(replay_lengths) / len(replay_lengths)
-                lengths += [round(mean)] * extra
     max_length = config["max_length"]
+    # the replay share is of the whole train split: the worker mixes it in before the trainer skips rows
+    extra = round(len(lengths) * replay_percent / 100) if replay_version is not None and replay_percent else 0
+    skipped = skipped_train(dataset_version, base_model, method, config, lengths)
+    if skipped["examples"]:
+        if skipped["examples"] == len(lengths) and not skipped["approximate"]:
+            raise JobRefused(_all_skipped_message(len(lengths), max_length))
+        gone = set(skipped["indices"])
+        lengths = [n for i, n in enumerate(lengths) if i not in gone]
+    replay_source = None
+    if extra:
+        replay_lengths, replay_source = train_lengths(replay_version, base_model)
+        if replay_lengths:
+            mean = sum(replay_lengths) / len(replay_lengths)
+            lengths += [round(mean)] * extra
     truncated = [min(n, max_length) for n in lengths]
-    approximate = any(s and s["method"] == SAMPLED for s in (source, replay_source))
+    approximate = any(s and s["method"] == SAMPLED for s in (source, replay_source)) or skipped["approximate"]
     packed = bool(config.get("packing")) and method != Method.DPO
     if packed:
         from ..trainer.data import pack_examples
@@ -323,7 +331,12 @@ def estimate(
         + ([{"part": "replay", **replay_source}] if replay_source else []),
         # the token figures (and with packing the steps) are extrapolated from a sample
         "approximate": approximate,
-        "steps_approximate": approximate and packed and not config.get("max_steps"),
+        # the kept examples (and so the rows and steps) are extrapolated from a sample of the long ones
+        "examples_approximate": skipped["approximate"],
+        "steps_approximate": ((approximate and packed) or skipped["approximate"])
+        and not config.get("max_steps"),
+        # train examples the trainer will skip, and why (the page says so)
+        "skipped": {k: v for k, v in skipped.items() if k != "indices"},
     }
     devices = known_devices()
     target = device or devices[0]
@@ -403,19 +416,9 @@ def _sample_counts(version: DatasetVersion, ids: list[int], base_model: BaseMode
 def _count_examples(version: DatasetVersion, ids: list[int], base_model: BaseModel) -> list[int]:
     """`ids`' token counts with `base_model`'s tokenizer, in the order given (datasets_app.tokens, the
     importer's counting: the chat-template rendering; a preference pair's longer side)."""
-    from datasets_app.tokens import count_many, load_tokenizer
+    from datasets_app.tokens import count_many
 
-    try:
-        tokenizer = load_tokenizer(str(base_model.local_dir))
-    except Exception as exc:  # missing or unreadable tokenizer files: the trainer could not load it either
-        log.warning(
-            "base model %s: tokenizer unreadable for an estimate (%s)", base_model.pk, type(exc).__name__
-        )
-        raise JobRefused(
-            f"Base model {base_model.name}'s tokenizer could not be read from {base_model.local_dir}, so "
-            "this job's tokens cannot be counted (and it could not train): an admin can restore the "
-            "model's tokenizer files or retire the model; choose another base model meanwhile."
-        ) from None
+    tokenizer = _job_tokenizer(base_model)
     found = {
         pk: (messages, chosen, rejected, position)
         for pk, messages, chosen, rejected, position in version.examples.filter(pk__in=ids).values_list(
@@ -446,6 +449,23 @@ def _count_examples(version: DatasetVersion, ids: list[int], base_model: BaseMod
         out.append(max(counted[i : i + n]))
         i += n
     return out
+
+
+def _job_tokenizer(base_model: BaseModel):
+    """`base_model`'s tokenizer (cached per process by datasets_app.tokens), or JobRefused in plain words."""
+    from datasets_app.tokens import load_tokenizer
+
+    try:
+        return load_tokenizer(str(base_model.local_dir))
+    except Exception as exc:  # missing or unreadable tokenizer files: the trainer could not load it either
+        log.warning(
+            "base model %s: tokenizer unreadable for an estimate (%s)", base_model.pk, type(exc).__name__
+        )
+        raise JobRefused(
+            f"Base model {base_model.name}'s tokenizer could not be read from {base_model.local_dir}, so "
+            "this job's tokens cannot be counted (and it could not train): an admin can restore the "
+            "model's tokenizer files or retire the model; choose another base model meanwhile."
+        ) from None
 
 
 def _template_refusal(
@@ -491,6 +511,179 @@ def _extrapolate(stored: list[int], picks: list[int], counts: list[int]) -> list
     for i, count in zip(picks, counts, strict=True):
         lengths[i] = count
     return lengths
+
+
+def skipped_train(
+    version: DatasetVersion, base_model: BaseModel, method: str, config: dict, lengths: list[int]
+) -> dict:
+    """The train examples the trainer will skip for having no trained token within the max length:
+    {"examples", "of", "max_length", "candidates", "measured", "approximate", "indices"}.
+
+    SFT (with assistant-only loss, the default): a conversation whose tokens before its first answer fill
+    the max length (`trainer.data.tokenize_conversations` drops it); without assistant-only loss every
+    token is trained and nothing is skipped. DPO: a pair whose prompt fills the max length (TRL's
+    DPOTrainer drops it; see `_dpo_prompt_fills`). Only an example longer than (DPO: as long as) the max
+    length (`lengths`, as `train_lengths` gives them) can be skipped, so only those are tokenised, with
+    `base_model`'s tokenizer and the trainer's own tokenisation; beyond TOKEN_SAMPLE_SIZE of them an evenly spaced
+    sample is, and its share skipped extrapolated ("approximate"). `indices` are positions in `lengths`
+    of examples counted as skipped (the measured ones, then other candidates to make up an extrapolated
+    count: every candidate is cut to the max length, so which ones does not change a figure)."""
+    max_length = config["max_length"]
+    dpo = method == Method.DPO
+    skipped = {
+        "examples": 0,
+        "of": len(lengths),
+        "max_length": max_length,
+        "candidates": 0,
+        "measured": 0,
+        "approximate": False,
+        "indices": [],
+    }
+    if not dpo and not config.get("assistant_only_loss", True):
+        return skipped  # every token is trained: a cut row still has some
+    # SFT: a row not longer than the max length keeps its answer (the importer requires one); DPO: a
+    # prompt that fills the max length makes the pair at least that long
+    candidates = [i for i, n in enumerate(lengths) if (n >= max_length if dpo else n > max_length)]
+    if not candidates:
+        return skipped
+    size = max(1, TOKEN_SAMPLE_SIZE)
+    if len(candidates) <= size:
+        picks = candidates
+    else:
+        picks = [candidates[i * len(candidates) // size] for i in range(size)]
+    pks = list(version.examples.filter(split="train").order_by("position").values_list("pk", flat=True))
+    dropped_pks = set(_sample_skipped(version, [pks[i] for i in picks], base_model, dpo, config))
+    dropped = [i for i in picks if pks[i] in dropped_pks]
+    count = len(dropped)
+    if len(picks) < len(candidates):
+        count = round(len(dropped) * len(candidates) / len(picks))
+        measured = set(picks)
+        dropped += [i for i in candidates if i not in measured][: max(0, count - len(dropped))]
+    return {
+        **skipped,
+        "examples": count,
+        "candidates": len(candidates),
+        "measured": len(picks),
+        "approximate": len(picks) < len(candidates),
+        "indices": dropped[:count],
+    }
+
+
+def _sample_skipped(
+    version: DatasetVersion, ids: list[int], base_model: BaseModel, dpo: bool, config: dict
+) -> list[int]:
+    """The ids among `ids` the trainer would skip (`_measure_skipped`), kept a while in the cache as
+    `_sample_counts` keeps its counts (a version never changes)."""
+    import hashlib
+
+    from django.core.cache import cache
+
+    digest = hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:32]
+    mode = "dpo" if dpo else "sft"
+    key = f"training:skipped:{version.pk}:{base_model.pk}:{mode}:{config['max_length']}:{digest}"
+    found = cache.get(key)
+    if not isinstance(found, list):
+        found = _measure_skipped(version, ids, base_model, dpo, config)
+        cache.set(key, found, TOKEN_COUNTS_CACHE_SECONDS)
+    return found
+
+
+def _measure_skipped(
+    version: DatasetVersion, ids: list[int], base_model: BaseModel, dpo: bool, config: dict
+) -> list[int]:
+    """Tokenise each of `ids` as the trainer will (the rows the worker writes for it, read back with the
+    trainer's own `check_sft_rows` / `preference_rows`) and return those it would skip."""
+    from ..trainer.data import check_sft_rows, preference_rows, tokenize_conversations
+    from ..trainer.errors import DataError
+
+    tokenizer = _job_tokenizer(base_model)
+    max_length = config["max_length"]
+    found = {
+        pk: (messages, chosen, rejected, position)
+        for pk, messages, chosen, rejected, position in version.examples.filter(pk__in=ids).values_list(
+            "pk", "messages", "chosen", "rejected", "position"
+        )
+    }
+    where = f"{version.dataset.name} v{version.number}"  # the trainer's "Line N of …" names the example
+    out = []
+    for pk in ids:
+        messages, chosen, rejected, position = found[pk]
+        try:
+            if dpo:
+                row = {"messages": messages, "chosen": chosen, "rejected": rejected, "_line": position + 1}
+                skip = _dpo_prompt_fills(tokenizer, preference_rows([row], where)[0], max_length)
+            else:
+                conversation = check_sft_rows([{"messages": messages, "_line": position + 1}], where)[0]
+                _kept, dropped = tokenize_conversations(
+                    tokenizer, [conversation], max_length, config.get("assistant_only_loss", True)
+                )
+                skip = dropped == 1
+        except DataError as exc:  # a row the trainer would refuse (the importer does not let one in)
+            raise JobRefused(
+                f"{exc} The job could not train on it: edit the dataset and freeze a new version."
+            ) from None
+        except Exception as exc:  # the chat template refuses it?
+            conversations = (
+                [messages]
+                if chosen is None
+                else [
+                    messages + [{"role": "assistant", "content": chosen}],
+                    messages + [{"role": "assistant", "content": rejected or ""}],
+                ]
+            )
+            refusal = _template_refusal(
+                tokenizer, base_model, exc, conversations, [len(conversations)], [position]
+            )
+            if refusal is None:
+                raise
+            raise refusal from None
+        if skip:
+            out.append(pk)
+    return out
+
+
+def _dpo_prompt_fills(tokenizer, row: dict, max_length: int) -> bool:
+    """Whether TRL's DPOTrainer (truncation "keep_start", the default the trainer keeps) drops this pair
+    (`row` as `trainer.data.preference_rows` makes it): its dataset preparation tokenises the prompt with
+    the generation prompt and the prompt followed by each answer, takes the prompt as their common prefix
+    and keeps the pair only if that prefix is shorter than max_length. The same steps here, without
+    importing TRL (several seconds) in a web request; the trainer gives a tokenizer without a chat
+    template the studio's FALLBACK_TEMPLATE, and so does this."""
+    from datasets_app.tokens import _input_ids
+
+    from ..trainer.data import FALLBACK_TEMPLATE
+
+    template = {} if getattr(tokenizer, "chat_template", None) else {"chat_template": FALLBACK_TEMPLATE}
+
+    def ids(messages, **kwargs) -> list[int]:
+        encoded = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, **template, **kwargs
+        )
+        return _input_ids(encoded)
+
+    def common(a: list[int], b: list[int]) -> int:
+        n = 0
+        for x, y in zip(a, b, strict=False):
+            if x != y:
+                break
+            n += 1
+        return n
+
+    prompt = ids(row["prompt"], add_generation_prompt=True)
+    prompt_len = min(common(prompt, ids(row["prompt"] + row[side])) for side in ("chosen", "rejected"))
+    return prompt_len >= max_length
+
+
+def _all_skipped_message(total: int, max_length: int) -> str:
+    if total == 1:
+        return (
+            f"The train example would be skipped: its prompt alone fills the max length of {max_length:,} "
+            "tokens, so the job would have nothing to learn. Raise the max length or shorten it."
+        )
+    return (
+        f"All {total:,} train examples would be skipped: their prompt alone fills the max length of "
+        f"{max_length:,} tokens, so the job would have nothing to learn. Raise the max length or shorten them."
+    )
 
 
 def device_fit(base_model: BaseModel, devices: list[dict], method: str = "lora") -> list[dict]:

@@ -1,0 +1,341 @@
+"""The pre-launch estimate leaves out the train examples the trainer will skip (no trained token within the
+max length: a prompt that alone fills it), says how many and why, and refuses a launch that would skip
+them all. The expected figures come from the trainer's own code run on the rows the worker writes for it
+(`tokenize_conversations` for SFT; TRL's DPOTrainer dataset preparation for DPO), with the real SmolLM2
+tokenizer, so the estimate and the trainer agree by construction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import make_version
+from django.urls import reverse
+from test_training_jobs import _no_heartbeat_thread_writes as _no_heartbeat_thread_writes  # noqa: F401
+
+from datasets_app import tokens
+from datasets_app.models import Example
+from datasets_app.services import versions
+from datasets_app.services.datasets import create_dataset
+from training_app.models import TrainingJob
+from training_app.services import jobs, register_local_dir
+from training_app.trainer import data as trainer_data
+
+pytestmark = [pytest.mark.django_db, pytest.mark.slow]
+
+MAX = 64
+LONG = " ".join(
+    ["my parcel was supposed to arrive last week but the tracking page still says it is waiting at the depot"]
+    * 3
+)
+SHORT = [
+    {"role": "user", "content": "where is my parcel"},
+    {"role": "assistant", "content": "it ships tomorrow"},
+]
+OTHER = [
+    {"role": "user", "content": "how do i reset the router"},
+    {"role": "assistant", "content": "hold it"},
+]
+# the prompt alone fills the max length: no answer token within it, the trainer skips the row
+LONG_PROMPT = [{"role": "user", "content": LONG}, {"role": "assistant", "content": "it ships tomorrow"}]
+LONG_PROMPT_2 = [{"role": "user", "content": "hello " + LONG}, {"role": "assistant", "content": "sorry"}]
+# longer than the max length too, but its first answer lies within it: cut, not skipped
+LONG_KEPT = SHORT + [{"role": "user", "content": LONG}, {"role": "assistant", "content": "sorry about that"}]
+# positions 0-4 of the train split: candidates (longer than MAX) are 2, 3 and 4
+MIXED = [SHORT, OTHER, LONG_KEPT, LONG_PROMPT, LONG_PROMPT_2]
+SKIPPED_SENTENCE = (
+    "2 of 5 train examples would be skipped: their prompt alone fills the max length of 64 tokens; "
+    "raise the max length or shorten them."
+)
+ALL_SKIPPED = (
+    "All 2 train examples would be skipped: their prompt alone fills the max length of 64 tokens, so the "
+    "job would have nothing to learn. Raise the max length or shorten them."
+)
+
+
+@pytest.fixture
+def smollm2(smollm2_dir, admin_user):
+    return register_local_dir("SmolLM2-skips", Path(smollm2_dir), admin_user)
+
+
+def _version(user, base, items, *, kind="sft", name="skips"):
+    """A frozen version of `items` (conversations, or (prompt messages, chosen, rejected) for preference)
+    in the train split, with the token counts the importer stores for `base` (so train_lengths uses them)."""
+    tokenizer = tokens.load_tokenizer(base.local_dir)
+    dataset = create_dataset(name, kind, user, base_model=base)
+    for position, item in enumerate(items):
+        if kind == "preference":
+            messages, chosen, rejected = item
+            fields = {"chosen": chosen, "rejected": rejected}
+            sides = [messages + [{"role": "assistant", "content": a}] for a in (chosen, rejected)]
+            count = max(tokens.count_many(tokenizer, sides))
+        else:
+            messages, fields = item, {}
+            count = tokens.count_many(tokenizer, [messages])[0]
+        Example.objects.create(
+            dataset=dataset,
+            position=position,
+            messages=messages,
+            split="train",
+            content_hash=f"{position:064d}",
+            token_count=count,
+            pii_status=Example.Pii.CLEAN,
+            **fields,
+        )
+    return versions.freeze(dataset, user, changelog="test data")
+
+
+def _trainer_tokenizer(base):
+    """The tokenizer as the trainer loads it (training_app.trainer.run)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(base.local_dir), local_files_only=True)
+
+
+def _trainer_sft(version, base, max_length=MAX, assistant_only_loss=True):
+    """(kept examples, dropped count) as the trainer makes them from the rows the worker writes."""
+    rows = jobs._rows(version, "train")
+    return trainer_data.tokenize_conversations(
+        _trainer_tokenizer(base), trainer_data.check_sft_rows(rows), max_length, assistant_only_loss
+    )
+
+
+def _config(**overrides) -> dict:
+    config, problems = jobs.normalise_config(
+        {**jobs.PRESETS["smoke"]["config"], "max_steps": None, "max_length": MAX, **overrides}
+    )
+    assert problems == []
+    return config
+
+
+def _estimate(version, base, method="lora", **overrides) -> dict:
+    return jobs.estimate(dataset_version=version, base_model=base, method=method, config=_config(**overrides))
+
+
+def _request(version, base, method="lora", **overrides):
+    return jobs.JobRequest(
+        dataset_version=version, base_model=base, method=method, config=_config(**overrides), preset="smoke"
+    )
+
+
+def _form(client, version, base, **fields) -> dict:
+    page = client.get(reverse("training:job_new") + "?preset=smoke")
+    data = {k: v for k, v in page.context["form"].initial.items() if v is not None and v is not False}
+    data.update(dataset_version=version.pk, base_model=base.pk, max_length=MAX, max_steps="", **fields)
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def _estimate_page(client, version, base, **fields) -> str:
+    response = client.post(reverse("training:job_estimate"), _form(client, version, base, **fields))
+    assert response.status_code == 200
+    return response.content.decode()
+
+
+def test_examples_whose_prompt_fills_the_max_length_are_left_out_of_the_estimate(
+    client_for, engineer, curator, smollm2
+):
+    version = _version(curator, smollm2, MIXED)
+    lengths = [c.token_count for c in version.examples.filter(split="train").order_by("position")]
+    assert [n > MAX for n in lengths] == [False, False, True, True, True]
+    kept, dropped = _trainer_sft(version, smollm2)
+    assert (len(kept), dropped) == (3, 2)  # the trainer keeps SHORT, OTHER and LONG_KEPT
+
+    figures = _estimate(version, smollm2)
+    assert figures["examples"] == 3 == len(kept)
+    assert figures["rows"] == 3
+    assert figures["truncated_examples"] == 1  # LONG_KEPT, cut at the max length
+    assert figures["tokens_per_epoch"] == trainer_data.count_tokens(kept) == lengths[0] + lengths[1] + MAX
+    assert figures["steps_per_epoch"] == figures["steps"] == 2  # 3 rows, batch 2 (5 rows would make 3)
+    assert figures["skipped"] == {
+        "examples": 2, "of": 5, "max_length": MAX, "candidates": 3, "measured": 3, "approximate": False,
+    }  # fmt: skip
+    assert figures["approximate"] is False and figures["examples_approximate"] is False
+
+    page = _estimate_page(client_for(engineer), version, smollm2)
+    assert SKIPPED_SENTENCE in page
+    assert "<dt>Examples</dt><dd>3 " in page
+
+    # packing packs only the kept examples (the two skipped would have made two more full rows)
+    packed = _estimate(version, smollm2, packing=True)
+    assert packed["examples"] == 3
+    assert packed["rows"] == len(trainer_data.packed_rows(kept, MAX, 42)) == 3
+
+    # the launched job keeps these figures and its step count
+    job = jobs.create_job(_request(version, smollm2), engineer)
+    assert job.estimate["examples"] == 3 and job.estimate["skipped"]["examples"] == 2
+    assert job.total_steps == 2
+
+
+def test_a_single_skipped_example_is_named_in_the_singular(client_for, engineer, curator, smollm2):
+    version = _version(curator, smollm2, [SHORT, OTHER, LONG_PROMPT])
+    assert _trainer_sft(version, smollm2)[1] == 1
+    assert _estimate(version, smollm2)["examples"] == 2
+    page = _estimate_page(client_for(engineer), version, smollm2)
+    assert (
+        "1 of 3 train examples would be skipped: its prompt alone fills the max length of 64 tokens; "
+        "raise the max length or shorten it." in page
+    )
+
+
+def test_a_launch_that_would_skip_every_example_is_refused(client_for, engineer, curator, smollm2):
+    version = _version(curator, smollm2, [LONG_PROMPT, LONG_PROMPT_2])
+    kept, dropped = _trainer_sft(version, smollm2)
+    assert (kept, dropped) == ([], 2)  # the trainer would fail: "No training row has an assistant answer…"
+
+    _config_, _name, problems, figures = jobs.preview(_request(version, smollm2))
+    assert figures is None and problems == [ALL_SKIPPED]
+    with pytest.raises(jobs.JobRefused) as refused:
+        jobs.create_job(_request(version, smollm2), engineer)
+    assert refused.value.problems == [ALL_SKIPPED]
+
+    client = client_for(engineer)
+    page = _estimate_page(client, version, smollm2)
+    assert "This job cannot run yet" in page and ALL_SKIPPED in page
+    response = client.post(reverse("training:job_new"), _form(client, version, smollm2))
+    assert response.status_code == 200 and ALL_SKIPPED in response.content.decode()
+    assert not TrainingJob.objects.exists()
+
+    # a max length that holds the prompts lets it run, with every example
+    figures = _estimate(version, smollm2, max_length=256)
+    assert figures["examples"] == 2 and figures["skipped"]["examples"] == 0
+
+
+def test_nothing_longer_than_the_max_length_leaves_the_figures_as_they_were(
+    client_for, engineer, curator, smollm2, monkeypatch
+):
+    version = _version(curator, smollm2, [SHORT, OTHER, SHORT[:1] + OTHER[1:]])
+    lengths = [c.token_count for c in version.examples.filter(split="train").order_by("position")]
+    assert max(lengths) <= MAX
+    kept, dropped = _trainer_sft(version, smollm2)
+    assert (len(kept), dropped) == (3, 0)
+
+    def no_tokenising(*args, **kwargs):
+        raise AssertionError("no example is longer than the max length: nothing to tokenise")
+
+    monkeypatch.setattr(trainer_data, "tokenize_conversations", no_tokenising)
+    figures = _estimate(version, smollm2)
+    assert figures["examples"] == 3 and figures["rows"] == 3 and figures["truncated_examples"] == 0
+    assert figures["tokens_per_epoch"] == sum(lengths) == trainer_data.count_tokens(kept)
+    assert figures["steps"] == 2
+    assert figures["skipped"]["examples"] == 0 and figures["skipped"]["candidates"] == 0
+    assert figures["approximate"] is False and figures["steps_approximate"] is False
+    page = _estimate_page(client_for(engineer), version, smollm2)
+    assert "would be skipped" not in page
+    assert "<dt>Examples</dt><dd>3</dd>" in page
+
+
+def test_without_assistant_only_loss_nothing_is_skipped(client_for, engineer, curator, smollm2, monkeypatch):
+    version = _version(curator, smollm2, MIXED)
+    kept, dropped = _trainer_sft(version, smollm2, assistant_only_loss=False)
+    assert (len(kept), dropped) == (5, 0)  # every token is trained: a cut row still has some
+
+    def no_tokenising(*args, **kwargs):
+        raise AssertionError("without assistant-only loss no row can be skipped: nothing to tokenise")
+
+    monkeypatch.setattr(trainer_data, "tokenize_conversations", no_tokenising)
+    figures = _estimate(version, smollm2, assistant_only_loss=False)
+    assert figures["examples"] == 5 and figures["truncated_examples"] == 3
+    assert figures["tokens_per_epoch"] == trainer_data.count_tokens(kept)
+    assert figures["skipped"]["examples"] == 0
+    page = _estimate_page(client_for(engineer), version, smollm2, assistant_only_loss="")
+    assert "would be skipped" not in page
+
+
+def test_many_long_examples_are_measured_on_an_evenly_spaced_sample(
+    client_for, engineer, curator, smollm2, monkeypatch
+):
+    version = _version(curator, smollm2, MIXED)
+    monkeypatch.setattr(jobs, "TOKEN_SAMPLE_SIZE", 2)
+    measured = []
+    real = trainer_data.tokenize_conversations
+
+    def tokenize_conversations(tokenizer, conversations, *args, **kwargs):
+        measured.extend(conversations)
+        return real(tokenizer, conversations, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_data, "tokenize_conversations", tokenize_conversations)
+    figures = _estimate(version, smollm2)
+    # candidates 2, 3, 4; the sample is 2 and 3, of which 3 is skipped: round(1 * 3 / 2) = 2 skipped
+    assert measured == [LONG_KEPT, LONG_PROMPT]
+    assert figures["skipped"] == {
+        "examples": 2, "of": 5, "max_length": MAX, "candidates": 3, "measured": 2, "approximate": True,
+    }  # fmt: skip
+    assert figures["examples"] == 3
+    assert figures["approximate"] is True and figures["examples_approximate"] is True
+    assert figures["steps_approximate"] is True
+    page = _estimate_page(client_for(engineer), version, smollm2)
+    assert "about " + SKIPPED_SENTENCE in page
+    assert "<dt>Examples</dt><dd>about 3 " in page
+    assert len(measured) == 2  # the page's request took the measurement from the cache
+
+
+def test_replayed_examples_are_still_added_from_the_mean(curator, smollm2):
+    """The replay share is of the whole train split (the worker mixes it in before the trainer skips)."""
+    replayed = make_version(curator, name="replayed")  # 8 train examples, stored counts 12 to 19
+    replay_lengths, _source = jobs.train_lengths(replayed, smollm2)
+    replay_mean = round(sum(replay_lengths) / len(replay_lengths))
+    assert replay_mean == 16
+    version = _version(curator, smollm2, MIXED)
+    figures = jobs.estimate(
+        dataset_version=version,
+        base_model=smollm2,
+        method="lora",
+        config=_config(),
+        replay_version=replayed,
+        replay_percent=40,  # round(5 * 40 / 100) = 2 replayed examples
+    )
+    assert figures["examples"] == 3 + 2
+    kept, _dropped = _trainer_sft(version, smollm2)
+    assert figures["tokens_per_epoch"] == trainer_data.count_tokens(kept) + 2 * replay_mean
+    assert figures["skipped"]["examples"] == 2 and figures["skipped"]["of"] == 5
+
+
+def _train(version):
+    return version.examples.filter(split="train").order_by("position")
+
+
+def _trl_keeps(version, base, tmp_path, max_length=MAX) -> int:
+    """How many pairs TRL's DPOTrainer keeps of the rows the worker writes (its own dataset preparation:
+    tokenising, then dropping the pairs whose prompt fills the max length)."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+    from trl import DPOConfig
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    tokenizer = _trainer_tokenizer(base)
+    items = trainer_data.preference_rows(jobs._rows(version, "train"))
+    args = DPOConfig(output_dir=str(tmp_path / "dpo"), max_length=max_length, use_cpu=True, bf16=False)
+    stub = SimpleNamespace(_tokenizer=tokenizer, _is_vision_dataset=False)
+    return len(DPOTrainer._prepare_dataset(stub, Dataset.from_list(items), tokenizer, args, "train"))
+
+
+def test_preference_pairs_whose_prompt_fills_the_max_length_are_left_out(
+    client_for, engineer, curator, smollm2, tmp_path
+):
+    pairs = [
+        ([{"role": "user", "content": "where is my parcel"}], "it ships tomorrow", "no idea"),
+        ([{"role": "user", "content": LONG}], "it ships tomorrow", "no idea"),
+        ([{"role": "user", "content": "how do i reset the router"}], "hold the button", "buy a new one"),
+        ([{"role": "user", "content": "hello " + LONG}], "sorry", "no"),
+    ]
+    version = _version(curator, smollm2, pairs, kind="preference", name="prefs")
+    assert _trl_keeps(version, smollm2, tmp_path) == 2
+
+    figures = _estimate(version, smollm2, method="dpo", packing=False)
+    assert figures["examples"] == 2
+    assert figures["skipped"]["examples"] == 2 and figures["skipped"]["of"] == 4
+    short = [c.token_count for c in _train(version)][0::2]
+    assert figures["tokens_per_epoch"] == sum(short)
+    page = _estimate_page(client_for(engineer), version, smollm2, method="dpo", packing="")
+    assert (
+        "2 of 4 train examples would be skipped: their prompt alone fills the max length of 64 tokens; "
+        "raise the max length or shorten them." in page
+    )
+
+    only_long = _version(curator, smollm2, pairs[1::2], kind="preference", name="long-prefs")
+    # the trainer would fail: "No preference pair's prompt fits in the max length…"
+    assert _trl_keeps(only_long, smollm2, tmp_path) == 0
+    with pytest.raises(jobs.JobRefused) as refused:
+        jobs.create_job(_request(only_long, smollm2, method="dpo", packing=False), engineer)
+    assert refused.value.problems == [ALL_SKIPPED]
