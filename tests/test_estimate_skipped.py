@@ -58,12 +58,14 @@ def smollm2(smollm2_dir, admin_user):
     return register_local_dir("SmolLM2-skips", Path(smollm2_dir), admin_user)
 
 
-def _version(user, base, items, *, kind="sft", name="skips"):
+def _version(user, base, items, *, kind="sft", name="skips", eval_items=()):
     """A frozen version of `items` (conversations, or (prompt messages, chosen, rejected) for preference)
-    in the train split, with the token counts the importer stores for `base` (so train_lengths uses them)."""
+    in the train split (and `eval_items` after them in the eval split), with the token counts the importer
+    stores for `base` (so train_lengths uses them)."""
     tokenizer = tokens.load_tokenizer(base.local_dir)
     dataset = create_dataset(name, kind, user, base_model=base)
-    for position, item in enumerate(items):
+    splits = ["train"] * len(items) + ["eval"] * len(eval_items)
+    for position, (item, split) in enumerate(zip([*items, *eval_items], splits, strict=True)):
         if kind == "preference":
             messages, chosen, rejected = item
             fields = {"chosen": chosen, "rejected": rejected}
@@ -76,7 +78,7 @@ def _version(user, base, items, *, kind="sft", name="skips"):
             dataset=dataset,
             position=position,
             messages=messages,
-            split="train",
+            split=split,
             content_hash=f"{position:064d}",
             token_count=count,
             pii_status=Example.Pii.CLEAN,
@@ -92,9 +94,9 @@ def _trainer_tokenizer(base):
     return AutoTokenizer.from_pretrained(str(base.local_dir), local_files_only=True)
 
 
-def _trainer_sft(version, base, max_length=MAX, assistant_only_loss=True):
+def _trainer_sft(version, base, max_length=MAX, assistant_only_loss=True, split="train"):
     """(kept examples, dropped count) as the trainer makes them from the rows the worker writes."""
-    rows = jobs._rows(version, "train")
+    rows = jobs._rows(version, split)
     return trainer_data.tokenize_conversations(
         _trainer_tokenizer(base), trainer_data.check_sft_rows(rows), max_length, assistant_only_loss
     )
@@ -294,7 +296,7 @@ def _train(version):
     return version.examples.filter(split="train").order_by("position")
 
 
-def _trl_keeps(version, base, tmp_path, max_length=MAX) -> int:
+def _trl_keeps(version, base, tmp_path, max_length=MAX, split="train") -> int:
     """How many pairs TRL's DPOTrainer keeps of the rows the worker writes (its own dataset preparation:
     tokenising, then dropping the pairs whose prompt fills the max length)."""
     from types import SimpleNamespace
@@ -304,7 +306,7 @@ def _trl_keeps(version, base, tmp_path, max_length=MAX) -> int:
     from trl.trainer.dpo_trainer import DPOTrainer
 
     tokenizer = _trainer_tokenizer(base)
-    items = trainer_data.preference_rows(jobs._rows(version, "train"))
+    items = trainer_data.preference_rows(jobs._rows(version, split))
     args = DPOConfig(output_dir=str(tmp_path / "dpo"), max_length=max_length, use_cpu=True, bf16=False)
     stub = SimpleNamespace(_tokenizer=tokenizer, _is_vision_dataset=False)
     return len(DPOTrainer._prepare_dataset(stub, Dataset.from_list(items), tokenizer, args, "train"))
@@ -339,3 +341,204 @@ def test_preference_pairs_whose_prompt_fills_the_max_length_are_left_out(
     with pytest.raises(jobs.JobRefused) as refused:
         jobs.create_job(_request(only_long, smollm2, method="dpo", packing=False), engineer)
     assert refused.value.problems == [ALL_SKIPPED]
+
+
+# --- the eval split: the trainer tokenises it the same way and skips the same rows; with evaluation every
+# N steps on and none left it fails at its start ("No evaluation row has an assistant answer within the
+# max length…"; DPO: "No evaluation pair's prompt fits in the max length…")
+
+ALL_EVAL_SKIPPED = (
+    "All 2 eval examples would be skipped: their prompt alone fills the max length of 64 tokens, so the "
+    "job would have nothing to evaluate every 2 steps. Raise the max length, shorten them or set evaluate "
+    "every N steps to 0."
+)
+
+
+def _without(figures: dict, *keys) -> dict:
+    return {k: v for k, v in figures.items() if k not in keys}
+
+
+def test_eval_examples_whose_prompt_fills_the_max_length_are_named_on_the_panel(
+    client_for, engineer, curator, smollm2
+):
+    train = [SHORT, OTHER, LONG_KEPT]
+    # positions 0-3 of the eval split: candidates (longer than MAX) are 1 and 3, and 1 is skipped
+    evals = [SHORT, LONG_PROMPT, OTHER, LONG_KEPT]
+    version = _version(curator, smollm2, train, eval_items=evals)
+    lengths = [c.token_count for c in version.examples.filter(split="eval").order_by("position")]
+    assert [n > MAX for n in lengths] == [False, True, False, True]
+    kept, dropped = _trainer_sft(version, smollm2, split="eval")
+    assert (len(kept), dropped) == (3, 1)
+
+    figures = _estimate(version, smollm2, eval_every=2)
+    assert figures["eval_skipped"] == {
+        "examples": 1, "of": 4, "max_length": MAX, "candidates": 2, "measured": 2, "approximate": False,
+    }  # fmt: skip
+    # the train figures are those of the same train split without an eval split
+    train_only = _estimate(_version(curator, smollm2, train, name="train-only"), smollm2, eval_every=2)
+    assert train_only["eval_skipped"] is None
+    assert _without(figures, "eval_skipped") == _without(train_only, "eval_skipped")
+    assert figures["examples"] == 3 and figures["skipped"]["examples"] == 0
+
+    page = _estimate_page(client_for(engineer), version, smollm2, eval_every=2)
+    assert (
+        "1 of 4 eval examples would be skipped: its prompt alone fills the max length of 64 tokens; "
+        "raise the max length or shorten it." in page
+    )
+    assert "train examples would be skipped" not in page
+
+    # some eval examples are left: the job runs (as the trainer does, evaluating on the 3 kept)
+    job = jobs.create_job(_request(version, smollm2, eval_every=2), engineer)
+    assert job.estimate["eval_skipped"]["examples"] == 1
+
+    # two skipped: the plural, beside the train split's own sentence
+    both = _version(curator, smollm2, MIXED, name="both", eval_items=[LONG_PROMPT, SHORT, LONG_PROMPT_2])
+    assert _trainer_sft(both, smollm2, split="eval")[1] == 2
+    page = _estimate_page(client_for(engineer), both, smollm2)
+    assert SKIPPED_SENTENCE in page
+    assert (
+        "2 of 3 eval examples would be skipped: their prompt alone fills the max length of 64 tokens; "
+        "raise the max length or shorten them." in page
+    )
+
+
+def test_a_launch_evaluating_every_n_steps_with_every_eval_example_skipped_is_refused(
+    client_for, engineer, curator, smollm2
+):
+    version = _version(curator, smollm2, [SHORT, OTHER], eval_items=[LONG_PROMPT, LONG_PROMPT_2])
+    assert _trainer_sft(version, smollm2, split="eval") == ([], 2)  # the trainer would fail at its start
+    assert _trainer_sft(version, smollm2)[1] == 0
+
+    _config_, _name, problems, figures = jobs.preview(_request(version, smollm2, eval_every=2))
+    assert figures is None and problems == [ALL_EVAL_SKIPPED]
+    with pytest.raises(jobs.JobRefused) as refused:
+        jobs.create_job(_request(version, smollm2, eval_every=2), engineer)
+    assert refused.value.problems == [ALL_EVAL_SKIPPED]
+
+    client = client_for(engineer)
+    page = _estimate_page(client, version, smollm2, eval_every=2)
+    assert "This job cannot run yet" in page and ALL_EVAL_SKIPPED in page
+    response = client.post(reverse("training:job_new"), _form(client, version, smollm2, eval_every=2))
+    assert response.status_code == 200 and ALL_EVAL_SKIPPED in response.content.decode()
+    assert not TrainingJob.objects.exists()
+
+    # a max length that holds the prompts lets it run, evaluating on both
+    figures = _estimate(version, smollm2, eval_every=2, max_length=256)
+    assert figures["eval_skipped"]["examples"] == 0 and figures["eval_skipped"]["of"] == 2
+
+
+def test_every_eval_example_skipped_without_evaluation_every_n_steps_is_allowed(
+    client_for, engineer, curator, smollm2
+):
+    version = _version(curator, smollm2, [SHORT, OTHER], eval_items=[LONG_PROMPT, LONG_PROMPT_2])
+    figures = _estimate(version, smollm2, eval_every=0)
+    assert figures["eval_skipped"] == {
+        "examples": 2, "of": 2, "max_length": MAX, "candidates": 2, "measured": 2, "approximate": False,
+    }  # fmt: skip
+    assert figures["examples"] == 2 and figures["skipped"]["examples"] == 0
+    page = _estimate_page(client_for(engineer), version, smollm2, eval_every=0)
+    assert "This job cannot run yet" not in page
+    assert (
+        "2 of 2 eval examples would be skipped: their prompt alone fills the max length of 64 tokens; "
+        "raise the max length or shorten them." in page
+    )
+    job = jobs.create_job(_request(version, smollm2, eval_every=0), engineer)
+    assert job.estimate["eval_skipped"]["examples"] == 2
+
+
+def test_a_single_eval_example_and_a_train_split_all_skipped_are_both_named(engineer, curator, smollm2):
+    version = _version(curator, smollm2, [SHORT], eval_items=[LONG_PROMPT])
+    with pytest.raises(jobs.JobRefused) as refused:
+        jobs.create_job(_request(version, smollm2, eval_every=1), engineer)
+    assert refused.value.problems == [
+        "The eval example would be skipped: its prompt alone fills the max length of 64 tokens, so the job "
+        "would have nothing to evaluate every step. Raise the max length, shorten it or set evaluate every "
+        "N steps to 0."
+    ]
+    both = _version(
+        curator, smollm2, [LONG_PROMPT, LONG_PROMPT_2], name="both", eval_items=[LONG_PROMPT, LONG_PROMPT_2]
+    )
+    _config_, _name, problems, figures = jobs.preview(_request(both, smollm2, eval_every=2))
+    assert figures is None and problems == [ALL_SKIPPED, ALL_EVAL_SKIPPED]
+    assert not TrainingJob.objects.exists()
+
+
+def test_no_long_eval_example_tokenises_nothing_and_leaves_the_figures_as_they_were(
+    client_for, engineer, curator, smollm2, monkeypatch
+):
+    train = [SHORT, OTHER, SHORT[:1] + OTHER[1:]]
+    version = _version(curator, smollm2, train, eval_items=[OTHER, SHORT])
+    assert max(c.token_count for c in version.examples.all()) <= MAX
+    kept, dropped = _trainer_sft(version, smollm2, split="eval")
+    assert (len(kept), dropped) == (2, 0)  # the trainer keeps both eval examples
+    train_only = _estimate(_version(curator, smollm2, train, name="train-only"), smollm2, eval_every=2)
+
+    def no_tokenising(*args, **kwargs):
+        raise AssertionError("no example is longer than the max length: nothing to tokenise")
+
+    monkeypatch.setattr(trainer_data, "tokenize_conversations", no_tokenising)
+    figures = _estimate(version, smollm2, eval_every=2)
+    assert figures["eval_skipped"] == {
+        "examples": 0, "of": 2, "max_length": MAX, "candidates": 0, "measured": 0, "approximate": False,
+    }  # fmt: skip
+    assert _without(figures, "eval_skipped") == _without(train_only, "eval_skipped")
+    page = _estimate_page(client_for(engineer), version, smollm2, eval_every=2)
+    assert "would be skipped" not in page and "This job cannot run yet" not in page
+
+
+def test_eval_counts_made_with_another_tokenizer_are_counted_only_when_evaluating_every_n_steps(
+    client_for, engineer, curator, smollm2, monkeypatch
+):
+    """Without stored counts of the job's tokenizer the eval split is counted (as the train split is)
+    only when evaluation every N steps is on, the one case where it can fail the job."""
+    from datasets_app.models import DatasetVersion, VersionExample
+
+    # two train and two eval examples: the same number, so each split must keep its own cached counts
+    version = _version(curator, smollm2, [SHORT, OTHER], eval_items=[LONG_PROMPT, LONG_PROMPT_2])
+    VersionExample.objects.filter(version=version).update(token_count=0)
+    DatasetVersion.objects.filter(pk=version.pk).update(base_model=None)
+    version.refresh_from_db()
+    counted = []
+    real = tokens.count_many
+
+    def count_many(tokenizer, conversations):
+        counted.append([c[0]["content"][:5] for c in conversations])
+        return real(tokenizer, conversations)
+
+    monkeypatch.setattr(tokens, "count_many", count_many)
+    figures = _estimate(version, smollm2, eval_every=0)
+    assert counted == [["where", "how d"]]  # the train split only
+    assert figures["eval_skipped"] is None and figures["token_sources"][0]["method"] == "counted"
+    page = _estimate_page(client_for(engineer), version, smollm2, eval_every=0)
+    assert "would be skipped" not in page
+
+    counted.clear()
+    with pytest.raises(jobs.JobRefused) as refused:
+        jobs.create_job(_request(version, smollm2, eval_every=2), engineer)
+    assert refused.value.problems == [ALL_EVAL_SKIPPED]
+    assert counted == [["my pa", "hello"]]  # the eval split, now; the train split's counts were cached
+
+
+def test_preference_eval_pairs_whose_prompt_fills_the_max_length_refuse_evaluation_every_n_steps(
+    engineer, curator, smollm2, tmp_path
+):
+    short = [
+        ([{"role": "user", "content": "where is my parcel"}], "it ships tomorrow", "no idea"),
+        ([{"role": "user", "content": "how do i reset the router"}], "hold the button", "buy a new one"),
+    ]
+    long = [
+        ([{"role": "user", "content": LONG}], "it ships tomorrow", "no idea"),
+        ([{"role": "user", "content": "hello " + LONG}], "sorry", "no"),
+    ]
+    version = _version(curator, smollm2, short, kind="preference", name="prefs", eval_items=long)
+    assert _trl_keeps(version, smollm2, tmp_path, split="eval") == 0  # the trainer would fail at its start
+    with pytest.raises(jobs.JobRefused) as refused:
+        jobs.create_job(_request(version, smollm2, method="dpo", packing=False, eval_every=2), engineer)
+    assert refused.value.problems == [ALL_EVAL_SKIPPED]
+
+    mixed = _version(
+        curator, smollm2, short, kind="preference", name="mixed-prefs", eval_items=[short[0], *long]
+    )
+    assert _trl_keeps(mixed, smollm2, tmp_path, split="eval") == 1
+    figures = _estimate(mixed, smollm2, method="dpo", packing=False, eval_every=2)
+    assert figures["eval_skipped"]["examples"] == 2 and figures["eval_skipped"]["of"] == 3

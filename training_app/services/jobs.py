@@ -275,16 +275,34 @@ def estimate(
     """Tokens, steps and epochs of the run and its memory against the target device. The token figures
     are those of `base_model`'s tokenizer (see `train_lengths`); `token_sources` says how they were had.
     Train examples the trainer will skip (no trained token within the max length: see `skipped_train`)
-    are left out of every figure and reported under `skipped`; when it would skip them all, JobRefused."""
+    are left out of every figure and reported under `skipped`; when it would skip them all, JobRefused.
+    The eval split's examples the trainer will skip are reported under `eval_skipped` (see
+    `_eval_skipped`); when evaluation every N steps is on and it would skip them all, JobRefused too."""
 
     lengths, source = train_lengths(dataset_version, base_model)
     max_length = config["max_length"]
     # the replay share is of the whole train split: the worker mixes it in before the trainer skips rows
     extra = round(len(lengths) * replay_percent / 100) if replay_version is not None and replay_percent else 0
     skipped = skipped_train(dataset_version, base_model, method, config, lengths)
+    eval_skipped = _eval_skipped(dataset_version, base_model, method, config)
+    refusals = []
+    if skipped["examples"] and skipped["examples"] == len(lengths) and not skipped["approximate"]:
+        refusals.append(_all_skipped_message(len(lengths), max_length))
+    eval_every = config.get("eval_every") or 0
+    if (
+        eval_every
+        and eval_skipped
+        and eval_skipped["examples"] == eval_skipped["of"]
+        and not eval_skipped["approximate"]
+    ):
+        # the trainer fails at its start: "No evaluation row has an assistant answer within the max length…"
+        # (DPO: "No evaluation pair's prompt fits in the max length…")
+        refusals.append(
+            _all_skipped_message(eval_skipped["of"], max_length, split="eval", eval_every=eval_every)
+        )
+    if refusals:
+        raise JobRefused(refusals)
     if skipped["examples"]:
-        if skipped["examples"] == len(lengths) and not skipped["approximate"]:
-            raise JobRefused(_all_skipped_message(len(lengths), max_length))
         gone = set(skipped["indices"])
         lengths = [n for i, n in enumerate(lengths) if i not in gone]
     replay_source = None
@@ -337,6 +355,8 @@ def estimate(
         and not config.get("max_steps"),
         # train examples the trainer will skip, and why (the page says so)
         "skipped": {k: v for k, v in skipped.items() if k != "indices"},
+        # the same for the eval split (None: no eval split, or not checked: see `_eval_skipped`)
+        "eval_skipped": {k: v for k, v in eval_skipped.items() if k != "indices"} if eval_skipped else None,
     }
     devices = known_devices()
     target = device or devices[0]
@@ -365,9 +385,13 @@ TOKEN_SAMPLE_SIZE = 2000
 TOKEN_COUNTS_CACHE_SECONDS = 3600
 
 
-def train_lengths(version: DatasetVersion, base_model: BaseModel) -> tuple[list[int], dict]:
-    """Token counts of the version's train examples (in position order) as `base_model`'s tokenizer makes
-    them, and where they come from: {"method", "tokenizer", "counted_with", "examples", "sample"}.
+def train_lengths(
+    version: DatasetVersion, base_model: BaseModel, split: str = "train", *, count: bool = True
+) -> tuple[list[int] | None, dict]:
+    """Token counts of the version's `split` examples (the train split unless told; in position order)
+    as `base_model`'s tokenizer makes them, and where they come from: {"method", "tokenizer",
+    "counted_with", "examples", "sample"}. With `count` False, counts that would have to be made now
+    (the stored ones are not usable) are not: (None, the source as it would be) instead.
 
     The counts stored with a version were made with the tokenizer of the dataset's base model
     (`version.base_model`) when the examples were imported. When that is the job's base model they are
@@ -376,7 +400,7 @@ def train_lengths(version: DatasetVersion, base_model: BaseModel) -> tuple[list[
     TOKEN_SAMPLE_SIZE, else an evenly spaced sample whose counts are extrapolated and labelled an estimate.
     A version without a base model has no counts (0) and is counted too; one whose nonzero counts name no
     tokenizer (made outside the importer) keeps them, labelled as such."""
-    rows = list(version.examples.filter(split="train").order_by("position").values_list("pk", "token_count"))
+    rows = list(version.examples.filter(split=split).order_by("position").values_list("pk", "token_count"))
     stored = [count for _pk, count in rows]
     counted_with = version.base_model.name if version.base_model_id else ""
     source = {
@@ -394,18 +418,23 @@ def train_lengths(version: DatasetVersion, base_model: BaseModel) -> tuple[list[
         return [], {**source, "method": COUNTED}
     size = max(1, TOKEN_SAMPLE_SIZE)
     picks = list(range(len(rows))) if len(rows) <= size else [i * len(rows) // size for i in range(size)]
-    counts = _sample_counts(version, [rows[i][0] for i in picks], base_model)
+    if not count:
+        return None, {**source, "method": COUNTED if len(picks) == len(rows) else SAMPLED}
+    counts = _sample_counts(version, [rows[i][0] for i in picks], base_model, split)
     if len(picks) == len(rows):
         return counts, {**source, "method": COUNTED, "sample": len(rows)}
     return _extrapolate(stored, picks, counts), {**source, "method": SAMPLED, "sample": len(picks)}
 
 
-def _sample_counts(version: DatasetVersion, ids: list[int], base_model: BaseModel) -> list[int]:
+def _sample_counts(
+    version: DatasetVersion, ids: list[int], base_model: BaseModel, split: str = "train"
+) -> list[int]:
     """`_count_examples`, kept a while in the cache: a version never changes, and the form asks for the
-    estimate again at every change of a field (the counting takes up to about a second)."""
+    estimate again at every change of a field (the counting takes up to about a second). `split` is the
+    split `ids` come from (two splits of the same size must not share an entry)."""
     from django.core.cache import cache
 
-    key = f"training:token-counts:{version.pk}:{base_model.pk}:{len(ids)}"
+    key = f"training:token-counts:{version.pk}:{base_model.pk}:{split}:{len(ids)}"
     counts = cache.get(key)
     if not isinstance(counts, list) or len(counts) != len(ids):
         counts = _count_examples(version, ids, base_model)
@@ -514,20 +543,27 @@ def _extrapolate(stored: list[int], picks: list[int], counts: list[int]) -> list
 
 
 def skipped_train(
-    version: DatasetVersion, base_model: BaseModel, method: str, config: dict, lengths: list[int]
+    version: DatasetVersion,
+    base_model: BaseModel,
+    method: str,
+    config: dict,
+    lengths: list[int],
+    split: str = "train",
 ) -> dict:
-    """The train examples the trainer will skip for having no trained token within the max length:
+    """The train examples (or those of `split`: the trainer tokenises the eval split the same way and
+    skips the same ones) the trainer will skip for having no trained token within the max length:
     {"examples", "of", "max_length", "candidates", "measured", "approximate", "indices"}.
 
     SFT (with assistant-only loss, the default): a conversation whose tokens before its first answer fill
     the max length (`trainer.data.tokenize_conversations` drops it); without assistant-only loss every
     token is trained and nothing is skipped. DPO: a pair whose prompt fills the max length (TRL's
     DPOTrainer drops it; see `_dpo_prompt_fills`). Only an example longer than (DPO: as long as) the max
-    length (`lengths`, as `train_lengths` gives them) can be skipped, so only those are tokenised, with
-    `base_model`'s tokenizer and the trainer's own tokenisation; beyond TOKEN_SAMPLE_SIZE of them an evenly spaced
-    sample is, and its share skipped extrapolated ("approximate"). `indices` are positions in `lengths`
-    of examples counted as skipped (the measured ones, then other candidates to make up an extrapolated
-    count: every candidate is cut to the max length, so which ones does not change a figure)."""
+    length (`lengths`, as `train_lengths` gives them for `split`) can be skipped, so only those are
+    tokenised, with `base_model`'s tokenizer and the trainer's own tokenisation; beyond TOKEN_SAMPLE_SIZE
+    of them an evenly spaced sample is, and its share skipped extrapolated ("approximate"). `indices` are
+    positions in `lengths` of examples counted as skipped (the measured ones, then other candidates to
+    make up an extrapolated count: every candidate is cut to the max length, so which ones does not
+    change a figure)."""
     max_length = config["max_length"]
     dpo = method == Method.DPO
     skipped = {
@@ -551,7 +587,7 @@ def skipped_train(
         picks = candidates
     else:
         picks = [candidates[i * len(candidates) // size] for i in range(size)]
-    pks = list(version.examples.filter(split="train").order_by("position").values_list("pk", flat=True))
+    pks = list(version.examples.filter(split=split).order_by("position").values_list("pk", flat=True))
     dropped_pks = set(_sample_skipped(version, [pks[i] for i in picks], base_model, dpo, config))
     dropped = [i for i in picks if pks[i] in dropped_pks]
     count = len(dropped)
@@ -567,6 +603,17 @@ def skipped_train(
         "approximate": len(picks) < len(candidates),
         "indices": dropped[:count],
     }
+
+
+def _eval_skipped(version: DatasetVersion, base_model: BaseModel, method: str, config: dict) -> dict | None:
+    """`skipped_train` for the version's eval split, or None: no eval split, or its stored token counts
+    are another tokenizer's and evaluation every N steps is off. Counting them would then cost a
+    tokenising pass for a figure that cannot fail the job (with it on, the trainer fails at its start
+    when every eval example is skipped, so they are counted: see `estimate`)."""
+    lengths, _source = train_lengths(version, base_model, "eval", count=bool(config.get("eval_every")))
+    if not lengths:
+        return None
+    return skipped_train(version, base_model, method, config, lengths, split="eval")
 
 
 def _sample_skipped(
@@ -674,7 +721,20 @@ def _dpo_prompt_fills(tokenizer, row: dict, max_length: int) -> bool:
     return prompt_len >= max_length
 
 
-def _all_skipped_message(total: int, max_length: int) -> str:
+def _all_skipped_message(total: int, max_length: int, split: str = "train", eval_every: int = 0) -> str:
+    if split == "eval":
+        every = "step" if eval_every == 1 else f"{eval_every:,} steps"
+        if total == 1:
+            return (
+                f"The eval example would be skipped: its prompt alone fills the max length of {max_length:,} "
+                f"tokens, so the job would have nothing to evaluate every {every}. Raise the max length, "
+                "shorten it or set evaluate every N steps to 0."
+            )
+        return (
+            f"All {total:,} eval examples would be skipped: their prompt alone fills the max length of "
+            f"{max_length:,} tokens, so the job would have nothing to evaluate every {every}. Raise the max "
+            "length, shorten them or set evaluate every N steps to 0."
+        )
     if total == 1:
         return (
             f"The train example would be skipped: its prompt alone fills the max length of {max_length:,} "
