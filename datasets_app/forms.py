@@ -2,13 +2,14 @@ from __future__ import annotations
 
 import re
 
+import regex as regex_engine  # Presidio's engine, which the scan runs the patterns on
 from django import forms
 from django.conf import settings
 
 from training_app.models import BaseModel
 
 from .models import Dataset, Example
-from .pii import DEFAULT_KEEP_PATTERNS, ENTITY_TYPES, CustomRecognizer, PiiPolicy
+from .pii import DEFAULT_KEEP_PATTERNS, ENTITY_TYPES, PATTERN_MAX_CHARS, CustomRecognizer, PiiPolicy
 
 OPERATORS = [
     ("pseudonym", "Pseudonym (<PERSON_1>)"),
@@ -78,6 +79,41 @@ class CsvMappingForm(forms.Form):
         return data
 
 
+# Each regular expression is tried on probe texts before it is saved (datasets_app.pii: a pattern that
+# backtracks exponentially is refused), and the regex engine's time for that grows with the cube of the
+# pattern's length: a 10,000-character line held the request for minutes. The policy refuses a pattern
+# longer than pii.PATTERN_MAX_CHARS before probing it; the form says so per line, and limits the lines.
+PATTERN_MAX_LINES = 50
+
+
+def _compiles(pattern: str) -> bool:
+    """Whether both engines compile the pattern (cheap, unlike the backtracking probe). One that does not
+    is left to the policy's own check, which names the regex error."""
+    try:
+        re.compile(pattern)
+        regex_engine.compile(pattern)
+    except (re.error, regex_engine.error, TypeError, ValueError, OverflowError, RecursionError, MemoryError):
+        return False
+    return True
+
+
+def _check_pattern_lines(text: str, what: str) -> None:
+    """Refuse more than PATTERN_MAX_LINES patterns, or one longer than PATTERN_MAX_CHARS, in the field's
+    words (`what`: "keep-pattern", "recognizer"). Lines are numbered as the curator sees them."""
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if len(lines) > PATTERN_MAX_LINES:
+        raise forms.ValidationError(
+            f"{len(lines):,} {what}s given; at most {PATTERN_MAX_LINES} are allowed. Merge similar ones "
+            "into one regular expression or remove those no longer needed."
+        )
+    for n, line in lines:
+        if len(line) > PATTERN_MAX_CHARS and _compiles(line):  # one that does not: "invalid regex" says why
+            raise forms.ValidationError(
+                f"Line {n}: the {what} is {len(line):,} characters long; at most {PATTERN_MAX_CHARS:,} are "
+                "allowed. Describe the shape of the identifier (e.g. ORD-\\d{6}) rather than listing values."
+            )
+
+
 class PolicyForm(forms.Form):
     enabled_types = forms.MultipleChoiceField(
         choices=[(t, t) for t in ENTITY_TYPES], widget=forms.CheckboxSelectMultiple, required=False
@@ -123,6 +159,7 @@ class PolicyForm(forms.Form):
         return [self[name] for name in self.fields if name.startswith("op_")]
 
     def clean_custom_recognizers(self):
+        _check_pattern_lines(self.cleaned_data["custom_recognizers"], "recognizer")
         out = []
         for n, line in enumerate(self.cleaned_data["custom_recognizers"].splitlines(), 1):
             if not line.strip():
@@ -135,6 +172,10 @@ class PolicyForm(forms.Form):
                 )
             out.append(CustomRecognizer(name=name.lower(), entity_type=name, regex=regex))
         return out
+
+    def clean_keep_patterns(self):
+        _check_pattern_lines(self.cleaned_data["keep_patterns"], "keep-pattern")
+        return self.cleaned_data["keep_patterns"]
 
     def to_policy(self, base: PiiPolicy) -> PiiPolicy:
         d = self.cleaned_data

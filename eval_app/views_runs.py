@@ -11,6 +11,7 @@ from django.views.decorators.http import require_POST
 
 from studio import audit
 from studio.htmx import render_htmx
+from studio.numbers import form_id
 from studio.roles import CURATOR, ENGINEER, REVIEWER, has_role, role_required
 
 from . import stats
@@ -62,11 +63,9 @@ def run_new(request):
                 return redirect(run)
     else:
         initial = {}
-        version_id = request.GET.get("version", "")
-        if version_id.isascii() and version_id.isdigit():
-            version = (
-                ModelVersion.objects.filter(pk=int(version_id)).select_related("dataset_version").first()
-            )
+        version_id = form_id(request.GET.get("version", ""))  # a garbled id preselects nothing
+        if version_id is not None:
+            version = ModelVersion.objects.filter(pk=version_id).select_related("dataset_version").first()
             if version is not None:
                 initial["candidate"] = version.pk
                 if version.dataset_version_id:

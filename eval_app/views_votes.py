@@ -16,6 +16,7 @@ from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
+from studio.numbers import form_id
 from studio.roles import ADMIN, ENGINEER, REVIEWER, role_required
 
 from . import stats
@@ -62,9 +63,10 @@ def review_next(request):
         held = voting.current_assignment(request.user, _session_run(request))
         return redirect("eval:review", held.comparison_id) if held else redirect("eval:reviews")
     if "run" in request.POST:
-        raw = request.POST.get("run", "")
-        if raw.isascii() and raw.isdigit():
-            request.session[SESSION_RUN] = int(raw)
+        # anything but a run id (letters, or thousands of digits that int() refuses) means "any run"
+        run_id = form_id(request.POST.get("run", ""))
+        if run_id is not None:
+            request.session[SESSION_RUN] = run_id
         else:
             request.session.pop(SESSION_RUN, None)
     run = _session_run(request)
