@@ -266,6 +266,12 @@ def _as_list(value: Any, default: list) -> list:
     return list(value)
 
 
+# The backtracking probe below takes time that grows with about the cube of a pattern's length (a
+# 10,000-character pattern took minutes): longer patterns are refused before it runs. Real keep-patterns
+# and recognizers are short (the longest default is under 200 characters).
+PATTERN_MAX_CHARS = 500
+
+
 def _regex_error(pattern: str) -> str | None:
     """Compile with ``re`` (the documented dialect) and ``regex`` (Presidio's engine)."""
     # OverflowError: a repeat count beyond the engine's range ("a{99999999999999}"); RecursionError:
@@ -283,12 +289,22 @@ def _regex_error(pattern: str) -> str | None:
         return str(exc)
     except too_big as exc:
         return str(exc) or type(exc).__name__
+    if len(pattern) > PATTERN_MAX_CHARS:
+        return (
+            f"it is {len(pattern):,} characters long; at most {PATTERN_MAX_CHARS:,} are allowed. Describe the "
+            "shape of the identifier (e.g. ORD-\\d{6}) rather than listing values"
+        )
     if _backtracks(pattern):
         return (
             "it takes too long on some texts (a repetition inside a repetition, such as (a|aa)+ or "
             "(\\w+\\s?)*, can make the matcher try exponentially many ways); simplify it"
         )
     return None
+
+
+def _shown(pattern: str) -> str:
+    """A pattern as an error message quotes it: its repr, cut after 80 characters."""
+    return repr(pattern) if len(pattern) <= 80 else f"{pattern[:80]!r}… ({len(pattern):,} characters)"
 
 
 PROBE_SECONDS = 0.05  # per probe text: a sane pattern answers in microseconds
@@ -461,7 +477,7 @@ class PiiPolicy:
             else:
                 problem = _regex_error(rec.regex)
                 if problem:
-                    errors.append(f"{where}.regex: invalid regex {rec.regex!r}: {problem}")
+                    errors.append(f"{where}.regex: invalid regex {_shown(rec.regex)}: {problem}")
             if (
                 isinstance(rec.score, bool)
                 or not isinstance(rec.score, int | float)
@@ -479,7 +495,7 @@ class PiiPolicy:
                 continue
             problem = _regex_error(pattern)
             if problem:
-                errors.append(f"keep_patterns[{i}]: invalid regex {pattern!r}: {problem}")
+                errors.append(f"keep_patterns[{i}]: invalid regex {_shown(pattern)}: {problem}")
         for entity_type, operator in self.operators.items():
             if entity_type not in known:
                 errors.append(f"operators: unknown entity type {entity_type!r}")
