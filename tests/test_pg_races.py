@@ -16,7 +16,9 @@ invariants afterwards:
   model line.
 
 Every race runs in three orders, each a few times: both threads released together by a barrier, and each
-side first (it holds its row lock, sleeping in a hook while the other side starts and has to wait).
+side first: it holds its row lock, waiting in a hook while the other side starts, until that side is
+blocked on one of its locks (PostgreSQL's pg_locks shows its backend waiting) or has finished without
+waiting. No fixed sleep: a slow start of the other side (a loaded machine) cannot turn the order around.
 None may deadlock or hang: every racer's connection gets a `lock_timeout`, the threads are joined with a
 timeout, and PostgreSQL's DeadlockDetected (raised by its deadlock detector after `deadlock_timeout`) fails
 the test. SQLite runs write transactions one at a time, so these tests only run on PostgreSQL.
@@ -53,7 +55,10 @@ pytestmark = [
 ]
 
 ITERATIONS = 5
-HOLD = 0.25  # seconds the leading side sleeps holding its locks while the other side starts and waits
+# the leading side holds its locks until the other side is blocked on one of them or has finished; this
+# long at most (a follower neither blocked nor finished by then is stuck elsewhere: the race fails)
+HOLD_MAX = 10.0
+POLL = 0.005  # seconds between two looks at the other side
 LOCK_TIMEOUT_MS = 10_000  # a racer's lock wait this long is a hang, not a wait: it fails, it never blocks
 RACE_TIMEOUT = 30  # seconds for a whole race; PostgreSQL's deadlock_timeout is 1 s
 ORDERS = ("together", "first-leads", "second-leads")
@@ -74,11 +79,15 @@ class Racer(threading.Thread):
         super().__init__(name=name, daemon=True)
         self.action, self.barrier, self.wait_for = action, barrier, wait_for
         self.result = self.error = None
+        self.pid: int | None = None  # its connection's backend, for the leader to see it waiting
+        self.done = threading.Event()  # its call returned or raised: its transaction is over
 
     def run(self) -> None:
         try:
             with connection.cursor() as cursor:  # a lock wait that never ends fails instead of hanging
                 cursor.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
+                cursor.execute("SELECT pg_backend_pid()")
+                self.pid = cursor.fetchone()[0]
             self.barrier.wait(RACE_TIMEOUT)
             if self.wait_for is not None:
                 self.wait_for.wait(RACE_TIMEOUT / 3)
@@ -86,7 +95,36 @@ class Racer(threading.Thread):
         except BaseException as exc:  # noqa: BLE001 - asserted by the test
             self.error = exc
         finally:
+            self.done.set()
             connection.close()
+
+
+class Leading(threading.Event):
+    """Set by the leading side once it holds its locks (see `hold`); `race` names the side that follows."""
+
+    follower: Racer | None = None
+    gave_up = False  # the follower neither blocked nor finished within HOLD_MAX: `race` fails
+
+    def wait_for_follower(self) -> None:
+        """Called by the leader, holding its locks: return once the follower is blocked on a lock (its
+        backend has a lock request not granted: the leader holds it, nothing else runs) or has finished
+        without needing one; at most HOLD_MAX seconds. Asked on the leader's own connection: pg_locks is
+        read afresh on every statement, also inside a transaction."""
+        deadline = time.monotonic() + HOLD_MAX
+        while time.monotonic() < deadline:
+            follower = self.follower
+            if follower is not None and (follower.done.is_set() or _waiting_for_a_lock(follower.pid)):
+                return
+            time.sleep(POLL)
+        self.gave_up = True
+
+
+def _waiting_for_a_lock(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = %s AND NOT granted)", [pid])
+        return cursor.fetchone()[0]
 
 
 def _is_deadlock(exc: BaseException | None) -> bool:
@@ -105,6 +143,9 @@ def race(first, second, *, second_waits_for: threading.Event | None = None, firs
         Racer(first[0], first[1], barrier, first_waits_for),
         Racer(second[0], second[1], barrier, second_waits_for),
     ]
+    for leading, follower in ((second_waits_for, racers[1]), (first_waits_for, racers[0])):
+        if isinstance(leading, Leading):
+            leading.follower = follower
     for racer in racers:
         racer.start()
     deadline = time.monotonic() + RACE_TIMEOUT
@@ -114,20 +155,26 @@ def race(first, second, *, second_waits_for: threading.Event | None = None, firs
     assert not stuck, f"{stuck} still running after {RACE_TIMEOUT} s: a lock wait that never ends"
     locked = {r.name: repr(r.error) for r in racers if _is_deadlock(r.error)}
     assert not locked, f"deadlock (or a lock wait of {LOCK_TIMEOUT_MS} ms) in the race: {locked}"
+    for leading, follower in ((second_waits_for, racers[1]), (first_waits_for, racers[0])):
+        assert not getattr(leading, "gave_up", False), (
+            f"{follower.name} neither waited for a lock nor finished in {HOLD_MAX} s while the other "
+            "side held its locks: the order of the race was not the one the test asked for"
+        )
     return racers
 
 
-def hold(mp: pytest.MonkeyPatch, owner, name: str, *, thread: str, when=None) -> threading.Event:
-    """Make `owner.name` sleep HOLD seconds, when called in the racer `thread` (and `when(*args)` holds),
-    before it runs: a hook inside that side's transaction, after it has taken its locks. The event returned
-    is set as the sleep starts, so the other side can start exactly then."""
+def hold(mp: pytest.MonkeyPatch, owner, name: str, *, thread: str, when=None) -> Leading:
+    """Make `owner.name`, when called in the racer `thread` (and `when(*args)` holds), wait before it runs
+    until the other side of the race is blocked on a lock or has finished: a hook inside that side's
+    transaction, after it has taken its locks. The event returned (pass it to `race` as the other side's
+    `…_waits_for`) is set as the wait starts, so the other side starts exactly then."""
     real = getattr(owner, name)
-    holding = threading.Event()
+    holding = Leading()
 
     def held(*args, **kwargs):
         if threading.current_thread().name == thread and (when is None or when(*args, **kwargs)):
             holding.set()
-            time.sleep(HOLD)
+            holding.wait_for_follower()
         return real(*args, **kwargs)
 
     mp.setattr(owner, name, held)

@@ -2,15 +2,16 @@
 
 The method and the helpers are those of tests/test_pg_races.py: two calls run at the same moment in two
 threads, each with its own database connection (`transaction=True`), released by a barrier, in three
-orders (together, and each side first: it holds its locks, sleeping in a hook while the other side starts
-and has to wait); every racer's connection has a `lock_timeout`, the threads are joined with a timeout, and
-a DeadlockDetected (or a lock wait that ends in the timeout) fails the test. Afterwards the invariants are
-checked: final states, counts, the audit events, and the audit chain.
+orders (together, and each side first: it holds its locks, waiting in a hook until the other side is
+blocked on one of them or has finished); every racer's connection has a `lock_timeout`, the threads are
+joined with a timeout, and a DeadlockDetected (or a lock wait that ends in the timeout) fails the test.
+Afterwards the invariants are checked: final states, counts, the audit events, and the audit chain.
 
 - a reviewer's vote (or skip) vs the same person opening the run's page, which records an audit event and
   then gives back the slots they hold on the run;
 - two submits on one comparison through the review pages: two reviewers of an overlap item, a double
-  submit of the vote form, a vote and a skip of the same comparison;
+  submit of the vote form, a vote and a skip of the same comparison; a vote sent as its claim runs out vs
+  the same form submitted again (that page must find the vote, not a comparison filled by someone else);
 - cancelling an evaluation run vs the worker finishing it;
 - a gpu worker claiming a queued run vs a cancel;
 - rolling an alias back vs an approval moving it;
@@ -139,9 +140,9 @@ def test_a_vote_or_skip_vs_the_same_person_opening_the_runs_page(
         assert outcomes == ["skipped"] * ITERATIONS
     elif order == "first-leads":  # the vote held its locks before the page started: it counts
         assert outcomes == ["voted"] * ITERATIONS
-    # second-leads: the vote reads the person's blindness without waiting for anything, so it usually
-    # counts (read before the page's event commits) but is refused if it starts later than HOLD: either
-    # outcome is correct, the race is about the slot's row lock the page holds while the vote needs it
+    # second-leads: the vote reads the person's blindness before it waits for the slot's row lock the page
+    # holds, so it counts (read before the page's event committed); one read after that commit is refused:
+    # either outcome is correct, the race is about that row lock
     assert verify_chain().ok
 
 
@@ -212,6 +213,59 @@ def test_two_submits_on_one_comparison_through_the_review_pages(
         assert outcomes == ["voted"] * ITERATIONS
     elif second == "skip" and order == "second-leads":
         assert outcomes == ["skipped"] * ITERATIONS
+    assert verify_chain().ok
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_a_vote_as_its_claim_runs_out_vs_the_same_form_submitted_again(
+    order, vote_world, reviewers, client_for, monkeypatch
+):
+    """A vote whose page was let through just before the reviewer's claim ran out (the service call, the
+    claim expired, the comparison's one slot still free), and the same form submitted again from another
+    tab. The second submit's page finds no vote yet (uncommitted) and an expired claim, so it waits for
+    the comparison's row lock to renew it: once the vote has committed, that page must see the vote and
+    land on it, not count the reviewer's own vote as someone else's filled slot (a 404). This is the
+    together-double-submit race above, which hits it only when the vote commits between the page's
+    reads, made certain."""
+    one = reviewers[0]
+    version = vote_world.version(1)
+    outcomes = []
+    for _ in range(ITERATIONS):
+        run = vote_world.run(version, n=1)
+        comparison = voting.claim_next(one, run)
+        assert comparison is not None
+        Assignment.objects.filter(comparison=comparison, reviewer=one).update(expires_at=timezone.now())
+        done_url = reverse("eval:review_done", args=[comparison.pk])
+        vote_url = reverse("eval:review", args=[comparison.pk])
+        tab = client_for(one)  # the other tab
+        vote = ("vote", lambda c=comparison: voting.cast_vote(one, c, "a"))
+        again = ("again", lambda c=tab, url=vote_url: c.post(url, {"choice": "b"}))
+        with monkeypatch.context() as mp:
+            if order == "first-leads":  # the vote holds the comparison's lock, its vote inserted uncommitted
+                leading = hold(mp, audit, "record", thread="vote", when=verb_is("eval.vote"))
+                voter, submitter = race(vote, again, second_waits_for=leading)
+            elif order == "second-leads":  # the page renewed the claim; its vote holds the lock
+                leading = hold(mp, audit, "record", thread="again", when=verb_is("eval.vote"))
+                voter, submitter = race(vote, again, first_waits_for=leading)
+            else:
+                voter, submitter = race(vote, again)
+        assert submitter.error is None, submitter.error
+        page = submitter.result
+        assert page.status_code == 302 and page["Location"] == done_url, page.status_code
+        voters = assert_counted_once(comparison)
+        assert voters == [one.pk]
+        (cast,) = Vote.objects.filter(comparison=comparison)
+        if refused(voter, voting.VoteRefused):  # the page's vote went first
+            outcomes.append("page")
+            assert str(voter.error) == voting.ALREADY_VOTED and cast.choice == "b"
+        else:
+            outcomes.append("vote")
+            assert voter.result.pk == cast.pk and cast.choice == "a"
+        assert not holds_slot(one, comparison)
+    if order == "first-leads":
+        assert outcomes == ["vote"] * ITERATIONS
+    elif order == "second-leads":
+        assert outcomes == ["page"] * ITERATIONS
     assert verify_chain().ok
 
 

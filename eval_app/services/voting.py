@@ -317,6 +317,12 @@ def access(reviewer, comparison_id: int) -> Access | None:
     if assignment.expires_at <= now:
         with transaction.atomic():
             Comparison.objects.select_for_update(of=("self",)).filter(pk=comparison.pk).first()
+            # a vote closes the claim and inserts the vote in one transaction, holding this row lock: a
+            # vote of this reviewer (another tab) that committed after the vote was looked up above shows
+            # up here, and it is their vote, not a slot someone else filled
+            vote = Vote.objects.filter(comparison=comparison, reviewer=reviewer).first()
+            if vote is not None:
+                return Access(comparison, assignment, vote)
             taken, wanted = _slots_taken(comparison.pk, now, exclude_reviewer=reviewer)
             if taken >= wanted:
                 return None
