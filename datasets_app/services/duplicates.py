@@ -139,9 +139,76 @@ def decide(group: DuplicateGroup, decision: str, user) -> None:
             scrub_dropped(group.dataset, dropped, user)
 
 
-def decide_all(dataset: Dataset, decision: str, user) -> int:
+def decide_all(dataset: Dataset, decision: str, user, *, batch: int = 500) -> int:
+    """``decide`` for every pending group of the dataset, ``batch`` groups per transaction: their members
+    read in one query and updated in two, instead of a dozen queries per group (a 100,000-example
+    dataset has thousands of groups). Each group is decided as ``decide`` would, one audit event each;
+    the members dropped are scrubbed once per batch."""
     _check(decision)
-    groups = list(DuplicateGroup.objects.filter(dataset=dataset, decision=Decision.PENDING))
-    for g in groups:
-        decide(g, decision, user)
-    return len(groups)
+    ids = list(
+        DuplicateGroup.objects.filter(dataset=dataset, decision=Decision.PENDING)
+        .order_by("id")
+        .values_list("pk", flat=True)
+    )
+    for i in range(0, len(ids), batch):
+        _decide_batch(dataset, ids[i : i + batch], decision, user)
+    return len(ids)
+
+
+def _decide_batch(dataset: Dataset, group_ids: list[int], decision: str, user) -> None:
+    with transaction.atomic():
+        # the same locks in the same order as ``decide``: the dataset's row, the groups, their members
+        locked = Dataset.objects.select_for_update(no_key=True).get(pk=dataset.pk)
+        groups = list(DuplicateGroup.objects.select_for_update().filter(pk__in=group_ids).order_by("id"))
+        if not groups:
+            return  # rebuilt meanwhile by the duplicate analysis of a new upload
+        members: dict[int, list[tuple[int, bool]]] = {g.pk: [] for g in groups}
+        rows = (
+            Example.objects.select_for_update()
+            .filter(duplicate_group__in=list(members))
+            .order_by("position")
+            .values_list("duplicate_group_id", "pk", "dropped")
+        )
+        for group_id, pk, dropped in rows:
+            members[group_id].append((pk, dropped))
+        all_dropped: list[int] = []
+        all_restored: list[int] = []
+        events = []
+        for g in groups:
+            group_members = members[g.pk]
+            if decision == Decision.KEEP_ONE:
+                kept = (
+                    next((m for m in group_members if not m[1]), group_members[0]) if group_members else None
+                )
+                keep_ids = {kept[0]} if kept else set()
+            else:
+                keep_ids = {pk for pk, _ in group_members}
+            restored = [pk for pk, dropped in group_members if dropped and pk in keep_ids]
+            dropped = [pk for pk, was_dropped in group_members if not was_dropped and pk not in keep_ids]
+            all_dropped += dropped
+            all_restored += restored
+            events.append((g.pk, len(group_members), dropped, restored))
+        for chunk in _chunks(all_dropped):
+            Example.objects.filter(pk__in=chunk).update(dropped=True)
+        for chunk in _chunks(all_restored):
+            Example.objects.filter(pk__in=chunk).update(dropped=False)
+        DuplicateGroup.objects.filter(pk__in=[g.pk for g in groups]).update(
+            decision=decision, decided_by=user
+        )
+        for group_id, n, dropped, restored in events:
+            audit.record(
+                user,
+                f"duplicates.{decision}",
+                locked,
+                group=group_id,
+                members=n,
+                dropped=dropped,
+                restored=restored,
+            )
+        if all_dropped:
+            scrub_dropped(locked, all_dropped, user)
+
+
+def _chunks(ids: list[int], size: int = 5000):
+    for i in range(0, len(ids), size):
+        yield ids[i : i + size]

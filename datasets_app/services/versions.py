@@ -9,8 +9,9 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from django.db import transaction
-from django.db.models import Max
+from django.db import connections, router, transaction
+from django.db.models import Max, TextField
+from django.db.models.functions import Cast
 
 from studio import audit
 
@@ -52,7 +53,9 @@ def split_by_ratio(dataset: Dataset, train: float, eval_: float, golden: float, 
         }
         for split, members in parts.items():
             for i in range(0, len(members), 5000):
-                Example.objects.filter(pk__in=members[i : i + 5000]).update(split=split)
+                # only the rows that change: SQLite writes a whole row (its messages too) for any update,
+                # and most rows of a re-split stay where they were
+                Example.objects.filter(pk__in=members[i : i + 5000]).exclude(split=split).update(split=split)
         counts = {k: len(v) for k, v in parts.items()}
         audit.record(user, "dataset.split", dataset, seed=seed, ratios=[train, eval_, golden], **counts)
     return counts
@@ -75,7 +78,9 @@ def record_digest(body: dict) -> str:
     ).hexdigest()
 
 
-def blockers(dataset: Dataset) -> list[str]:
+def blockers(dataset: Dataset, *, unscanned: int | None = None) -> list[str]:
+    """Why the dataset can't be frozen now, in plain words (none: it can). ``unscanned``: the number of
+    its examples not scanned for personal data, when the caller counted them already."""
     problems = []
     active = Example.objects.filter(dataset=dataset, dropped=False)
     if Upload.objects.filter(
@@ -85,7 +90,8 @@ def blockers(dataset: Dataset) -> list[str]:
     if not active.exists():
         problems.append("The dataset has no examples; upload a file first.")
     # dropped examples too: the scan covers them, so that none keeps raw personal data
-    unscanned = Example.objects.filter(dataset=dataset, pii_status=Example.Pii.UNSCANNED).count()
+    if unscanned is None:
+        unscanned = Example.objects.filter(dataset=dataset, pii_status=Example.Pii.UNSCANNED).count()
     scan_failed = scrub.scan_failure(dataset) if unscanned else None
     if scan_failed:
         problems.append(f"{unscanned} examples have not been scanned for personal data: {scan_failed}")
@@ -123,35 +129,41 @@ def freeze(dataset: Dataset, user, changelog: str = "") -> DatasetVersion:
         splits: Counter[str] = Counter()
         tags: Counter[str] = Counter()
         lengths: list[int] = []
-        rows: list[VersionExample] = []
         file_digest = hashlib.sha256()  # of the export file's bytes, what an auditor can check
-        examples = Example.objects.filter(dataset=locked, dropped=False).order_by("position")
-        for position, ex in enumerate(examples.iterator(chunk_size=2000)):
-            body = canonical_record(ex.messages, ex.chosen, ex.rejected, ex.tags, ex.split)
-            line = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-            digest.update(line.encode() + b"\n")
-            file_digest.update(export_line(ex.messages, ex.chosen, ex.rejected, ex.tags, ex.split))
-            rows.append(
-                VersionExample(
-                    version=version,
-                    example_id=ex.pk,
-                    position=position,
-                    messages=ex.messages,
-                    chosen=ex.chosen,
-                    rejected=ex.rejected,
-                    tags=ex.tags,
-                    split=ex.split,
-                    token_count=ex.token_count,
-                    digest=hashlib.sha256(line.encode()).hexdigest(),
-                )
+        # values, not model instances, and rows written with one executemany per batch: building and
+        # compiling 100,000 instances took most of a freeze's time (20 s for a 100,000-example dataset).
+        # The JSON columns are read as their stored text, parsed here once, and copied as they are.
+        examples = (
+            Example.objects.filter(dataset=locked, dropped=False)
+            .order_by("position")
+            .annotate(messages_json=Cast("messages", TextField()), tags_json=Cast("tags", TextField()))
+            .values_list("pk", "messages_json", "chosen", "rejected", "tags_json", "split", "token_count")
+        )
+        rows = _VersionRows(version)
+        for position, (pk, messages_json, chosen, rejected, tags_json, split, token_count) in enumerate(
+            examples.iterator(chunk_size=2000)
+        ):
+            messages, ex_tags = json.loads(messages_json), json.loads(tags_json)
+            body = canonical_record(messages, chosen, rejected, ex_tags, split)
+            line = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+            digest.update(line + b"\n")
+            file_digest.update(export_line(messages, chosen, rejected, ex_tags, split))
+            # in _VersionRows.COLUMNS order
+            rows.add(
+                pk,
+                position,
+                rows.json(messages_json, messages),
+                chosen,
+                rejected,
+                rows.json(tags_json, ex_tags),
+                split,
+                token_count,
+                hashlib.sha256(line).hexdigest(),
             )
-            splits[ex.split] += 1
-            tags.update(ex.tags)
-            lengths.append(ex.token_count)
-            if len(rows) >= 2000:
-                VersionExample.objects.bulk_create(rows)
-                rows.clear()
-        VersionExample.objects.bulk_create(rows)
+            splits[split] += 1
+            tags.update(ex_tags)
+            lengths.append(token_count)
+        rows.flush()
         # Checked again now that the examples are copied: an edit does not wait for the dataset's lock, and
         # one saved since the check above may be in the copy, its new text not scanned yet. It marked the
         # example unscanned in the same row update, and no finding can be accepted while this lock is held,
@@ -183,6 +195,54 @@ def freeze(dataset: Dataset, user, changelog: str = "") -> DatasetVersion:
             examples=len(lengths),
         )
     return version
+
+
+class _VersionRows:
+    """Inserts a version's rows in batches with one ``executemany`` each, without model instances."""
+
+    COLUMNS = (
+        "example_id",
+        "position",
+        "messages",
+        "chosen",
+        "rejected",
+        "tags",
+        "split",
+        "token_count",
+        "digest",
+    )
+
+    def __init__(self, version: DatasetVersion, batch: int = 2000):
+        self.version_id = version.pk
+        self.batch = batch
+        self.connection = connections[router.db_for_write(VersionExample)]
+        fields = [VersionExample._meta.get_field(name) for name in ("version", *self.COLUMNS)]
+        self.json_field = VersionExample._meta.get_field("messages")  # messages and tags: plain JSONFields
+        qn = self.connection.ops.quote_name
+        columns = ", ".join(qn(f.column) for f in fields)
+        placeholders = ", ".join(["%s"] * len(fields))
+        table = qn(VersionExample._meta.db_table)
+        self.sql = f"INSERT INTO {table} ({columns}) VALUES ({placeholders})"  # noqa: S608 - model names
+        self.rows: list[tuple] = []
+
+    def json(self, text: str, value):
+        """The database value of a JSON column: on SQLite the text the example's column holds (a JSON
+        column there is its text), elsewhere ``value`` converted by the field, as ``bulk_create`` does."""
+        if self.connection.vendor == "sqlite":
+            return text
+        return self.json_field.get_db_prep_save(value, self.connection)
+
+    def add(self, *values) -> None:
+        """One row: the values of ``COLUMNS`` in that order, JSON ones from ``json``."""
+        self.rows.append((self.version_id, *values))
+        if len(self.rows) >= self.batch:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            with self.connection.cursor() as cursor:
+                cursor.executemany(self.sql, self.rows)
+            self.rows = []
 
 
 def stats_to_dict(stats) -> dict:
@@ -296,9 +356,15 @@ def export_line(messages, chosen, rejected, tags, split) -> bytes:
 
 
 def export_lines(version: DatasetVersion) -> Iterator[bytes]:
-    """OpenAI chat JSONL in import order (messages, plus tags and split; chosen/rejected for preference)."""
-    for ex in version.examples.order_by("position").iterator(chunk_size=2000):
-        yield export_line(ex.messages, ex.chosen, ex.rejected, ex.tags, ex.split)
+    """OpenAI chat JSONL in import order (messages, plus tags and split; chosen/rejected for preference).
+    Read in chunks, as values: memory stays flat however big the version is."""
+    rows = (
+        version.examples.order_by("position")
+        .values_list("messages", "chosen", "rejected", "tags", "split")
+        .iterator(chunk_size=2000)
+    )
+    for messages, chosen, rejected, tags, split in rows:
+        yield export_line(messages, chosen, rejected, tags, split)
 
 
 def export_sha256(version: DatasetVersion) -> str:
