@@ -265,6 +265,15 @@ def _check_text(text: str, where: str) -> None:
         )
 
 
+def text_problem(text: str, where: str) -> str | None:
+    """Why ``text`` cannot be stored (a NUL character, a lone surrogate), naming ``where``; None if it can."""
+    try:
+        _check_text(text, where)
+    except _Reject as exc:
+        return exc.reason
+    return None
+
+
 def _too_deep(obj: dict | list, limit: int = MAX_DEPTH) -> bool:
     """Whether containers nest deeper than ``limit`` (iterative: no recursion on hostile input)."""
     stack: list[tuple[Any, int]] = [(obj, 1)]

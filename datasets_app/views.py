@@ -285,11 +285,17 @@ def upload_rejects(request, pk: int):
 # --- PII review ---------------------------------------------------------------------------------------
 
 
+def _filter_text(value: str) -> str:
+    """A filter from the address, NUL characters dropped: no stored text holds one (the importer and the
+    edit form refuse them), and PostgreSQL refuses them in a query."""
+    return value.replace("\x00", "")
+
+
 @role_required(CURATOR)
 def pii_review(request, pk: int):
     dataset = get_object_or_404(Dataset, pk=pk)
     decision = request.GET.get("decision", "pending")
-    entity_type = request.GET.get("type", "")
+    entity_type = _filter_text(request.GET.get("type", ""))
     qs = PiiFinding.objects.filter(dataset=dataset, example__dropped=False).select_related("example")
     by_type = Counter(
         dict(
@@ -368,6 +374,9 @@ def pii_decide_type(request, pk: int):
     if request.POST.get("action") not in DECISION_ACTIONS:
         messages.error(request, NO_ACTION)
         return redirect(reverse("datasets:pii", args=[dataset.pk]))
+    if "\x00" in entity_type:  # no finding type has one (and PostgreSQL refuses it in a query)
+        messages.error(request, "Choose a finding type from the list on this page.")
+        return redirect(reverse("datasets:pii", args=[dataset.pk]))
     accept = request.POST.get("action") == "accept"
     n = scrub.decide_type(dataset, entity_type, accept, request.user)
     messages.success(request, f"{n} {entity_type} findings {'scrubbed' if accept else 'kept'}.")
@@ -394,8 +403,8 @@ def pii_rescan(request, pk: int):
 def example_list(request, pk: int):
     dataset = get_object_or_404(Dataset, pk=pk)
     qs = dataset.examples.all()
-    q = request.GET.get("q", "").strip()
-    tag = request.GET.get("tag", "").strip()
+    q = _filter_text(request.GET.get("q", "")).strip()
+    tag = _filter_text(request.GET.get("tag", "")).strip()
     split = request.GET.get("split", "")
     state = request.GET.get("state", "active")
     if q:

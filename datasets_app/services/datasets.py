@@ -102,6 +102,12 @@ def edit_example(
     problem = parsing.validate_messages(messages, kind=dataset.kind)
     if problem:
         raise EditRefused(problem[1])
+    for where, text in [("The chosen answer", chosen), ("The rejected answer", rejected)] + [
+        (f"The tag {n}", tag) for n, tag in enumerate(tags or [], 1)
+    ]:
+        unstorable = parsing.text_problem(text, where) if isinstance(text, str) else None
+        if unstorable:
+            raise EditRefused(unstorable)
     if dataset.kind == Dataset.Kind.PREFERENCE:
         if not (chosen or "").strip() or not (rejected or "").strip():
             raise EditRefused("Both the chosen and the rejected answer need text.")

@@ -356,6 +356,8 @@ def cast_vote(reviewer, comparison: Comparison, choice: str, comment: str = "", 
     a run the reviewer cannot judge blind (trained a model, created the run, opened its page)."""
     outcome = resolve_outcome(choice, comparison.swapped)
     comment = (comment or "").strip()[:COMMENT_MAX]
+    if "\x00" in comment:  # no database text column stores it
+        raise VoteRefused("The comment contains a NUL character (\\u0000); remove it and vote again.")
     try:
         seconds = float(seconds) if seconds not in (None, "") else None
     except (TypeError, ValueError):
