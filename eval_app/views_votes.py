@@ -63,12 +63,21 @@ def review_next(request):
         held = voting.current_assignment(request.user, _session_run(request))
         return redirect("eval:review", held.comparison_id) if held else redirect("eval:reviews")
     if "run" in request.POST:
-        # anything but a run id (letters, or thousands of digits that int() refuses) means "any run"
-        run_id = form_id(request.POST.get("run", ""))
-        if run_id is not None:
-            request.session[SESSION_RUN] = run_id
-        else:
+        # empty means "any run"; anything else must name an evaluation that exists: a damaged or stale
+        # form is refused in words rather than silently widened to every run
+        raw = request.POST.get("run", "").strip()
+        if not raw:
             request.session.pop(SESSION_RUN, None)
+        else:
+            run_id = form_id(raw)
+            if run_id is None or not EvalRun.objects.filter(pk=run_id).exists():
+                messages.error(
+                    request,
+                    "That evaluation could not be found (it may have been deleted, or the form was "
+                    "damaged). Pick an evaluation from the list below.",
+                )
+                return redirect("eval:reviews")
+            request.session[SESSION_RUN] = run_id
     run = _session_run(request)
     comparison = voting.claim_next(request.user, run)
     if comparison is None:

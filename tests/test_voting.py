@@ -275,6 +275,25 @@ def test_review_flow_through_the_pages(world: World, reviewers, client_for):
     assert "Nothing else is left" in skipped.content.decode()
 
 
+def test_a_damaged_or_stale_run_in_the_review_form_is_refused_not_widened_to_every_run(
+    world: World, reviewers, client_for
+):
+    run = world.run(world.version(1), n=2)
+    client = client_for(reviewers[0])
+    client.post(reverse("eval:review_next"), {"run": run.pk})  # the reviewer works on this run
+    Assignment.objects.filter(reviewer=reviewers[0]).delete()
+    missing = run.pk + 1000
+    for garbled in ("abc", "9" * 5000, str(missing)):
+        response = client.post(reverse("eval:review_next"), {"run": garbled}, follow=True)
+        assert response.redirect_chain[-1][0] == reverse("eval:reviews")
+        assert "That evaluation could not be found" in response.content.decode()
+        assert not Assignment.objects.filter(reviewer=reviewers[0]).exists()  # nothing was claimed
+        assert client.session["review_run"] == run.pk  # the run chosen before stays chosen
+    # an empty value still means "any run"
+    response = client.post(reverse("eval:review_next"), {"run": ""})
+    assert "review_run" not in client.session and response.url.startswith("/")
+
+
 def test_the_vote_page_is_blind_and_escaped(world: World, reviewers, client_for):
     candidate = world.version(7, pk=424242)
     baseline = world.version(3, pk=434343)
