@@ -6,7 +6,6 @@ web and workers, run this command, then drop the old key.  Files already under t
 the command can be re-run after an interruption; each file is replaced atomically.
 """
 
-import struct
 import sys
 from pathlib import Path
 
@@ -15,7 +14,14 @@ from django.conf import settings
 from django.core.management.base import CommandError
 
 from datasets_app.models import Upload
-from datasets_app.services.storage import MAGIC, DecryptionError, decrypt_chunks, reencrypt_file, reseal
+from datasets_app.services.storage import (
+    DecryptionError,
+    decrypt_chunks,
+    is_encrypted,
+    reencrypt_file,
+    reseal,
+    tokens,
+)
 from studio.cli import StudioCommand
 
 NO_KEY = "no configured key decrypts it; add the key it was written with to STUDIO_ENCRYPTION_KEY."
@@ -23,23 +29,21 @@ NO_KEY = "no configured key decrypts it; add the key it was written with to STUD
 
 def encrypted_files(root: Path):
     for path in sorted(root.rglob("*")):
-        if path.is_file() and not path.is_symlink() and not path.name.endswith(".part"):
-            with open(path, "rb") as fh:
-                if fh.read(len(MAGIC)) == MAGIC:
-                    yield path
+        if (
+            path.is_file()
+            and not path.is_symlink()
+            and not path.name.endswith(".part")
+            and is_encrypted(path)
+        ):
+            yield path
 
 
 def under_primary_key(path: Path, primary: Fernet) -> bool:
-    with open(path, "rb") as fh:
-        fh.read(len(MAGIC))
-        while header := fh.read(4):
-            if len(header) < 4:  # cut off: not readable under this key (the rotation reports it)
-                return False
-            (length,) = struct.unpack(">I", header)
-            try:
-                primary.decrypt(fh.read(length))
-            except InvalidToken:
-                return False
+    try:
+        for token in tokens(path):
+            primary.decrypt(token)
+    except (InvalidToken, DecryptionError):  # cut off, or another key: the rotation reports it
+        return False
     return True
 
 
