@@ -855,5 +855,31 @@ def test_a_run_that_no_longer_owns_its_job_leaves_the_artifacts_alone(model_dir,
     recorder = Superseded()
     result = run_training(make_config(model_dir, tmp_path, max_steps=1), recorder)
     assert result.status == "stopped" and result.artifacts_dir is None
-    assert not (tmp_path / "job" / "final").exists() and not (tmp_path / "job" / ".tmp-final").exists()
+    assert not (tmp_path / "job" / "final").exists()
+    assert not [p.name for p in (tmp_path / "job").iterdir() if p.name.startswith(".tmp-final")]
     assert any("a newer attempt owns this job" in line for line in recorder.lines)
+
+
+def test_a_superseded_attempt_leaves_the_newer_attempts_scratch_folder_alone(model_dir, tmp_path):
+    """Two attempts of a job can be alive at once (the watchdog requeued one it thought dead). Each writes
+    its final artifacts into a scratch folder of its own: the older one, refused publishing, must not
+    delete or write into the one the newer attempt is filling."""
+
+    class Superseded(Recorder):
+        def may_publish(self):
+            return False
+
+    job = tmp_path / "job"
+    others = [job / ".tmp-final", job / ".tmp-final-4242-0badf00d"]  # a shared name, another attempt's
+    for folder in others:
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"the newer attempt's weights")
+    result = run_training(make_config(model_dir, tmp_path, max_steps=1), Superseded())
+    assert result.status == "stopped"
+    for folder in others:
+        assert sorted(p.name for p in folder.iterdir()) == ["adapter_model.safetensors"]
+        assert (folder / "adapter_model.safetensors").read_bytes() == b"the newer attempt's weights"
+    # the attempt that owns the job publishes, then removes the scratch folders dead attempts left
+    completed = run_training(make_config(model_dir, tmp_path, max_steps=1), Recorder())
+    assert completed.status == "completed" and (job / "final" / "adapter_model.safetensors").exists()
+    assert not [p.name for p in job.iterdir() if p.name.startswith(".tmp-final")]

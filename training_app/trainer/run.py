@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from .callbacks import Reporter
@@ -37,6 +38,11 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
+# said in the log when every example of the eval file is skipped (none fits in the max length) and evaluation
+# every N steps is off: the run trains, and records no eval figure rather than those of an empty set
+NO_EVAL_LEFT = (
+    "no eval example is left within the max length, so the run is not evaluated: no eval figures are recorded"
+)
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors")
 
@@ -99,6 +105,29 @@ def _atomic_publish(tmp: str, final: str) -> None:
     _fsync_dir(os.path.dirname(final))
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+SCRATCH_PREFIX = ".tmp-final"
+
+
+def _scratch_name(main: bool) -> str:
+    """The folder this attempt writes its final artifacts into before publishing them: its own name
+    (process id and a random part), the same on every rank (rank 0 picks it and broadcasts it). Two
+    attempts of a job can be alive at once (the watchdog requeued one it thought dead): with a shared
+    folder the older one's clean-up could delete or mix files into the newer one's artifacts."""
+    from accelerate.utils import broadcast_object_list
+
+    name = [f"{SCRATCH_PREFIX}-{os.getpid()}-{uuid.uuid4().hex[:8]}" if main else None]
+    broadcast_object_list(name)
+    return name[0]
+
+
+def _remove_stale_scratch(output_dir: str) -> None:
+    """After publishing: the scratch folders attempts that died before publishing left behind."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(output_dir):
+            if entry.name.startswith(SCRATCH_PREFIX) and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def check_checkpoint(path: str, model=None) -> int:
@@ -455,6 +484,8 @@ def _run(config: TrainConfig, reporter: Reporter) -> TrainResult:
                     "No evaluation row has an assistant answer within the max length: raise the max length "
                     "or set evaluation every N steps to 0."
                 )
+            if not eval_examples:
+                say(NO_EVAL_LEFT)
             eval_items = ListDataset(eval_examples) if eval_examples else None
         train_tokens = count_tokens(train_examples)
         examples = len(train_examples)
@@ -538,10 +569,21 @@ def _run(config: TrainConfig, reporter: Reporter) -> TrainResult:
         if kept < examples:
             say(f"{examples - kept} of {examples} pairs skipped: prompt longer than the max length")
             examples = callback.info["examples"] = kept
-        if eval_items and config.eval_every and len(trainer.eval_dataset) == 0:
-            raise DataError(
-                "No evaluation pair's prompt fits in the max length: raise it or set evaluation every N steps to 0."
-            )
+        if eval_items:
+            eval_kept = len(trainer.eval_dataset)
+            if config.eval_every and eval_kept == 0:
+                raise DataError(
+                    "No evaluation pair's prompt fits in the max length: raise it or set evaluation every N "
+                    "steps to 0."
+                )
+            if eval_kept < len(eval_items):
+                say(
+                    f"{len(eval_items) - eval_kept} of {len(eval_items)} eval pairs skipped: prompt longer "
+                    "than the max length"
+                )
+            if eval_kept == 0:  # as SFT: no final evaluation of an empty set (it would record empty figures)
+                say(NO_EVAL_LEFT)
+                eval_items = None
     else:
         args = TrainingArguments(**_supported(TrainingArguments, common))
         trainer = StudioTrainer(
@@ -607,9 +649,8 @@ def _run(config: TrainConfig, reporter: Reporter) -> TrainResult:
         history = _history(state.log_history)
 
     artifacts = os.path.join(config.output_dir, FINAL)
-    tmp = os.path.join(config.output_dir, ".tmp-final")
+    tmp = os.path.join(config.output_dir, _scratch_name(main))
     if main:
-        shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(tmp)
@@ -634,6 +675,7 @@ def _run(config: TrainConfig, reporter: Reporter) -> TrainResult:
                     "stopped", state.global_step, state.max_steps, final_metrics, None, None, start_step
                 )
             _atomic_publish(tmp, artifacts)
+            _remove_stale_scratch(config.output_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
