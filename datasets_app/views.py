@@ -664,14 +664,23 @@ def version_detail(request, pk: int):
     form = forms.EstimateForm(request.GET or None)
     estimate = None
     if form.is_valid():
-        lengths = list(version.examples.filter(split="train").values_list("token_count", flat=True))
+        from training_app.services.jobs import version_skipped
+
         d = form.cleaned_data
+        # the examples the trainer will skip left out, as the launch page's estimate does
+        kept = version_skipped(version, d["max_length"])
         estimate = training_estimate(
-            lengths,
+            kept["lengths"],
             epochs=d["epochs"],
             batch_size=d["batch_size"],
             grad_accum=d["grad_accum"],
             max_length=d["max_length"],
+        )
+        estimate.update(
+            skipped=kept["skipped"],
+            eval_skipped=kept["eval_skipped"],
+            skipped_unchecked=kept["unchecked"],
+            approximate=bool(kept["skipped"] and kept["skipped"]["approximate"]),
         )
     others = version.dataset.versions.exclude(pk=version.pk).order_by("-number")
     sample = version.examples.order_by("position")[:5]

@@ -6,6 +6,7 @@ tokenizer, so the estimate and the trainer agree by construction."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -243,9 +244,7 @@ def test_without_assistant_only_loss_nothing_is_skipped(client_for, engineer, cu
     assert "would be skipped" not in page
 
 
-def test_many_long_examples_are_measured_on_an_evenly_spaced_sample(
-    client_for, engineer, curator, smollm2, monkeypatch
-):
+def test_many_long_examples_are_measured_on_a_sample(client_for, engineer, curator, smollm2, monkeypatch):
     version = _version(curator, smollm2, MIXED)
     monkeypatch.setattr(jobs, "TOKEN_SAMPLE_SIZE", 2)
     measured = []
@@ -257,8 +256,11 @@ def test_many_long_examples_are_measured_on_an_evenly_spaced_sample(
 
     monkeypatch.setattr(trainer_data, "tokenize_conversations", tokenize_conversations)
     figures = _estimate(version, smollm2)
-    # candidates 2, 3, 4; the sample is 2 and 3, of which 3 is skipped: round(1 * 3 / 2) = 2 skipped
-    assert measured == [LONG_KEPT, LONG_PROMPT]
+    # candidates 2, 3, 4; the sample is 2 and one of 3 and 4 (one pick per stretch), both skipped:
+    # round(1 * 3 / 2) = 2 skipped
+    candidates = [LONG_KEPT, LONG_PROMPT, LONG_PROMPT_2]
+    assert measured == [candidates[i] for i in jobs.spread_sample(3, 2, version.pk)]
+    assert measured[0] == LONG_KEPT and measured[1] in (LONG_PROMPT, LONG_PROMPT_2)
     assert figures["skipped"] == {
         "examples": 2, "of": 5, "max_length": MAX, "candidates": 3, "measured": 2, "approximate": True,
     }  # fmt: skip
@@ -542,3 +544,16 @@ def test_preference_eval_pairs_whose_prompt_fills_the_max_length_refuse_evaluati
     assert _trl_keeps(mixed, smollm2, tmp_path, split="eval") == 1
     figures = _estimate(mixed, smollm2, method="dpo", packing=False, eval_every=2)
     assert figures["eval_skipped"]["examples"] == 2 and figures["eval_skipped"]["of"] == 3
+
+
+def test_the_sample_takes_one_random_pick_per_stretch_and_does_not_alias_with_a_pattern():
+    assert jobs.spread_sample(5, 8, seed=1) == [0, 1, 2, 3, 4]  # small: every example
+    picks = jobs.spread_sample(6000, 2000, seed=11)
+    assert picks == jobs.spread_sample(6000, 2000, seed=11)  # the same on every request (cached counts)
+    assert picks != jobs.spread_sample(6000, 2000, seed=12)
+    assert [p // 3 for p in picks] == list(range(2000))  # exactly one in each stretch of 3, in order
+    # data that repeats every 3 examples: evenly spaced picks (every 3rd) would see one kind only
+    assert {(i * 6000 // 2000) % 3 for i in range(2000)} == {0}
+    for seed in range(20):
+        kinds = Counter(p % 3 for p in jobs.spread_sample(6000, 2000, seed))
+        assert all(600 <= kinds[k] <= 733 for k in range(3)), (seed, kinds)

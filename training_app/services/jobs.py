@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import socket
 import traceback
@@ -302,9 +303,7 @@ def estimate(
         )
     if refusals:
         raise JobRefused(refusals)
-    if skipped["examples"]:
-        gone = set(skipped["indices"])
-        lengths = [n for i, n in enumerate(lengths) if i not in gone]
+    lengths = _kept(lengths, skipped)
     replay_source = None
     if extra:
         replay_lengths, replay_source = train_lengths(replay_version, base_model)
@@ -397,7 +396,7 @@ def train_lengths(
     (`version.base_model`) when the examples were imported. When that is the job's base model they are
     used as they are; otherwise the examples are counted with the job's tokenizer, exactly as the importer
     counts them (the chat-template rendering; a preference pair's longer side), all of them up to
-    TOKEN_SAMPLE_SIZE, else an evenly spaced sample whose counts are extrapolated and labelled an estimate.
+    TOKEN_SAMPLE_SIZE, else a sample (`spread_sample`) whose counts are extrapolated and labelled an estimate.
     A version without a base model has no counts (0) and is counted too; one whose nonzero counts name no
     tokenizer (made outside the importer) keeps them, labelled as such."""
     rows = list(version.examples.filter(split=split).order_by("position").values_list("pk", "token_count"))
@@ -416,8 +415,7 @@ def train_lengths(
         return stored, {**source, "method": STORED_UNKNOWN}
     if not rows:
         return [], {**source, "method": COUNTED}
-    size = max(1, TOKEN_SAMPLE_SIZE)
-    picks = list(range(len(rows))) if len(rows) <= size else [i * len(rows) // size for i in range(size)]
+    picks = spread_sample(len(rows), TOKEN_SAMPLE_SIZE, version.pk)
     if not count:
         return None, {**source, "method": COUNTED if len(picks) == len(rows) else SAMPLED}
     counts = _sample_counts(version, [rows[i][0] for i in picks], base_model, split)
@@ -524,11 +522,23 @@ def _template_refusal(
     )
 
 
+def spread_sample(n: int, size: int, seed: int) -> list[int]:
+    """Indices of a sample of ``size`` of ``n`` items (all of them when ``n <= size``), in order: one drawn
+    at random from each of ``size`` equal stretches, with a fixed seed (the same picks on every request,
+    so that counts cached for them stay valid). Evenly spaced picks alias with data that repeats in a
+    regular pattern (every k-th example alike) and can miss a whole kind of example."""
+    size = max(1, size)
+    if n <= size:
+        return list(range(n))
+    rng = random.Random(seed)
+    return [rng.randrange(i * n // size, (i + 1) * n // size) for i in range(size)]
+
+
 def _extrapolate(stored: list[int], picks: list[int], counts: list[int]) -> list[int]:
-    """Every example's count from an evenly spaced sample's: the sampled ones exactly; the others from
-    their stored counts scaled by the sample's ratio of new to stored tokens (keeping which examples are
-    long, for the cut at max length and for packing) or, with no stored counts, the count of the sampled
-    example whose stretch of the split they lie in."""
+    """Every example's count from a sample's (``spread_sample``: one pick per stretch): the sampled ones
+    exactly; the others from their stored counts scaled by the sample's ratio of new to stored tokens
+    (keeping which examples are long, for the cut at max length and for packing) or, with no stored
+    counts, the count of the sampled example nearest before them (the first one's for those before it)."""
     import bisect
 
     stored_in_sample = sum(stored[i] for i in picks)
@@ -536,7 +546,7 @@ def _extrapolate(stored: list[int], picks: list[int], counts: list[int]) -> list
         ratio = sum(counts) / stored_in_sample
         lengths = [max(1, round(n * ratio)) if n else 0 for n in stored]
     else:
-        lengths = [counts[bisect.bisect_right(picks, i) - 1] for i in range(len(stored))]
+        lengths = [counts[max(0, bisect.bisect_right(picks, i) - 1)] for i in range(len(stored))]
     for i, count in zip(picks, counts, strict=True):
         lengths[i] = count
     return lengths
@@ -560,7 +570,7 @@ def skipped_train(
     DPOTrainer drops it; see `_dpo_prompt_fills`). Only an example longer than (DPO: as long as) the max
     length (`lengths`, as `train_lengths` gives them for `split`) can be skipped, so only those are
     tokenised, with `base_model`'s tokenizer and the trainer's own tokenisation; beyond TOKEN_SAMPLE_SIZE
-    of them an evenly spaced sample is, and its share skipped extrapolated ("approximate"). `indices` are
+    of them a sample (`spread_sample`) is, and its share skipped extrapolated ("approximate"). `indices` are
     positions in `lengths` of examples counted as skipped (the measured ones, then other candidates to
     make up an extrapolated count: every candidate is cut to the max length, so which ones does not
     change a figure)."""
@@ -582,11 +592,7 @@ def skipped_train(
     candidates = [i for i, n in enumerate(lengths) if (n >= max_length if dpo else n > max_length)]
     if not candidates:
         return skipped
-    size = max(1, TOKEN_SAMPLE_SIZE)
-    if len(candidates) <= size:
-        picks = candidates
-    else:
-        picks = [candidates[i * len(candidates) // size] for i in range(size)]
+    picks = [candidates[i] for i in spread_sample(len(candidates), TOKEN_SAMPLE_SIZE, version.pk)]
     pks = list(version.examples.filter(split=split).order_by("position").values_list("pk", flat=True))
     dropped_pks = set(_sample_skipped(version, [pks[i] for i in picks], base_model, dpo, config))
     dropped = [i for i in picks if pks[i] in dropped_pks]
@@ -602,6 +608,75 @@ def skipped_train(
         "measured": len(picks),
         "approximate": len(picks) < len(candidates),
         "indices": dropped[:count],
+    }
+
+
+def _kept(lengths: list[int], skipped: dict) -> list[int]:
+    """`lengths` without the examples `skipped` (as `skipped_train` gives it for them) counts as skipped."""
+    if not skipped["examples"]:
+        return lengths
+    gone = set(skipped["indices"])
+    return [n for i, n in enumerate(lengths) if i not in gone]
+
+
+def version_skipped(version: DatasetVersion, max_length: int) -> dict:
+    """For the dataset version page's training estimate (datasets_app.tokens.training_estimate of the
+    stored token counts): the train split's stored counts less the examples the trainer would skip at
+    `max_length`, as `estimate` leaves them out (`skipped_train` with the version's own base model, whose
+    tokenizer made the stored counts; SFT with assistant-only loss, the presets' default, or DPO for a
+    preference version), and what the launch page's banners show of them:
+    {"lengths", "skipped", "eval_skipped", "unchecked"}. `unchecked` is None, or the sentence saying why
+    the skipped examples could not be checked (the version has no base model, its tokenizer cannot be read,
+    its chat template refuses an example…); the lengths are then every stored count and nothing is
+    counted as skipped. Like `estimate`, only the examples as long as the max length are tokenised, and
+    beyond TOKEN_SAMPLE_SIZE of them a sample is ("approximate")."""
+    base_model = version.base_model
+    if base_model is None:
+        stored = version.examples.filter(split="train").values_list("token_count", flat=True)
+        return {
+            "lengths": list(stored),
+            "skipped": None,
+            "eval_skipped": None,
+            "unchecked": "Skipped examples could not be checked: this version was frozen without a base "
+            "model, so there is no tokenizer to check them with. The launch page checks them with the "
+            "job's base model.",
+        }
+    method = Method.DPO if version.kind == Dataset.Kind.PREFERENCE else Method.LORA
+    config = {"max_length": max_length, "assistant_only_loss": True}
+    lengths, _source = train_lengths(version, base_model)  # the stored counts: the version's own tokenizer
+    eval_lengths, _source = train_lengths(version, base_model, "eval")
+    unchecked = {"lengths": lengths, "skipped": None, "eval_skipped": None}
+    if max(lengths + eval_lengths, default=0) >= max_length:  # an example the trainer could skip
+        from datasets_app.tokens import load_tokenizer
+
+        try:
+            load_tokenizer(str(base_model.local_dir))
+        except Exception as exc:  # missing or unreadable tokenizer files
+            log.warning(
+                "base model %s: tokenizer unreadable for a version estimate (%s)",
+                base_model.pk,
+                type(exc).__name__,
+            )
+            return {
+                **unchecked,
+                "unchecked": f"Skipped examples could not be checked: base model {base_model.name}'s "
+                "tokenizer files could not be read, so the examples whose prompt alone fills the max length "
+                "are counted in; an admin can restore the model's files.",
+            }
+    try:
+        skipped = skipped_train(version, base_model, method, config, lengths)
+        eval_skipped = (
+            skipped_train(version, base_model, method, config, eval_lengths, split="eval")
+            if eval_lengths
+            else None
+        )
+    except JobRefused as exc:  # the trainer would refuse an example (the chat template refuses it, …)
+        return {**unchecked, "unchecked": f"Skipped examples could not be checked: {' '.join(exc.problems)}"}
+    return {
+        "lengths": _kept(lengths, skipped),
+        "skipped": {k: v for k, v in skipped.items() if k != "indices"},
+        "eval_skipped": {k: v for k, v in eval_skipped.items() if k != "indices"} if eval_skipped else None,
+        "unchecked": None,
     }
 
 
