@@ -244,7 +244,8 @@ def test_without_assistant_only_loss_nothing_is_skipped(client_for, engineer, cu
     assert "would be skipped" not in page
 
 
-def test_many_long_examples_are_measured_on_a_sample(client_for, engineer, curator, smollm2, monkeypatch):
+def sampled_mixed(curator, smollm2, monkeypatch):
+    """The MIXED version with a sample of 2, and the conversations the trainer's tokenisation is given."""
     version = _version(curator, smollm2, MIXED)
     monkeypatch.setattr(jobs, "TOKEN_SAMPLE_SIZE", 2)
     measured = []
@@ -255,12 +256,21 @@ def test_many_long_examples_are_measured_on_a_sample(client_for, engineer, curat
         return real(tokenizer, conversations, *args, **kwargs)
 
     monkeypatch.setattr(trainer_data, "tokenize_conversations", tokenize_conversations)
-    figures = _estimate(version, smollm2)
-    # candidates 2, 3, 4; the sample is 2 and one of 3 and 4 (one pick per stretch), both skipped:
-    # round(1 * 3 / 2) = 2 skipped
+    return version, measured
+
+
+def assert_sampled(version, measured) -> None:
+    # candidates 2, 3, 4; the sample is 2 and one of 3 and 4 (one pick per stretch): the first kept, the
+    # second skipped, so round(1 * 3 / 2) = 2 skipped
     candidates = [LONG_KEPT, LONG_PROMPT, LONG_PROMPT_2]
     assert measured == [candidates[i] for i in jobs.spread_sample(3, 2, version.pk)]
     assert measured[0] == LONG_KEPT and measured[1] in (LONG_PROMPT, LONG_PROMPT_2)
+
+
+def test_many_long_examples_are_measured_on_a_sample(client_for, engineer, curator, smollm2, monkeypatch):
+    version, measured = sampled_mixed(curator, smollm2, monkeypatch)
+    figures = _estimate(version, smollm2)
+    assert_sampled(version, measured)
     assert figures["skipped"] == {
         "examples": 2, "of": 5, "max_length": MAX, "candidates": 3, "measured": 2, "approximate": True,
     }  # fmt: skip

@@ -29,6 +29,8 @@ from test_estimate_skipped import (
     _estimate,
     _trainer_sft,
     _version,
+    assert_sampled,
+    sampled_mixed,
 )
 from test_estimate_skipped import smollm2 as smollm2  # noqa: F401
 from test_training_jobs import _no_heartbeat_thread_writes as _no_heartbeat_thread_writes  # noqa: F401
@@ -189,22 +191,9 @@ def test_no_example_as_long_as_the_max_length_needs_no_tokenizer(client_for, cur
 def test_many_long_examples_are_measured_on_a_sample_on_the_version_page(
     client_for, curator, smollm2, monkeypatch
 ):
-    version = _version(curator, smollm2, MIXED)
-    monkeypatch.setattr(jobs, "TOKEN_SAMPLE_SIZE", 2)
-    measured = []
-    real = trainer_data.tokenize_conversations
-
-    def tokenize_conversations(tokenizer, conversations, *args, **kwargs):
-        measured.extend(conversations)
-        return real(tokenizer, conversations, *args, **kwargs)
-
-    monkeypatch.setattr(trainer_data, "tokenize_conversations", tokenize_conversations)
+    version, measured = sampled_mixed(curator, smollm2, monkeypatch)
     estimate, page = _page(client_for(curator), version)
-    # candidates 2, 3, 4; the sample is 2 and one of 3 and 4 (one pick per stretch), both skipped:
-    # round(1 * 3 / 2) = 2 skipped
-    candidates = [LONG_KEPT, LONG_PROMPT, LONG_PROMPT_2]
-    assert measured == [candidates[i] for i in jobs.spread_sample(3, 2, version.pk)]
-    assert measured[0] == LONG_KEPT and measured[1] in (LONG_PROMPT, LONG_PROMPT_2)
+    assert_sampled(version, measured)
     assert estimate["skipped"]["approximate"] is True and estimate["examples"] == 3
     assert "about " + SKIPPED_SENTENCE in page
     assert "<dt>Examples</dt><dd>about 3</dd>" in page
