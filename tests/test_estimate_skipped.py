@@ -283,25 +283,97 @@ def test_many_long_examples_are_measured_on_a_sample(client_for, engineer, curat
     assert len(measured) == 2  # the page's request took the measurement from the cache
 
 
-def test_replayed_examples_are_still_added_from_the_mean(curator, smollm2):
-    """The replay share is of the whole train split (the worker mixes it in before the trainer skips)."""
+def test_replayed_examples_are_the_rows_the_worker_mixes_in(curator, smollm2):
+    """The replay share is of the whole train split (the worker mixes it in before the trainer skips), and
+    the estimate counts the very rows the worker's seeded draw picks, not a mean."""
     replayed = make_version(curator, name="replayed")  # 8 train examples, stored counts 12 to 19
     replay_lengths, _source = jobs.train_lengths(replayed, smollm2)
-    replay_mean = round(sum(replay_lengths) / len(replay_lengths))
-    assert replay_mean == 16
     version = _version(curator, smollm2, MIXED)
+    config = _config()
     figures = jobs.estimate(
         dataset_version=version,
         base_model=smollm2,
         method="lora",
-        config=_config(),
+        config=config,
         replay_version=replayed,
         replay_percent=40,  # round(5 * 40 / 100) = 2 replayed examples
     )
+    picks = trainer_data.replay_picks(5, 8, 40, config["seed"])
+    assert len(picks) == 2
     assert figures["examples"] == 3 + 2
     kept, _dropped = _trainer_sft(version, smollm2)
-    assert figures["tokens_per_epoch"] == trainer_data.count_tokens(kept) + 2 * replay_mean
+    assert figures["tokens_per_epoch"] == trainer_data.count_tokens(kept) + sum(
+        replay_lengths[i] for i in picks
+    )
     assert figures["skipped"]["examples"] == 2 and figures["skipped"]["of"] == 5
+    assert figures["replay"] == {"examples": 2, "skipped": 0, "max_length": MAX, "approximate": False}
+
+
+def test_replayed_examples_the_trainer_skips_are_left_out_as_the_worker_would_skip_them(
+    client_for, engineer, curator, smollm2
+):
+    replayed = _version(curator, smollm2, MIXED, name="replay-source")  # positions 3 and 4 are skipped
+    version = _version(curator, smollm2, [SHORT, OTHER, SHORT, OTHER], name="replay-target")
+    config = _config()
+    figures = jobs.estimate(
+        dataset_version=version, base_model=smollm2, method="lora", config=config,
+        replay_version=replayed, replay_percent=100,
+    )  # fmt: skip
+    # what the worker does: mix the replay rows in, then the trainer tokenises and skips
+    mixed = trainer_data.mix_replay(
+        jobs._rows(version, "train"), jobs._rows(replayed, "train"), 100, config["seed"]
+    )
+    kept, dropped = trainer_data.tokenize_conversations(
+        _trainer_tokenizer(smollm2), trainer_data.check_sft_rows(mixed), MAX, True
+    )
+    picks = trainer_data.replay_picks(4, 5, 100, config["seed"])
+    expected_skips = sum(1 for i in picks if i in (3, 4))
+    assert dropped == expected_skips  # the draw below is the worker's
+    assert figures["examples"] == len(kept) == 4 + 4 - expected_skips
+    assert figures["tokens_per_epoch"] == trainer_data.count_tokens(kept)
+    assert figures["replay"]["skipped"] == expected_skips and figures["replay"]["examples"] == 4
+    assert figures["skipped"]["examples"] == 0  # the version's own rows are all kept
+    assert expected_skips in (1, 2)  # 4 of the 5 rows drawn: at least one of the two long prompts
+    page = _estimate_page(
+        client_for(engineer), version, smollm2, replay_version=replayed.pk, replay_percent=100
+    )
+    assert f"{expected_skips} of the 4 replayed examples would be skipped" in page
+
+
+def _mix_replay_as_before(train_rows, replay_rows, percent, seed):
+    """mix_replay as it was written before `replay_picks` (sampling the rows themselves)."""
+    import random
+
+    wanted = round(len(train_rows) * percent / 100)
+    if wanted <= 0 or not replay_rows:
+        return list(train_rows)
+    rng = random.Random(seed)
+    if wanted <= len(replay_rows):
+        extra = rng.sample(list(replay_rows), wanted)
+    else:
+        extra = list(replay_rows) + rng.choices(list(replay_rows), k=wanted - len(replay_rows))
+    mixed = list(train_rows) + extra
+    rng.shuffle(mixed)
+    return mixed
+
+
+def test_the_replay_draw_is_mix_replays_own():
+    """`replay_picks` names exactly the rows `mix_replay` adds, with and without replacement, and the mix
+    is the one earlier jobs got for the same seed."""
+    for train, replay, percent, seed in [
+        (10, 7, 50, 1),
+        (10, 3, 100, 2),
+        (5, 40, 40, 42),
+        (1, 1, 10, 3),
+        (9, 9, 200, 4),
+    ]:
+        rows = [{"train": i} for i in range(train)]
+        pool = [{"replay": i} for i in range(replay)]
+        mixed = trainer_data.mix_replay(rows, pool, percent, seed)
+        assert mixed == _mix_replay_as_before(rows, pool, percent, seed)
+        added = sorted(r["replay"] for r in mixed if "replay" in r)
+        assert added == sorted(trainer_data.replay_picks(train, replay, percent, seed))
+        assert len(mixed) == train + round(train * percent / 100)
 
 
 def _train(version):

@@ -303,15 +303,33 @@ def estimate(
         )
     if refusals:
         raise JobRefused(refusals)
+    train_count = len(lengths)
     lengths = _kept(lengths, skipped)
-    replay_source = None
+    replay_source, replay = None, None
     if extra:
         replay_lengths, replay_source = train_lengths(replay_version, base_model)
         if replay_lengths:
-            mean = sum(replay_lengths) / len(replay_lengths)
-            lengths += [round(mean)] * extra
+            # exactly the rows the worker mixes in (the same seeded draw), less those the trainer skips
+            from ..trainer.data import replay_picks
+
+            picks = replay_picks(train_count, len(replay_lengths), replay_percent, config.get("seed", 42))
+            replay_skipped = skipped_train(replay_version, base_model, method, config, replay_lengths)
+            gone = set(replay_skipped["indices"])
+            kept_replay = [replay_lengths[i] for i in picks if i not in gone]
+            lengths += kept_replay
+            replay = {
+                "examples": len(picks),
+                "skipped": len(picks) - len(kept_replay),
+                "max_length": max_length,
+                "approximate": replay_skipped["approximate"],
+            }
     truncated = [min(n, max_length) for n in lengths]
-    approximate = any(s and s["method"] == SAMPLED for s in (source, replay_source)) or skipped["approximate"]
+    replay_approximate = bool(replay and replay["approximate"] and replay["skipped"])
+    approximate = (
+        any(s and s["method"] == SAMPLED for s in (source, replay_source))
+        or skipped["approximate"]
+        or replay_approximate
+    )
     packed = bool(config.get("packing")) and method != Method.DPO
     if packed:
         from ..trainer.data import pack_examples
@@ -349,11 +367,13 @@ def estimate(
         # the token figures (and with packing the steps) are extrapolated from a sample
         "approximate": approximate,
         # the kept examples (and so the rows and steps) are extrapolated from a sample of the long ones
-        "examples_approximate": skipped["approximate"],
-        "steps_approximate": ((approximate and packed) or skipped["approximate"])
+        "examples_approximate": skipped["approximate"] or replay_approximate,
+        "steps_approximate": ((approximate and packed) or skipped["approximate"] or replay_approximate)
         and not config.get("max_steps"),
         # train examples the trainer will skip, and why (the page says so)
         "skipped": {k: v for k, v in skipped.items() if k != "indices"},
+        # the replayed examples mixed in, and how many of them the trainer will skip (None: no replay)
+        "replay": replay,
         # the same for the eval split (None: no eval split, or not checked: see `_eval_skipped`)
         "eval_skipped": {k: v for k, v in eval_skipped.items() if k != "indices"} if eval_skipped else None,
     }

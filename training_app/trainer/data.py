@@ -55,7 +55,7 @@ def mix_replay(train_rows: list, replay_rows: list, percent: float, seed: int) -
     """Add ``round(len(train_rows) * percent / 100)`` replay rows and shuffle them in (deterministic per seed).
 
     Replay rows are sampled without replacement; only when there are not enough of them is every replay row
-    used once and the remainder drawn with replacement.
+    used once and the remainder drawn with replacement (``replay_picks`` says which, without the rows).
     """
     if percent < 0:
         raise ValueError("percent must be >= 0")
@@ -63,13 +63,28 @@ def mix_replay(train_rows: list, replay_rows: list, percent: float, seed: int) -
     if wanted <= 0 or not replay_rows:
         return list(train_rows)
     rng = random.Random(seed)
-    if wanted <= len(replay_rows):
-        extra = rng.sample(list(replay_rows), wanted)
-    else:
-        extra = list(replay_rows) + rng.choices(list(replay_rows), k=wanted - len(replay_rows))
-    mixed = list(train_rows) + extra
+    replay_rows = list(replay_rows)
+    mixed = list(train_rows) + [replay_rows[i] for i in _picks(rng, wanted, len(replay_rows))]
     rng.shuffle(mixed)
     return mixed
+
+
+def replay_picks(train_count: int, replay_count: int, percent: float, seed: int) -> list[int]:
+    """The indices of the replay rows ``mix_replay`` adds to ``train_count`` train rows from
+    ``replay_count`` replay rows (a row drawn twice appears twice): the training estimate counts exactly
+    those."""
+    wanted = round(train_count * percent / 100)
+    if percent < 0 or wanted <= 0 or not replay_count:
+        return []
+    return _picks(random.Random(seed), wanted, replay_count)
+
+
+def _picks(rng: random.Random, wanted: int, n: int) -> list[int]:
+    # random.sample and random.choices pick by index from the length alone: the same indices for range(n)
+    # as for a list of n rows
+    if wanted <= n:
+        return rng.sample(range(n), wanted)
+    return list(range(n)) + rng.choices(range(n), k=wanted - n)
 
 
 def _line(row: dict, index: int) -> int:
