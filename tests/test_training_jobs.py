@@ -348,11 +348,17 @@ def test_job_form_launches_and_pages_render(client_for, engineer, sft_version, t
     detail = client.get(job.get_absolute_url())
     assert detail.status_code == 200 and b"position 1 in the queue" in detail.content
     # the configuration is listed in the form's order whatever order the database kept the keys in
-    shown = [k for k, _ in detail.context["config_items"]]
+    shown = [k for k, _label, _value in detail.context["config_items"]]
     assert sorted(shown) == sorted(job.config)
     assert shown == [f for f in jobs.CONFIG_FIELDS if f in job.config] + sorted(
         k for k in job.config if k not in jobs.CONFIG_FIELDS
     )
+    # with the form's labels and values as the form shows them (not Python's repr of lists and booleans)
+    items = {k: (label, value) for k, label, value in detail.context["config_items"]}
+    assert items["lora_r"] == ("LoRA r", str(job.config["lora_r"]))
+    assert items["target_modules"][1] == " ".join(job.config["target_modules"])
+    assert items["assistant_only_loss"][1] == ("on" if job.config["assistant_only_loss"] else "off")
+    assert "[&#x27;" not in detail.content.decode() and "<code>False</code>" not in detail.content.decode()
     queue = client.get(reverse("training:jobs"))
     assert queue.status_code == 200 and f"#{job.pk}".encode() in queue.content
     assert client.get(reverse("training:job_live", args=[job.pk])).status_code == 200

@@ -220,8 +220,27 @@ def job_detail(request, pk: int):
     context = _live_context(job, request)
     # in the form's order (PostgreSQL's jsonb keeps keys in its own order), unknown keys last
     order = {name: i for i, name in enumerate(job_service.CONFIG_FIELDS)}
-    context["config_items"] = sorted(job.config.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
+    items = sorted(job.config.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
+    context["config_items"] = [(key, _config_label(key), _config_shown(value)) for key, value in items]
     return render(request, "training/job.html", context)
+
+
+def _config_label(key: str) -> str:
+    """The job form's label for a training setting (the key itself for one the form does not have)."""
+    field = forms.JobForm.base_fields.get(key)
+    label = field.label if field is not None and field.label else key.replace("_", " ").capitalize()
+    return str(label)
+
+
+def _config_shown(value) -> str:
+    """A setting as the form would show it: on/off, names separated by spaces, "not set"."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return "not set"
+    if isinstance(value, list | tuple):
+        return " ".join(str(v) for v in value)
+    return str(value)
 
 
 @role_required(ENGINEER)
