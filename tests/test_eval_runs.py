@@ -600,6 +600,10 @@ def test_run_page_shows_metrics_and_masks_flagged_output(client_for, engineer, c
     assert "jane.doe@example.com" not in page and "<mark>[EMAIL_ADDRESS]</mark>" in page
     assert "<script>alert(1)</script>" not in page and "&lt;script&gt;" in page
     assert "Answers side by side" in page and "it ships tomorrow" in page
+    # counted from 1, as people count: the flagged probe at position 0 is probe 1, the first comparison 1
+    assert f"{leak.get_kind_display()} 1</span>" in page and f"{leak.get_kind_display()} 0</span>" not in page
+    answers = page[page.index("Answers side by side") :]
+    assert '<td class="num">1</td>' in answers and '<td class="num">0</td>' not in answers
     live = client_for(engineer).get(reverse("eval:run_live", args=[run.pk]) + "?was=active")
     assert live["HX-Refresh"] == "true"  # the finished run reloads the page with its results
 
