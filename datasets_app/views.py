@@ -649,6 +649,9 @@ def dataset_freeze(request, pk: int):
     form.is_valid()
     try:
         version = versions.freeze(dataset, request.user, form.cleaned_data.get("changelog", ""))
+    except versions.NothingChanged as exc:  # often the same form sent twice: show the version it made
+        messages.info(request, f"Not frozen again: {exc}")
+        return redirect(exc.version)
     except versions.FreezeRefused as exc:
         messages.error(request, f"Not frozen: {exc}")
         return redirect(dataset)

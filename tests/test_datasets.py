@@ -451,9 +451,12 @@ def test_freeze_blocked_until_reviewed_then_immutable(dataset, curator, tmp_path
     assert v1.counts["examples"] == 3 and v1.counts["tags"] == {"shipping": 1, "math": 1}
     with pytest.raises(PermissionError):
         v1.save()
-    # same content -> same hash; an edit changes it and shows in the diff
-    v2 = versions.freeze(dataset, curator, "no change")
-    assert v2.sha256 == v1.sha256 and v2.diff_summary == {"added": 0, "removed": 0, "changed": 0}
+    # the same content again is not a new version (a second click, or nothing changed): refused, naming v1
+    with pytest.raises(versions.NothingChanged, match="Nothing changed since version 1") as same:
+        versions.freeze(dataset, curator, "no change")
+    assert same.value.version == v1 and dataset.versions.count() == 1
+    v2 = v1
+    # an edit changes the hash and shows in the diff
     ex = Example.objects.order_by("position").last()
     datasets.edit_example(ex, messages=ex.messages, tags=["math", "easy"], user=curator)
     Example.objects.filter(dataset=dataset).update(dropped=False)
@@ -461,7 +464,7 @@ def test_freeze_blocked_until_reviewed_then_immutable(dataset, curator, tmp_path
         versions.freeze(dataset, curator)
     scrub.scan_examples(dataset, [ex.pk])
     v3 = versions.freeze(dataset, curator)
-    assert v3.sha256 != v2.sha256
+    assert v3.number == 2 and v3.sha256 != v2.sha256
     assert versions.diff(v2, v3).summary() == {"added": 0, "removed": 0, "changed": 1}
 
 

@@ -20,6 +20,7 @@ from django.urls import reverse
 
 from datasets_app.models import Dataset, DatasetVersion, Example, VersionExample
 from datasets_app.services import datasets, imports, scrub, versions
+from studio.models import AuditEvent
 
 pytestmark = pytest.mark.django_db
 
@@ -371,15 +372,19 @@ def test_freeze_failing_half_way_leaves_nothing_and_no_gap(curator, tmp_path, mo
 
 
 @pytest.mark.django_db(transaction=True)
-def test_two_curators_freezing_at_once_get_consecutive_numbers(curator, make_user, tmp_path):
+def test_curators_freezing_at_once_make_one_version_and_the_others_are_shown_it(curator, make_user, tmp_path):
+    """Four freezes of the same content at once (two curators, double clicks): one makes version 1, the
+    other three wait for its lock and are refused as nothing changed, naming it; no duplicate, no error."""
     other = make_user("cora", "curator")
     ds = curated_sft(curator, tmp_path)
-    barrier, results, errors = threading.Barrier(4), [], []
+    barrier, results, same, errors = threading.Barrier(4), [], [], []
 
     def run(user):
         try:
             barrier.wait(timeout=10)
             results.append(versions.freeze(Dataset.objects.get(pk=ds.pk), user).number)
+        except versions.NothingChanged as exc:
+            same.append(exc.version.number)
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
         finally:
@@ -390,6 +395,19 @@ def test_two_curators_freezing_at_once_get_consecutive_numbers(curator, make_use
         t.start()
     for t in threads:
         t.join(60)
-    assert not errors and sorted(results) == [1, 2, 3, 4]
-    assert len({v.sha256 for v in DatasetVersion.objects.all()}) == 1
-    assert all(v.examples.count() == 4 for v in DatasetVersion.objects.all())
+    assert not errors and results == [1] and same == [1, 1, 1]
+    assert DatasetVersion.objects.count() == 1 and DatasetVersion.objects.get().examples.count() == 4
+
+
+def test_the_freeze_form_sent_twice_shows_the_version_it_made(curator, client_for, tmp_path):
+    ds = curated_sft(curator, tmp_path, name="twice")
+    client = client_for(curator)
+    first = client.post(reverse("datasets:freeze", args=[ds.pk]), {"changelog": "first"})
+    version = DatasetVersion.objects.get(dataset=ds)
+    assert first.status_code == 302 and first.url == version.get_absolute_url()
+    again = client.post(reverse("datasets:freeze", args=[ds.pk]), {"changelog": "first"}, follow=True)
+    assert again.redirect_chain[-1][0] == version.get_absolute_url()  # the version, not an error page
+    page = again.content.decode()
+    assert "Not frozen again: Nothing changed since version 1" in page
+    assert DatasetVersion.objects.filter(dataset=ds).count() == 1
+    assert AuditEvent.objects.filter(verb="dataset.freeze").count() == 1  # the refused one recorded nothing

@@ -16,7 +16,7 @@ from test_training_jobs import sft_version as sft_version  # noqa: F401 - the fi
 from test_training_jobs import tiny_base as tiny_base  # noqa: F401
 
 from datasets_app import tokens
-from datasets_app.models import VersionExample
+from datasets_app.models import Example, VersionExample
 from studio import audit
 from studio.models import AuditEvent
 from training_app import tasks
@@ -378,6 +378,10 @@ def test_replayed_examples_are_counted_with_the_jobs_tokenizer_too(curator, tiny
     from datasets_app.services import versions
 
     first = make_version(curator, name="replayed", base=tiny_base)
+    changed = first.dataset.examples.order_by("position").first()
+    Example.objects.filter(pk=changed.pk).update(
+        tags=["again"]
+    )  # a change: the same content is no new version
     second = versions.freeze(first.dataset, curator, changelog="again")
     replay = _counts(other_tok_base, _train_conversations(first))
     train = _counts(other_tok_base, _train_conversations(second))

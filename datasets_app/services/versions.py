@@ -25,6 +25,17 @@ class FreezeRefused(Exception):
     """Why a dataset can't be frozen yet, in plain words."""
 
 
+class NothingChanged(FreezeRefused):
+    """The dataset's content (and base model) is the newest version's: no new version. ``version`` is it."""
+
+    def __init__(self, version: DatasetVersion):
+        self.version = version
+        super().__init__(
+            f"Nothing changed since version {version.number} (the same examples, SHA-256 "
+            f"{version.sha256[:12]}…): it is the newest version. Change the examples before freezing again."
+        )
+
+
 # --- splits -------------------------------------------------------------------------------------------
 
 
@@ -188,8 +199,17 @@ def freeze(dataset: Dataset, user, changelog: str = "") -> DatasetVersion:
         problems = blockers(locked)
         if problems:
             raise FreezeRefused(" ".join(problems))
+        sha256 = digest.hexdigest()
+        if (
+            previous is not None
+            and previous.sha256 == sha256
+            and previous.base_model_id == locked.base_model_id
+        ):
+            # a second click, or a freeze with no change: the same content again would be a second name
+            # for one version (rolled back: no rows, no event)
+            raise NothingChanged(previous)
         stats = token_stats(lengths)
-        version.sha256 = digest.hexdigest()
+        version.sha256 = sha256
         version.counts = {
             "examples": len(lengths),
             "train": splits.get("train", 0),
