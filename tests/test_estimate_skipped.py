@@ -44,6 +44,13 @@ LONG_PROMPT_2 = [{"role": "user", "content": "hello " + LONG}, {"role": "assista
 LONG_KEPT = SHORT + [{"role": "user", "content": LONG}, {"role": "assistant", "content": "sorry about that"}]
 # positions 0-4 of the train split: candidates (longer than MAX) are 2, 3 and 4
 MIXED = [SHORT, OTHER, LONG_KEPT, LONG_PROMPT, LONG_PROMPT_2]
+# preference pairs: TRL drops the two whose prompt fills MAX tokens
+PAIRS = [
+    ([{"role": "user", "content": "where is my parcel"}], "it ships tomorrow", "no idea"),
+    ([{"role": "user", "content": LONG}], "it ships tomorrow", "no idea"),
+    ([{"role": "user", "content": "how do i reset the router"}], "hold the button", "buy a new one"),
+    ([{"role": "user", "content": "hello " + LONG}], "sorry", "no"),
+]
 SKIPPED_SENTENCE = (
     "2 of 5 train examples would be skipped: their prompt alone fills the max length of 64 tokens; "
     "raise the max length or shorten them."
@@ -399,13 +406,7 @@ def _trl_keeps(version, base, tmp_path, max_length=MAX, split="train") -> int:
 def test_preference_pairs_whose_prompt_fills_the_max_length_are_left_out(
     client_for, engineer, curator, smollm2, tmp_path
 ):
-    pairs = [
-        ([{"role": "user", "content": "where is my parcel"}], "it ships tomorrow", "no idea"),
-        ([{"role": "user", "content": LONG}], "it ships tomorrow", "no idea"),
-        ([{"role": "user", "content": "how do i reset the router"}], "hold the button", "buy a new one"),
-        ([{"role": "user", "content": "hello " + LONG}], "sorry", "no"),
-    ]
-    version = _version(curator, smollm2, pairs, kind="preference", name="prefs")
+    version = _version(curator, smollm2, PAIRS, kind="preference", name="prefs")
     assert _trl_keeps(version, smollm2, tmp_path) == 2
 
     figures = _estimate(version, smollm2, method="dpo", packing=False)
@@ -419,7 +420,7 @@ def test_preference_pairs_whose_prompt_fills_the_max_length_are_left_out(
         "raise the max length or shorten them." in page
     )
 
-    only_long = _version(curator, smollm2, pairs[1::2], kind="preference", name="long-prefs")
+    only_long = _version(curator, smollm2, PAIRS[1::2], kind="preference", name="long-prefs")
     # the trainer would fail: "No preference pair's prompt fits in the max length…"
     assert _trl_keeps(only_long, smollm2, tmp_path) == 0
     with pytest.raises(jobs.JobRefused) as refused:

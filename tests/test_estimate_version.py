@@ -16,13 +16,13 @@ from conftest import make_version, smoke_request
 from django.urls import reverse
 from django.utils.html import escape
 from test_estimate_skipped import (
-    LONG,
     LONG_KEPT,
     LONG_PROMPT,
     LONG_PROMPT_2,
     MAX,
     MIXED,
     OTHER,
+    PAIRS,
     SHORT,
     SKIPPED_SENTENCE,
     _config,
@@ -86,13 +86,7 @@ def test_the_version_page_leaves_out_the_examples_the_trainer_skips(client_for, 
 
 @smollm2_tokenizer
 def test_the_version_page_leaves_out_the_preference_pairs_trl_drops(client_for, curator, smollm2):
-    pairs = [
-        ([{"role": "user", "content": "where is my parcel"}], "it ships tomorrow", "no idea"),
-        ([{"role": "user", "content": LONG}], "it ships tomorrow", "no idea"),
-        ([{"role": "user", "content": "how do i reset the router"}], "hold the button", "buy a new one"),
-        ([{"role": "user", "content": "hello " + LONG}], "sorry", "no"),
-    ]
-    version = _version(curator, smollm2, pairs, kind="preference", name="prefs")
+    version = _version(curator, smollm2, PAIRS, kind="preference", name="prefs")
     launch = _estimate(version, smollm2, method="dpo", packing=False)
     assert (
         launch["examples"] == 2 and launch["skipped"]["examples"] == 2
