@@ -50,3 +50,11 @@ def brief_lock_wait(milliseconds: int = 250) -> Iterator[None]:
     finally:
         with connection.cursor() as cur:
             cur.execute(f"PRAGMA busy_timeout = {int(before)}")
+
+
+def insert_sql(connection, table: str, columns: list[str], values: str | None = None) -> str:
+    """``INSERT INTO table (columns) VALUES (...)`` with the names quoted for ``connection``; ``values``
+    defaults to one ``%s`` placeholder per column (for ``executemany``). Names come from models only."""
+    qn = connection.ops.quote_name
+    values = values if values is not None else ", ".join(["%s"] * len(columns))
+    return f"INSERT INTO {qn(table)} ({', '.join(qn(c) for c in columns)}) VALUES ({values})"  # noqa: S608

@@ -36,7 +36,7 @@ from django.utils import timezone
 from jinja2 import TemplateError
 
 from studio import audit, forking
-from studio.db import checkpoint_wal
+from studio.db import checkpoint_wal, insert_sql
 from studio.queueing import quietly, send_or_fail
 
 from .. import parsing
@@ -523,32 +523,29 @@ def _insert_examples(
         return
     connection = connections[router.db_for_write(Example)]
     fixed_names, fixed = _fixed_columns(dataset, upload, connection)
-    qn = connection.ops.quote_name
     names = [Example._meta.get_field(name).column for name in _ROW_COLUMNS] + fixed_names
-    table, column_list = qn(Example._meta.db_table), ", ".join(qn(c) for c in names)
     if token_counts is None:
         token_counts = [0] * len(prepared)
         # the usual case on SQLite: the prepared tuples are bound as they are
         numbered = prepared[-1][0] - prepared[0][0] == len(prepared) - 1
         if connection.vendor == "sqlite" and numbered:
-            _sqlite_insert(connection, table, column_list, prepared, start - prepared[0][0], fixed)
+            _sqlite_insert(connection, names, prepared, start - prepared[0][0], fixed)
             return
     rows = [
         (start + i, *p[1:], n, *fixed) for i, (p, n) in enumerate(zip(prepared, token_counts, strict=True))
     ]
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
-            sql = f"COPY {table} ({column_list}) FROM STDIN"
+            qn = connection.ops.quote_name
+            sql = f"COPY {qn(Example._meta.db_table)} ({', '.join(qn(c) for c in names)}) FROM STDIN"
             with connection.wrap_database_errors, cursor.cursor.copy(sql) as copy:
                 for row in rows:
                     copy.write_row(row)
         else:
-            placeholders = ", ".join(["%s"] * len(names))
-            sql = f"INSERT INTO {table} ({column_list}) VALUES ({placeholders})"  # noqa: S608 - model names only
-            cursor.executemany(sql, rows)
+            cursor.executemany(insert_sql(connection, Example._meta.db_table, names), rows)
 
 
-def _sqlite_insert(connection, table: str, column_list: str, prepared: list[Prepared], offset: int, fixed):
+def _sqlite_insert(connection, names: list[str], prepared: list[Prepared], offset: int, fixed):
     """executemany with only the per-example values bound: the position is the prepared number plus
     ``offset``, the token count 0 and the shared values are SQL literals (quoted by Django's schema
     editor, as in migrations), which saves binding a dozen parameters per row.
@@ -560,7 +557,9 @@ def _sqlite_insert(connection, table: str, column_list: str, prepared: list[Prep
     quote = connection.schema_editor().quote_value
     shared = ", ".join([quote(v) for v in fixed])
     values = f"?+{int(offset)}, ?, ?, ?, ?, ?, ?, ?, 0, {shared}"
-    sql = f"INSERT INTO {table} ({column_list}) VALUES ({values})"  # noqa: S608 - names and quoted literals
+    sql = insert_sql(
+        connection, Example._meta.db_table, names, values
+    )  # values: placeholders, quoted literals
     with connection.cursor() as cursor, connection.wrap_database_errors:
         raw = cursor.cursor
         raw.execute("PRAGMA ignore_check_constraints = ON")

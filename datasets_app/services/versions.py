@@ -15,6 +15,7 @@ from django.db.models import Max, TextField
 from django.db.models.functions import Cast
 
 from studio import audit
+from studio.db import insert_sql
 
 from ..models import Dataset, DatasetVersion, Example, PiiFinding, Upload, VersionExample
 from ..tokens import token_stats
@@ -255,11 +256,7 @@ class _VersionRows:
         self.connection = connections[router.db_for_write(VersionExample)]
         fields = [VersionExample._meta.get_field(name) for name in ("version", *self.COLUMNS)]
         self.json_field = VersionExample._meta.get_field("messages")  # messages and tags: plain JSONFields
-        qn = self.connection.ops.quote_name
-        columns = ", ".join(qn(f.column) for f in fields)
-        placeholders = ", ".join(["%s"] * len(fields))
-        table = qn(VersionExample._meta.db_table)
-        self.sql = f"INSERT INTO {table} ({columns}) VALUES ({placeholders})"  # noqa: S608 - model names
+        self.sql = insert_sql(self.connection, VersionExample._meta.db_table, [f.column for f in fields])
         self.rows: list[tuple] = []
 
     def json(self, text: str, value):
