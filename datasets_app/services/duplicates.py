@@ -9,6 +9,7 @@ from django.db import connection, transaction
 from django.db.models import Q
 
 from studio import audit, forking
+from studio.db import update_sql
 
 from ..dedup import find_duplicate_groups, hash_and_similarity_text, minhash_signature
 from ..models import Dataset, DuplicateGroup, Example
@@ -26,8 +27,7 @@ def _fill_signatures(dataset: Dataset, batch: int = 2000) -> None:
     missing = Example.objects.filter(dataset=dataset, dropped=False).filter(
         Q(minhash__isnull=True) | Q(content_hash="")
     )
-    table = connection.ops.quote_name(Example._meta.db_table)
-    sql = f"UPDATE {table} SET content_hash = %s, minhash = %s WHERE id = %s"  # noqa: S608 - model name
+    sql = update_sql(connection, Example._meta.db_table, ["content_hash", "minhash"])
     last = 0
     while True:
         rows = list(

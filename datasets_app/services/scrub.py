@@ -29,7 +29,7 @@ from django.db.models import Max, Min, Q
 from django.utils import timezone
 
 from studio import audit
-from studio.db import purge_freed_pages
+from studio.db import purge_freed_pages, update_sql
 
 from ..dedup import content_hash
 from ..models import Dataset, Example, PiiFinding
@@ -271,11 +271,8 @@ def _update_rows(model, objs: list, fields: list[str]) -> None:
     more in Python than the row-by-row saves did). Values are converted as the ORM's own saves do."""
     if not objs:
         return
-    qn = connection.ops.quote_name
     columns = [model._meta.get_field(name) for name in fields]
-    assignments = ", ".join(f"{qn(field.column)} = %s" for field in columns)
-    table, pk = qn(model._meta.db_table), qn(model._meta.pk.column)
-    sql = f"UPDATE {table} SET {assignments} WHERE {pk} = %s"  # noqa: S608 - model and field names
+    sql = update_sql(connection, model._meta.db_table, [f.column for f in columns], model._meta.pk.column)
     rows = [
         [field.get_db_prep_save(getattr(obj, field.attname), connection) for field in columns] + [obj.pk]
         for obj in objs
