@@ -284,6 +284,15 @@ STUDIO_JOB_LOG_LINES = envint("STUDIO_JOB_LOG_LINES", 50)
 STUDIO_EVAL_MAX_NEW_TOKENS = envint("STUDIO_EVAL_MAX_NEW_TOKENS", 128)
 STUDIO_EVAL_BATCH_SIZE = envint("STUDIO_EVAL_BATCH_SIZE", 16)
 STUDIO_MODEL_CACHE_SIZE = envint("STUDIO_MODEL_CACHE_SIZE", 2)  # loaded models kept per process
+# Weights' dtype for evaluation and serving on a GPU (the CPU always uses float32). "auto": float32 for
+# models of at most 1B parameters (their greedy answers do not depend on which prompts share a batch, and
+# such a model is no slower in float32), bfloat16 above (float32 where the GPU has no bfloat16).
+STUDIO_INFERENCE_DTYPE = envstr("STUDIO_INFERENCE_DTYPE", "auto")
+if STUDIO_INFERENCE_DTYPE not in {"auto", "float32", "bfloat16", "float16"}:
+    raise ImproperlyConfigured(
+        "STUDIO_INFERENCE_DTYPE must be 'auto', 'float32', 'bfloat16' or 'float16', "
+        f"not {STUDIO_INFERENCE_DTYPE!r}"
+    )
 STUDIO_VOTES_PER_COMPARISON = envint("STUDIO_VOTES_PER_COMPARISON", 1)  # K
 STUDIO_VOTE_OVERLAP_SHARE = envfloat("STUDIO_VOTE_OVERLAP_SHARE", 0.2)  # share voted by two reviewers
 STUDIO_VOTE_EXCLUDE_TRAINERS = envbool("STUDIO_VOTE_EXCLUDE_TRAINERS", True)  # no votes on own models
