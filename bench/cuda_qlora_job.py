@@ -133,15 +133,16 @@ def answer(model_dir: str, prompts: list[list[dict]], device: str) -> list[str]:
 
 
 def usable(line: str) -> dict | None:
-    """The demo file's well-formed chat records (it also holds lines that show the import's error reports)."""
+    """The demo file's chat records the studio's import accepts (it also holds lines that show the import's
+    error reports), checked by the import's own validator."""
+    from datasets_app.parsing import validate_messages
+
     try:
         record = json.loads(line)
     except ValueError:
         return None
     messages = record.get("messages") if isinstance(record, dict) else None
-    ok = isinstance(messages, list) and len(messages) >= 2 and all(isinstance(m, dict) for m in messages)
-    ok = ok and all(isinstance(m.get("content"), str) and m["content"].strip() for m in messages)
-    return {"messages": messages} if ok and messages[-1].get("role") == "assistant" else None
+    return {"messages": messages} if validate_messages(messages) is None else None
 
 
 def main() -> int:

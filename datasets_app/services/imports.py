@@ -557,9 +557,7 @@ def _sqlite_insert(connection, names: list[str], prepared: list[Prepared], offse
     quote = connection.schema_editor().quote_value
     shared = ", ".join([quote(v) for v in fixed])
     values = f"?+{int(offset)}, ?, ?, ?, ?, ?, ?, ?, 0, {shared}"
-    sql = insert_sql(
-        connection, Example._meta.db_table, names, values
-    )  # values: placeholders, quoted literals
+    sql = insert_sql(connection, Example._meta.db_table, names, values)  # values: ? and quoted literals
     with connection.cursor() as cursor, connection.wrap_database_errors:
         raw = cursor.cursor
         raw.execute("PRAGMA ignore_check_constraints = ON")

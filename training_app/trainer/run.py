@@ -582,7 +582,7 @@ def _run(config: TrainConfig, reporter: Reporter) -> TrainResult:
         if kept < examples:
             say(f"{examples - kept} of {examples} pairs skipped: prompt longer than the max length")
             examples = callback.info["examples"] = kept
-        train_tokens = callback.info["train_tokens"] = _preference_tokens(trainer.train_dataset)
+        callback.info["train_tokens"] = _preference_tokens(trainer.train_dataset)
         if eval_items:
             eval_kept = len(trainer.eval_dataset)
             if config.eval_every and eval_kept == 0:
