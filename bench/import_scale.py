@@ -129,6 +129,7 @@ def floor_child(path: str) -> None:
     django.setup()
     from django.core.management import call_command
     from django.db import transaction
+    from django.utils import timezone
 
     call_command("migrate", verbosity=0)
     from datasets_app import parsing
@@ -140,9 +141,9 @@ def floor_child(path: str) -> None:
     _checkpoint()
     t0 = time.perf_counter()
     with imports._parents_held(), transaction.atomic():
-        position = 0
+        position, now = 0, timezone.now()
         for good, _rejected in batches:
-            imports._insert_examples(ds, upload, good, position, None)
+            imports._insert_examples(ds, upload, good, position, None, now=now)
             position += len(good)
     _checkpoint()
     seconds = time.perf_counter() - t0
@@ -153,8 +154,8 @@ def _raw_sqlite(ds, upload, batches) -> float:
     """The SQLite engine's own share: the same prepared rows inserted with the plain `sqlite3` module (no
     Django) into a fresh file with the studio's Example table and indexes (their DDL copied from the
     migrated database) and its settings (16 KiB pages, WAL, synchronous NORMAL; CHECK and foreign key
-    constraints off, as the import runs), one transaction, 1,000-row `executemany` calls, commit and
-    checkpoint. No import that writes these rows as rows can take less. Seconds taken."""
+    constraints off, as the import runs), one transaction, as many rows per INSERT statement as the
+    import's, commit and checkpoint. No import that writes these rows as rows can take less. Seconds taken."""
     import sqlite3
 
     from django.db import connection
@@ -172,7 +173,18 @@ def _raw_sqlite(ds, upload, batches) -> float:
         f'"{c}"' for c in [Example._meta.get_field(n).column for n in imports._ROW_COLUMNS] + names
     )
     shared = ", ".join(quote(v) for v in fixed)
-    sql = f'INSERT INTO "{table}" ({columns}) VALUES (?+0, ?, ?, ?, ?, ?, ?, ?, 0, {shared})'  # noqa: S608
+    size = imports.ROWS_PER_STATEMENT  # as many rows per statement as the studio's insert
+    row = f"(?+0, ?, ?, ?, ?, ?, ?, ?, 0, {shared})"
+
+    def sql(rows: int) -> str:
+        return f'INSERT INTO "{table}" ({columns}) VALUES ' + ", ".join([row] * rows)  # noqa: S608
+
+    statements = [  # (rows, values), prepared untimed
+        (len(good[i : i + size]), [value for prepared in good[i : i + size] for value in prepared])
+        for good, _rejected in batches
+        for i in range(0, len(good), size)
+    ]
+    texts = {n: sql(n) for n, _values in statements}
     path = Path(connection.settings_dict["NAME"]).with_suffix(".raw.sqlite3")
     raw = sqlite3.connect(path, isolation_level=None)
     raw.executescript("PRAGMA page_size=16384; PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")
@@ -183,8 +195,8 @@ def _raw_sqlite(ds, upload, batches) -> float:
     raw.execute("PRAGMA ignore_check_constraints = ON")
     t0 = time.perf_counter()
     raw.execute("BEGIN IMMEDIATE")
-    for good, _rejected in batches:
-        raw.executemany(sql, good)
+    for rows, values in statements:
+        raw.execute(texts[rows], values)
     raw.execute("COMMIT")
     raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     seconds = time.perf_counter() - t0

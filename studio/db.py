@@ -52,12 +52,14 @@ def brief_lock_wait(milliseconds: int = 250) -> Iterator[None]:
             cur.execute(f"PRAGMA busy_timeout = {int(before)}")
 
 
-def insert_sql(connection, table: str, columns: list[str], values: str | None = None) -> str:
+def insert_sql(connection, table: str, columns: list[str], values: str | None = None, rows: int = 1) -> str:
     """``INSERT INTO table (columns) VALUES (...)`` with the names quoted for ``connection``; ``values``
-    defaults to one ``%s`` placeholder per column (for ``executemany``). Names come from models only."""
+    defaults to one ``%s`` placeholder per column (for ``executemany``). With ``rows`` > 1 the statement
+    inserts that many rows, ``VALUES (...), (...), ...``, each with ``values``. Names come from models only."""
     qn = connection.ops.quote_name
     values = values if values is not None else ", ".join(["%s"] * len(columns))
-    return f"INSERT INTO {qn(table)} ({', '.join(qn(c) for c in columns)}) VALUES ({values})"  # noqa: S608
+    tuples = ", ".join([f"({values})"] * rows)
+    return f"INSERT INTO {qn(table)} ({', '.join(qn(c) for c in columns)}) VALUES {tuples}"  # noqa: S608
 
 
 def update_sql(connection, table: str, columns: list[str], key: str = "id") -> str:
