@@ -896,3 +896,134 @@ def test_fast_paths_agree_with_the_general_path_on_random_lines(tmp_path, monkey
     general = list(parse_file(path, fmt="openai"))
     assert fast == general
     assert typed > 100 and sum(isinstance(item, Record) for item in general) > typed  # both paths exercised
+
+
+# --------------------------------------------------------------------------- plain chat blocks
+
+
+def _block_file_lines(rng: random.Random) -> list[bytes]:
+    """Mostly plain chat lines, with every kind of line that must leave the block path sprinkled in."""
+    good = [
+        {
+            "messages": [
+                {"role": "user", "content": "Where is order ORD-1?"},
+                {"role": "assistant", "content": "On its way."},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"},
+            ],
+            "tags": ["math"],
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "caf\u00e9 \u2028"},
+                {"role": "assistant", "content": "ok"},
+            ],
+            "tags": [" x ", "x", ""],
+            "split": "eval",
+        },
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tags": [""]},
+    ]
+    odd = [
+        b"",  # blank line
+        b"   ",
+        b"not json",
+        b'{"messages": [{"role": "assistant", "content": "first"}, {"role": "user", "content": "q"}]}',  # order
+        b'{"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "a"}]}',  # blank
+        b'{"messages": [{"role": "user", "content": "a\\u0000b"}, {"role": "assistant", "content": "a"}]}',
+        b'{"messages": [{"role": "user", "content": "a\\udc00"}, {"role": "assistant", "content": "a"}]}',
+        b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "split": "test"}',
+        b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "id": 7}',
+        b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]} {"x": 1}',
+        b'{"messages": [{"role": "user", "content": "q"},',  # a value continued on the next line...
+        b'{"role": "assistant", "content": "a"}]}',  # ...which also starts with "{"
+        b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "caf\xe9"}]}',
+        b"\x00",
+        b"[1, 2]",
+        b'  {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}  ',
+    ]
+    lines = [json.dumps(rng.choice(good), ensure_ascii=rng.random() < 0.5).encode() for _ in range(600)]
+    for line in odd * 2:  # each odd line twice, anywhere (the continued value's two lines together)
+        at = rng.randrange(len(lines))
+        lines[at:at] = [line, odd[odd.index(line) + 1]] if line.endswith(b",") else [line]
+    return lines
+
+
+@pytest.mark.parametrize("block_bytes", [37, 500, 4096, 256 * 1024])
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n"])
+def test_chat_blocks_give_the_line_by_line_results(tmp_path, monkeypatch, block_bytes, ending):
+    """The block path (one msgspec decode_lines call per block of lines) gives, line for line, the
+    records and rejections of the general path, whatever the block size (blocks cutting lines, lines
+    longer than a block), line ending, BOM, odd lines in a block or last line without an ending."""
+    rng = random.Random(block_bytes)
+    lines = _block_file_lines(rng)
+    path = tmp_path / "chat.jsonl"
+    path.write_bytes(parsing._BOM + ending.join(lines))  # no line ending after the last line
+    monkeypatch.setattr(parsing, "_BLOCK_BYTES", block_bytes)
+    progress = []
+    blocks = list(parse_file(path, fmt="openai", progress=lambda done, total: progress.append((done, total))))
+    monkeypatch.setattr(  # line by line, typed and orjson fast paths included
+        parsing,
+        "_parse_chat_lines",
+        lambda fh, fmt, opts: parsing._parse_json_units(
+            parsing._iter_lines(fh, opts.max_line_bytes, opts.progress), fmt, opts, False
+        ),
+    )
+    by_line = list(parse_file(path, fmt="openai"))
+    assert [type(item) for item in blocks] == [type(item) for item in by_line]
+    assert blocks == by_line
+    monkeypatch.setattr(parsing._OpenAIFormat, "fast_record", None)
+    general = list(parse_file(path, fmt="openai"))
+    assert blocks == general
+    assert {item.code for item in blocks if isinstance(item, Rejection)} >= {
+        "invalid_json",
+        "not_starting_user",
+        "empty_content",
+        "encoding",
+        "unknown_split",
+    }
+    assert sum(isinstance(item, Record) for item in blocks) > 500
+    assert progress[-1] == (path.stat().st_size, path.stat().st_size)
+    assert [done for done, _ in progress] == sorted(done for done, _ in progress)
+
+
+def test_clean_chat_file_is_read_in_blocks(tmp_path, monkeypatch):
+    """A file of plain chat lines never goes line by line, and its records carry the right numbers."""
+    path = tmp_path / "clean.jsonl"
+    row = {
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+        "tags": ["t"],
+    }
+    path.write_bytes(
+        b"".join(json.dumps({**row, "split": s}).encode() + b"\n" for s in ["train", "eval"] * 3000)
+    )
+    monkeypatch.setattr(parsing, "_BLOCK_BYTES", 4096)
+
+    def no_lines(*args, **kwargs):
+        raise AssertionError("a clean file went line by line")
+
+    monkeypatch.setattr(parsing, "_parse_json_unit", no_lines)
+    records = list(parse_file(path, fmt="openai"))
+    assert [r.line for r in records] == list(range(1, 6001))
+    assert all(type(r) is parsing.JsonRecord for r in records)
+    assert [r.split for r in records[:4]] == ["train", "eval", "train", "eval"]
+    assert records[0].tags == ["t"] and records[0].messages == row["messages"]
+
+
+@pytest.mark.parametrize("block_bytes", [512, 64 * 1024])  # the line longer than a block, or inside one
+def test_over_long_line_in_a_chat_block_file(tmp_path, monkeypatch, block_bytes):
+    """A line over the limit inside a file of plain chat lines is rejected as too long, with its line
+    number, without being held whole; the lines after it are read as usual."""
+    good = b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}'
+    long = b'{"messages": [{"role": "user", "content": "' + b"x" * 5000 + b'"}]}'
+    path = tmp_path / "long.jsonl"
+    path.write_bytes(b"\n".join([good] * 50 + [long] + [good] * 50) + b"\n")
+    monkeypatch.setattr(parsing, "_BLOCK_BYTES", block_bytes)
+    items = list(parse_file(path, fmt="openai", max_line_bytes=1000))
+    assert [item.line for item in items] == list(range(1, 102))
+    assert isinstance(items[50], Rejection) and items[50].code == "line_too_long" and items[50].line == 51
+    assert all(isinstance(item, Record) for i, item in enumerate(items) if i != 50)
