@@ -162,6 +162,7 @@ def _raw_sqlite(ds, upload, batches) -> float:
 
     from datasets_app.models import Example
     from datasets_app.services import imports
+    from studio.db import ROWS_PER_STATEMENT
 
     table = Example._meta.db_table
     with connection.cursor() as cursor:
@@ -173,7 +174,7 @@ def _raw_sqlite(ds, upload, batches) -> float:
         f'"{c}"' for c in [Example._meta.get_field(n).column for n in imports._ROW_COLUMNS] + names
     )
     shared = ", ".join(quote(v) for v in fixed)
-    size = imports.ROWS_PER_STATEMENT  # as many rows per statement as the studio's insert
+    size = ROWS_PER_STATEMENT  # as many rows per statement as the studio's insert
     row = f"(?+0, ?, ?, ?, ?, ?, ?, ?, 0, {shared})"
 
     def sql(rows: int) -> str:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from itertools import chain
 
 from django.db import connection, transaction
 
@@ -50,6 +51,27 @@ def brief_lock_wait(milliseconds: int = 250) -> Iterator[None]:
     finally:
         with connection.cursor() as cur:
             cur.execute(f"PRAGMA busy_timeout = {int(before)}")
+
+
+# Rows per INSERT statement for bulk inserts on SQLite (an import's examples):
+# one statement per row pays SQLite's per-statement work (for an AUTOINCREMENT key: reading and
+# writing sqlite_sequence) and the sqlite3 module's per-call work once per row; 50 rows of at most 10
+# parameters stay far under the 999 parameters of even old SQLite builds. Measured on 100,000 examples
+# in plain sqlite3: the inserts' own time down by about a quarter (0.72 -> 0.52 s).
+ROWS_PER_STATEMENT = 50
+
+
+def insert_in_statements(cursor, sql: Callable[[int], str], rows: list[tuple]) -> None:
+    """Insert ``rows`` ROWS_PER_STATEMENT to a statement; ``sql(n)`` is the INSERT statement of n rows
+    (see ``insert_sql``'s ``rows``)."""
+    size = ROWS_PER_STATEMENT
+    whole = len(rows) - len(rows) % size
+    if whole:
+        cursor.executemany(
+            sql(size), [list(chain.from_iterable(rows[i : i + size])) for i in range(0, whole, size)]
+        )
+    if whole < len(rows):
+        cursor.execute(sql(len(rows) - whole), list(chain.from_iterable(rows[whole:])))
 
 
 def insert_sql(connection, table: str, columns: list[str], values: str | None = None, rows: int = 1) -> str:

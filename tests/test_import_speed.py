@@ -325,3 +325,50 @@ def test_batches_start_small_and_grow_to_the_batch_size(tmp_path):
     assert [len(good) for good, _ in imports.prepare_batches(parsing.parse_file(path, kind="sft"), 7)][
         :3
     ] == [7, 7, 7]
+
+
+@pytest.mark.parametrize("with_counts", [False, True])
+def test_rows_go_in_by_statements_of_many_rows_with_their_values(dataset, tmp_path, with_counts):
+    """The batch insert puts ROWS_PER_STATEMENT rows in each INSERT (and the rest in a last shorter
+    one): 123 rows come out in order, each with its own values, positions from ``start`` and its
+    token count (0 without counts), whether the prepared numbers are consecutive or not."""
+    from studio.db import ROWS_PER_STATEMENT
+
+    rows = [
+        {
+            "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
+            "tags": [f"t{i % 3}"],
+        }
+        for i in range(123)
+    ]
+    path = tmp_path / "f.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    upload = imports.receive_path(dataset, None, path)
+    batches = imports.prepare_batches(parsing.parse_file(path, kind="sft"), 1000)
+    good = [p for batch, _rejected in batches for p in batch]
+    assert len(good) == 123 > 2 * ROWS_PER_STATEMENT
+    if with_counts:
+        good = good[:60] + good[61:]  # a gap in the numbers, as after a too-long rejection
+    counts = [1000 + i for i in range(len(good))] if with_counts else None
+    statements: list[str] = []
+    connection.ensure_connection()
+    if connection.vendor == "sqlite":  # the statements SQLite runs (the insert bypasses Django's cursor)
+        connection.connection.set_trace_callback(statements.append)
+    try:
+        imports._insert_examples(dataset, upload, good, 10, counts)
+    finally:
+        if connection.vendor == "sqlite":
+            connection.connection.set_trace_callback(None)
+    stored = list(Example.objects.filter(dataset=dataset).order_by("position"))
+    assert [e.position for e in stored] == list(range(10, 10 + len(good)))
+    kept = [r for i, r in enumerate(rows) if not (with_counts and i == 60)]
+    assert [e.messages for e in stored] == [r["messages"] for r in kept]
+    assert [e.tags for e in stored] == [r["tags"] for r in kept]
+    assert [e.source_line for e in stored] == [i + 1 for i in range(123) if not (with_counts and i == 60)]
+    assert [e.token_count for e in stored] == (counts or [0] * len(good))
+    assert {e.upload_id for e in stored} == {upload.pk} and {e.split for e in stored} == {"train"}
+    if connection.vendor == "sqlite":
+        inserts = [s for s in statements if s.startswith("INSERT")]
+        whole, rest = divmod(len(good), ROWS_PER_STATEMENT)
+        assert len(inserts) == whole + (rest > 0)
+        assert [s.count("), (") + 1 for s in inserts] == [ROWS_PER_STATEMENT] * whole + [rest] * (rest > 0)

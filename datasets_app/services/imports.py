@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ from django.utils import timezone
 from jinja2 import TemplateError
 
 from studio import audit, forking
-from studio.db import checkpoint_wal, insert_sql
+from studio.db import checkpoint_wal, insert_in_statements, insert_sql
 from studio.queueing import quietly, send_or_fail
 
 from .. import parsing
@@ -555,18 +554,11 @@ def _insert_examples(
             cursor.executemany(insert_sql(connection, Example._meta.db_table, names), rows)
 
 
-# Rows per INSERT statement on SQLite: one statement per row pays SQLite's per-statement work (for
-# the AUTOINCREMENT key: reading and writing sqlite_sequence) and the sqlite3 module's per-call work
-# once per example; 50 rows of at most 9 parameters stay far under the 999 parameters of even old
-# SQLite builds. Measured on 100,000 examples: the inserts' own time down by about a quarter.
-ROWS_PER_STATEMENT = 50
-
-
 def _sqlite_insert(connection, names: list[str], rows: list[tuple], position: str, tokens: str, fixed):
     """Insert ``rows`` (source_line ... split, between a first and a last value that the SQL
-    expressions ``position`` and ``tokens`` bind or replace) ROWS_PER_STATEMENT rows per statement.
-    The values every row shares are SQL literals (quoted by Django's schema editor, as in migrations),
-    which saves binding a dozen parameters per row.
+    expressions ``position`` and ``tokens`` bind or replace) ROWS_PER_STATEMENT rows per statement
+    (studio.db). The values every row shares are SQL literals (quoted by Django's schema editor, as
+    in migrations), which saves binding a dozen parameters per row.
 
     The table's CHECK constraints are skipped for these rows (a third of the insert's time goes to
     re-parsing every messages text for ``JSON_VALID``): the JSON texts come from orjson or msgspec
@@ -574,19 +566,12 @@ def _sqlite_insert(connection, names: list[str], rows: list[tuple], position: st
     keys are not checked during an import either (see _parents_held)."""
     quote = connection.schema_editor().quote_value
     values = f"{position}, ?, ?, ?, ?, ?, ?, ?, {tokens}, {', '.join([quote(v) for v in fixed])}"
-    table, size = Example._meta.db_table, ROWS_PER_STATEMENT
-    whole = len(rows) - len(rows) % size
-    flat = itertools.chain.from_iterable
+    table = Example._meta.db_table
     with connection.cursor() as cursor, connection.wrap_database_errors:
         raw = cursor.cursor
         raw.execute("PRAGMA ignore_check_constraints = ON")
         try:
-            if whole:
-                statements = [list(flat(rows[i : i + size])) for i in range(0, whole, size)]
-                raw.executemany(insert_sql(connection, table, names, values, size), statements)
-            if whole < len(rows):
-                rest = rows[whole:]
-                raw.execute(insert_sql(connection, table, names, values, len(rest)), list(flat(rest)))
+            insert_in_statements(raw, lambda n: insert_sql(connection, table, names, values, n), rows)
         finally:
             raw.execute("PRAGMA ignore_check_constraints = OFF")
 
