@@ -5,7 +5,7 @@ records are reported with their line numbers (and kept, encrypted, for download)
 no good record creates nothing. Logs carry ids and counts only, never text.
 
 Speed: records are parsed, validated and serialised into "prepared" row values (prepare_batches),
-then inserted a batch at a time with one executemany (SQLite) or COPY (PostgreSQL). From
+then inserted a batch at a time by INSERT statements of 50 rows (SQLite) or COPY (PostgreSQL). From
 HELPER_MIN_BYTES on, a forked helper process prepares the batches and another encrypts the original
 upload while this process inserts, so an import uses two cores. The duplicate hash is not computed
 here: the duplicate analysis that follows every import computes it with the MinHash signature, from
