@@ -162,7 +162,7 @@ def _raw_sqlite(ds, upload, batches) -> float:
 
     from datasets_app.models import Example
     from datasets_app.services import imports
-    from studio.db import ROWS_PER_STATEMENT
+    from studio.db import ROWS_PER_STATEMENT, insert_sql
 
     table = Example._meta.db_table
     with connection.cursor() as cursor:
@@ -170,15 +170,13 @@ def _raw_sqlite(ds, upload, batches) -> float:
         ddl = [row[0] for row in cursor.fetchall()]
     names, fixed = imports._fixed_columns(ds, upload, connection)
     quote = connection.schema_editor().quote_value
-    columns = ", ".join(
-        f'"{c}"' for c in [Example._meta.get_field(n).column for n in imports._ROW_COLUMNS] + names
-    )
+    columns = [Example._meta.get_field(n).column for n in imports._ROW_COLUMNS] + names
     shared = ", ".join(quote(v) for v in fixed)
     size = ROWS_PER_STATEMENT  # as many rows per statement as the studio's insert
-    row = f"(?+0, ?, ?, ?, ?, ?, ?, ?, 0, {shared})"
+    values = f"?+0, ?, ?, ?, ?, ?, ?, ?, 0, {shared}"
 
-    def sql(rows: int) -> str:
-        return f'INSERT INTO "{table}" ({columns}) VALUES ' + ", ".join([row] * rows)  # noqa: S608
+    def sql(rows: int) -> str:  # the studio's own statement text
+        return insert_sql(connection, table, columns, values, rows)
 
     statements = [  # (rows, values), prepared untimed
         (len(good[i : i + size]), [value for prepared in good[i : i + size] for value in prepared])

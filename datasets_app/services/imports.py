@@ -532,26 +532,29 @@ def _insert_examples(
     connection = connections[router.db_for_write(Example)]
     fixed_names, fixed = _fixed_columns(dataset, upload, connection, now)
     names = [Example._meta.get_field(name).column for name in _ROW_COLUMNS] + fixed_names
-    if connection.vendor == "sqlite":
-        if token_counts is None and prepared[-1][0] - prepared[0][0] == len(prepared) - 1:
-            # the usual case: the prepared tuples are bound as they are, their number + offset is the position
-            _sqlite_insert(connection, names, prepared, f"?+{int(start - prepared[0][0])}", "0", fixed)
-        else:
-            counts = token_counts if token_counts is not None else [0] * len(prepared)
-            rows = [(start + i, *p[1:], n) for i, (p, n) in enumerate(zip(prepared, counts, strict=True))]
-            _sqlite_insert(connection, names, rows, "?", "?", fixed)
+    if (
+        connection.vendor == "sqlite"
+        and token_counts is None
+        and prepared[-1][0] - prepared[0][0] == len(prepared) - 1
+    ):
+        # the usual case: the prepared tuples are bound as they are, their number + offset is the position
+        _sqlite_insert(connection, names, prepared, f"?+{int(start - prepared[0][0])}", "0", fixed)
         return
     counts = token_counts if token_counts is not None else [0] * len(prepared)
-    rows = [(start + i, *p[1:], n, *fixed) for i, (p, n) in enumerate(zip(prepared, counts, strict=True))]
+    rows = [(start + i, *p[1:], n) for i, (p, n) in enumerate(zip(prepared, counts, strict=True))]
+    if connection.vendor == "sqlite":
+        _sqlite_insert(connection, names, rows, "?", "?", fixed)
+        return
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
             qn = connection.ops.quote_name
             sql = f"COPY {qn(Example._meta.db_table)} ({', '.join(qn(c) for c in names)}) FROM STDIN"
             with connection.wrap_database_errors, cursor.cursor.copy(sql) as copy:
                 for row in rows:
-                    copy.write_row(row)
+                    copy.write_row((*row, *fixed))
         else:
-            cursor.executemany(insert_sql(connection, Example._meta.db_table, names), rows)
+            sql = insert_sql(connection, Example._meta.db_table, names)
+            cursor.executemany(sql, [(*row, *fixed) for row in rows])
 
 
 def _sqlite_insert(connection, names: list[str], rows: list[tuple], position: str, tokens: str, fixed):
